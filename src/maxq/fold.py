@@ -1,0 +1,102 @@
+"""Fold the masks into plain weights: ``W <- W * Mask`` and no masking machinery left (SPEC §6)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .parametrization import NMMask
+
+__all__ = ["LAYOUT_ATTR", "fold_", "nm_layout"]
+
+log = logging.getLogger(__name__)
+
+#: attribute a folded root module carries: ``{"method", "n", "m", "layers": [qualified names]}``.
+LAYOUT_ATTR = "maxq_layout"
+_SPARSIFIER_ATTR = "_maxq_sparsifier"
+
+
+def _masked_layers(model: nn.Module) -> list[tuple[str, nn.Module, NMMask]]:
+    found = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, NMMask):
+                    found.append((name, module, p))
+    return found
+
+
+def nm_layout(model: nn.Module) -> dict | None:
+    """The N:M layout a model carries, sparsified or folded: ``{"method", "n", "m", "layers"}`` with layer names
+    relative to ``model``; ``None`` if it carries none."""
+    layers: list[str] = []
+    info: dict | None = None
+    for prefix, module in model.named_modules():
+        sparsifier = getattr(module, _SPARSIFIER_ATTR, None)
+        layout = getattr(module, LAYOUT_ATTR, None)
+        if sparsifier is not None:
+            cfg = sparsifier.config
+            layout = {"method": cfg.method, "n": cfg.n, "m": cfg.m, "layers": sparsifier.layers}
+        if layout is None:
+            continue
+        if info is not None and (info["n"], info["m"]) != (layout["n"], layout["m"]):
+            raise ValueError(f"model mixes N:M layouts {info['n']}:{info['m']} and {layout['n']}:{layout['m']}")
+        info = {k: layout[k] for k in ("method", "n", "m")}
+        layers += [f"{prefix}.{name}" if prefix else name for name in layout["layers"]]
+    if info is None:
+        return None
+    return {**info, "layers": layers}
+
+
+def fold_(model: nn.Module, force: bool = False) -> nn.Module:
+    """Replace every masked weight by ``W * Mask`` and remove the parametrizations, in place.
+
+    The result is a plain model of the same classes whose eval outputs equal the masked model's (it folds the
+    mask eval mode uses). Parameter identity is kept, so an optimizer holding the parameters stays valid. The
+    root module records its layout in ``model.maxq_layout`` for :func:`maxq.check_nm`.
+
+    Args:
+        model: a model sparsified with :func:`maxq.sparsify_` (or a module containing one).
+        force: fold even though the incremental ramp is unfinished: the remaining dense blocks are pruned to
+            N:M from the current weights first (logged as a warning).
+
+    Raises:
+        RuntimeError: blocks are still dense (ramp unfinished) and ``force`` is false.
+        ValueError: the model carries no maxq masks.
+    """
+    layers = _masked_layers(model)
+    if not layers:
+        if nm_layout(model) is not None:
+            return model  # already folded
+        raise ValueError("model carries no maxq masks: nothing to fold (sparsify it with maxq.sparsify_ first)")
+    unfinished = [(name, p.dense_fraction) for name, _, p in layers if p.dense_fraction > 0 and not p.frozen]
+    if unfinished and not force:
+        p = max(f for _, f in unfinished)
+        raise RuntimeError(
+            f"the sparsity ramp is unfinished: {len(unfinished)} layer(s) still keep up to {p:.1%} of their blocks "
+            f"dense, so folding now would not give an N:M model. Train until the ramp end, or call "
+            f"fold_(model, force=True) to prune the remaining dense blocks now."
+        )
+    if unfinished:
+        log.warning("maxq: folding with an unfinished ramp: pruning dense blocks of %d layer(s) now", len(unfinished))
+    sparsifiers = {id(s): s for m in model.modules() if (s := getattr(m, _SPARSIFIER_ATTR, None)) is not None}
+    layouts = {
+        key: {"method": s.config.method, "n": s.config.n, "m": s.config.m, "layers": s.layers}
+        for key, s in sparsifiers.items()
+    }
+    for _, module, param in layers:
+        original = module.parametrizations.weight.original
+        if param.dense_fraction > 0 and not param.frozen:
+            param.dense_fraction = 0.0
+            param.recompute(original)
+        elif not param.computed:
+            param.recompute(original)
+        param.stale = False  # fold exactly the mask an eval forward uses
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for key, sparsifier in sparsifiers.items():
+        root = sparsifier.model
+        sparsifier._detach()
+        setattr(root, LAYOUT_ATTR, layouts[key])
+    return model

@@ -1,0 +1,88 @@
+"""Which layers of a model get N:M masks (SPEC §1), as a pure query over the model.
+
+Eligible: ``nn.Conv2d`` with ``groups == 1`` and ``nn.Linear`` (subclasses included) whose input size is
+divisible by ``m``. By default the network's first conv and its last classifier (the last Conv2d/Linear in
+registration order) stay dense. A ``filter_fn(module, qualified_name) -> bool`` replaces the default choice;
+eligibility still applies, and every layer not sparsified is reported with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["FilterFn", "LayerChoice", "select_layers"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+_SUPPORTED = (nn.Conv2d, nn.Linear)
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One candidate layer and the decision about it."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    selected: bool
+    reason: str = ""  # why it is not sparsified (empty when selected)
+    requested: bool = False  # the selection rule asked for it (strict mode turns its skip into an error)
+
+
+def _ineligible(module: nn.Module, m: int) -> str:
+    """Reason ``module`` cannot carry an N:M mask along its inputs, or ``""``."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy layer not initialized yet (run one forward first)"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return f"{kind} conv (groups={module.groups}): no input-channel blocks"
+        if module.in_channels % m:
+            return f"input channels {module.in_channels} not divisible by m={m}"
+        return ""
+    if module.in_features % m:
+        return f"input features {module.in_features} not divisible by m={m}"
+    return ""
+
+
+def select_layers(
+    model: nn.Module,
+    m: int,
+    filter_fn: FilterFn | None = None,
+    *,
+    skip_first: bool = True,
+    skip_last: bool = True,
+) -> list[LayerChoice]:
+    """Decide, for every Conv/Linear-like layer of ``model``, whether it gets an N:M mask of block size ``m``.
+
+    Returns:
+        one :class:`LayerChoice` per candidate layer, in registration order.
+    """
+    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, _SUPPORTED + _UNSUPPORTED)]
+    supported = [(name, mod) for name, mod in candidates if isinstance(mod, _SUPPORTED)]
+    first_conv = next((name for name, mod in supported if isinstance(mod, nn.Conv2d)), None)
+    last_layer = supported[-1][0] if supported else None
+    choices = []
+    for name, mod in candidates:
+        weight = getattr(mod, "weight", None)
+        shape = () if weight is None or isinstance(weight, nn.UninitializedParameter) else tuple(weight.shape)
+        kind = type(mod).__name__
+        if not isinstance(mod, _SUPPORTED):
+            choices.append(LayerChoice(name, kind, shape, False, f"unsupported layer type {kind}"))
+            continue
+        if filter_fn is not None:
+            requested = bool(filter_fn(mod, name))
+            default_reason = "not selected by filter_fn"
+        elif skip_first and name == first_conv:
+            requested, default_reason = False, "first conv (kept dense by default)"
+        elif skip_last and name == last_layer:
+            requested, default_reason = False, "last classifier (kept dense by default)"
+        else:
+            requested, default_reason = True, ""
+        reason = _ineligible(mod, m) if requested else default_reason
+        choices.append(LayerChoice(name, kind, shape, requested and not reason, reason, requested))
+    return choices
