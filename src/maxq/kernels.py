@@ -52,6 +52,8 @@ def cpu_kernels() -> ModuleType | None:
         return _state["module"]
     module = None
     try:
+        # torch's CUDA builds warn about a missing CUDA runtime on import here; irrelevant for a CPU build.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
         tag, flags = _isa_flags()
