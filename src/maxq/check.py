@@ -130,7 +130,14 @@ def _weights_from_mapping(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], 
     return weights, layout
 
 
-def check_nm(obj: nn.Module | Mapping[str, Any], n: int, m: int, layers: Iterable[str] | None = None) -> NMCheck:
+def check_nm(
+    obj: nn.Module | Mapping[str, Any],
+    n: int,
+    m: int,
+    layers: Iterable[str] | None = None,
+    *,
+    source: str | None = None,
+) -> NMCheck:
     """Check that the expected layers of a model or state dict are exactly N:M (at most ``n`` nonzeros in every
     block of ``m`` consecutive input channels).
 
@@ -141,6 +148,7 @@ def check_nm(obj: nn.Module | Mapping[str, Any], n: int, m: int, layers: Iterabl
         layers: names of the layers that must be N:M. Default: the layout the object carries (sparsified or
             folded by maxq), else the default selection rule (every eligible layer but the first conv and the
             last classifier; for a state dict: the first and last weight in key order).
+        source: how to describe where ``layers`` came from in the report.
 
     Returns:
         :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides).
@@ -155,7 +163,7 @@ def check_nm(obj: nn.Module | Mapping[str, Any], n: int, m: int, layers: Iterabl
         raise TypeError(f"check_nm takes an nn.Module or a state dict, got {type(obj).__name__}")
 
     if layers is not None:
-        expected, source = list(layers), "the layers argument"
+        expected, source = list(layers), source or "the layers argument"
     elif layout is not None:
         if (layout["n"], layout["m"]) != (n, m):
             raise ValueError(f"the object was sparsified {layout['n']}:{layout['m']}, not {n}:{m}")

@@ -1,4 +1,4 @@
-"""Command line: ``maxq train`` (also ``python -m maxq train``; ``torchrun ... -m maxq train`` for DDP)."""
+"""Command line: ``maxq train | export | verify`` (also ``python -m maxq ...``; ``torchrun -m maxq train``: DDP)."""
 
 from __future__ import annotations
 
@@ -111,12 +111,141 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="fold, verify and write deployable artifacts",
+        description="Fold the masks of a run (folder, checkpoint.pt or model_folded.pt), optionally fold BatchNorm, "
+        "verify N:M compliance, and write the requested artifacts. Nothing is written unless the model verifies.",
+    )
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("--bn-fold", action="store_true", help="fold BatchNorm into the preceding convs (pattern kept)")
+    p.add_argument("--onnx", metavar="PATH", help="write ONNX and check it against PyTorch with onnxruntime")
+    p.add_argument("--compressed", metavar="PATH", help="write the compressed N:M file (values + packed indices)")
+    p.add_argument("--folded", metavar="PATH", help="write the folded PyTorch model file")
+    p.add_argument("--force", action="store_true", help="fold a checkpoint whose ramp is unfinished (prunes now)")
+    p.add_argument("--json", metavar="PATH", help="also write the export summary as JSON")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import io
+    import json
+
+    import torch
+
+    from .artifacts import model_from
+    from .bnfold import fold_batchnorm_
+    from .check import check_nm
+    from .checkpoint import atomic_save
+    from .compress import load_compressed, save_compressed
+    from .fold import nm_layout
+    from .trainer import FOLDED_FORMAT
+
+    if not (args.onnx or args.compressed or args.folded):
+        raise ValueError("nothing to write: pass --onnx, --compressed and/or --folded")
+    model, arch = model_from(args.source, force=args.force)
+    model.eval()
+    layout = nm_layout(model)
+    if layout is None:
+        raise ValueError(f"{args.source} holds no N:M layout (a dense run?): nothing to verify")
+    n, m = layout["n"], layout["m"]
+    summary: dict = {"source": args.source, "n": n, "m": m, "layers": layout["layers"]}
+    if args.bn_fold:
+        pairs = fold_batchnorm_(model)
+        arch = {**arch, "bn_folded": True}
+        summary["bn_folded"] = [f"{c} <- {b}" for c, b in pairs]
+        print(f"folded {len(pairs)} BatchNorm layer(s) into their convs")
+    check = check_nm(model, n, m)
+    print(check)
+    summary["nm_ok"] = check.ok
+    if not check.ok:
+        print(f"maxq export: {args.source} is not {n}:{m}; nothing written", file=sys.stderr)
+        return 1
+    state = model.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    summary["dense_file_bytes"] = buf.tell()  # a folded state dict stores its zeros: the dense size
+    if args.folded:
+        atomic_save(
+            {"format": FOLDED_FORMAT, "state_dict": state, "layout": layout, "arch": arch, "config": None}, args.folded
+        )
+        print(f"folded model: {args.folded}")
+    if args.compressed:
+        info = save_compressed(
+            state, args.compressed, n, m, layout["layers"], arch={**arch, "method": layout.get("method")}
+        )
+        restored = load_compressed(args.compressed)
+        exact = restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
+        if not exact:
+            raise ValueError(f"{args.compressed} does not restore the weights bit-exactly (please report this)")
+        summary["compressed"] = {**info.to_dict(), "path": args.compressed, "bit_exact": exact}
+        print(
+            f"compressed: {args.compressed}: {info.file_bytes:,} bytes vs {summary['dense_file_bytes']:,} dense "
+            f"({info.file_bytes / summary['dense_file_bytes']:.1%}); sparse layers {info.sparse_bytes:,} bytes, "
+            f"{info.sparse_over_bound:+.2%} vs the bound {info.sparse_bound_bytes:,.0f}; restores bit-exactly"
+        )
+    if args.onnx:
+        from .onnx_export import export_onnx, onnx_parity
+        from .verify import verify_file
+
+        example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
+        sparse = export_onnx(model, args.onnx, example, n=n, m=m)
+        diffs = onnx_parity(model, args.onnx, example)
+        onnx_check, _, _ = verify_file(args.onnx)
+        summary["onnx"] = {
+            "path": args.onnx,
+            "max_abs_diff": diffs,
+            "sparse_initializers": len(sparse),
+            "nm_ok": onnx_check.ok,
+        }
+        worst = max(diffs.values())
+        verdict = "OK" if onnx_check.ok else "FAILED"
+        print(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {worst:.2e} over batch sizes "
+              f"{sorted(diffs)}; {len(sparse)} N:M initializers, verify {verdict}")  # fmt: skip
+        if worst > 1e-4 or not onnx_check.ok:
+            print("maxq export: the ONNX file does not match PyTorch or is not N:M", file=sys.stderr)
+            return 1
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="N:M compliance report of a checkpoint, state dict, compressed or ONNX file",
+        description="Exit code 0 only when every sparsified layer is N:M (1: violations, 2: unreadable input).",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--nm", type=_nm, metavar="N:M", help="the pattern, for files that do not record it")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .verify import verify_file
+
+    check, kind, note = verify_file(args.file, args.nm)
+    if args.json:
+        print(json.dumps({"file": args.file, "kind": kind, "note": note, **check.to_dict()}, indent=2))
+    else:
+        print(f"{args.file} ({kind}{'; ' + note if note else ''})")
+        print(check)
+    return 0 if check.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxq", description="N:M sparse training with MaxQ and its baselines.")
     parser.add_argument("--version", action="version", version=f"maxq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_export(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -131,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return func(args)
-    except (ValueError, DatasetMissing, CheckpointError) as exc:
+    except (ValueError, DatasetMissing, CheckpointError) as exc:  # CompressedError is a ValueError
         print(f"maxq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

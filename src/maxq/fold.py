@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -95,6 +96,8 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
             param.recompute(original)
         param.stale = False  # fold exactly the mask an eval forward uses
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        with torch.no_grad():
+            module.weight.add_(0.0)  # pruned entries W * 0 can be -0.0; make them +0.0 (same value, canonical bits)
     for key, sparsifier in sparsifiers.items():
         root = sparsifier.model
         sparsifier._detach()

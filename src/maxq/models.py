@@ -62,8 +62,8 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
 
 
-def _cifar_resnet(depth: int, widths: tuple[int, ...]) -> Callable[[int, int], nn.Module]:
-    return lambda channels, classes: CifarResNet(depth, widths, channels, classes)
+def _cifar_resnet(depth: int, widths: tuple[int, ...]) -> Callable[[int, int, int], nn.Module]:
+    return lambda channels, classes, size: CifarResNet(depth, widths, channels, classes)
 
 
 def cnn(in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Module:
@@ -86,10 +86,22 @@ def cnn(in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (
     return nn.Sequential(*layers)
 
 
-#: name -> ``(in_channels, num_classes) -> model`` for the models defined here.
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {
-    "cnn": lambda c, k: cnn(c, k),
-    "cnn_small": lambda c, k: cnn(c, k, (16, 32, 64)),
+def mlp(in_features: int, num_classes: int, widths: tuple[int, ...] = (512, 512, 256)) -> nn.Module:
+    """Linear-heavy baseline: flatten, then Linear-BN-ReLU blocks (widths divisible by 16) and a classifier."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = in_features
+    for width in widths:
+        layers += [nn.Linear(cin, width), nn.BatchNorm1d(width), nn.ReLU()]
+        cin = width
+    layers.append(nn.Linear(cin, num_classes))
+    return nn.Sequential(*layers)
+
+
+#: name -> ``(in_channels, num_classes, image_size) -> model`` for the models defined here.
+MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "cnn": lambda c, k, s: cnn(c, k),
+    "cnn_small": lambda c, k, s: cnn(c, k, (16, 32, 64)),
+    "mlp": lambda c, k, s: mlp(c * s * s, k),
     "resnet20": _cifar_resnet(3, (16, 32, 64)),
     "resnet32": _cifar_resnet(5, (16, 32, 64)),
     "resnet44": _cifar_resnet(7, (16, 32, 64)),
@@ -134,7 +146,9 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int |
         ValueError: unknown name (the message lists the choices).
     """
     if name in MODELS:
-        return MODELS[name](in_channels, num_classes)
+        if image_size is None and name == "mlp":
+            raise ValueError("the mlp model needs the input image size")
+        return MODELS[name](in_channels, num_classes, image_size or 0)
     from torchvision import models as tvm
 
     available = tvm.list_models(module=tvm)

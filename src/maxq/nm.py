@@ -86,7 +86,8 @@ def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     _check_layout(shape, blocks.shape[-1])
     if len(shape) == 4:
         o, i, kh, kw = shape
-        return blocks.reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+        # A fresh tensor has the standard strides (``.contiguous()`` would keep odd strides on size-1 dims).
+        return blocks.new_empty(shape).copy_(blocks.reshape(o, kh, kw, i).permute(0, 3, 1, 2))
     return blocks.reshape(shape)
 
 

@@ -319,6 +319,13 @@ def train(
         history, start_epoch = list(saved["history"]), int(saved["epoch"])
         log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
 
+    arch = {
+        "model": cfg.model,
+        "in_channels": info.channels,
+        "num_classes": info.classes,
+        "image_size": info.image_size,
+        "dataset": cfg.dataset,
+    }
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(_yaml(cfg.to_dict()))
@@ -400,6 +407,7 @@ def train(
                 "format": CHECKPOINT_FORMAT,
                 "maxq_version": __version__,
                 "config": cfg.to_dict(),
+                "arch": arch,
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -420,7 +428,7 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record, sparsifier)
 
-    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out)
+    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out, arch)
     if procs.distributed:
         torch_dist.barrier()
     return report
@@ -436,6 +444,7 @@ def _finish(
     device: torch.device,
     procs: Processes,
     out: Path,
+    arch: dict[str, Any],
 ) -> dict[str, Any]:
     """Fold, verify, evaluate the folded model, and write report.json, model_folded.pt and the plot."""
     n, m = cfg.n_m
@@ -485,13 +494,7 @@ def _finish(
             "format": FOLDED_FORMAT,
             "state_dict": model.state_dict(),
             "layout": layout,
-            "arch": {
-                "model": cfg.model,
-                "in_channels": info.channels,
-                "num_classes": info.classes,
-                "image_size": info.image_size,
-                "dataset": cfg.dataset,
-            },
+            "arch": arch,
             "config": cfg.to_dict(),
         }
         atomic_save(folded_file, out / "model_folded.pt")

@@ -1,0 +1,512 @@
+"""Accuracy study: methods x N:M patterns x seeds (+ MaxQ ablations) on Fashion-MNIST, from one YAML.
+
+    python benchmarks/study.py --config configs/study.yaml             # the full grid (resumable)
+    python benchmarks/study.py --config configs/study.yaml --quick     # minutes: a smoke test of the pipeline
+    python benchmarks/study.py --config configs/study.yaml --report    # tables and plot from what has finished
+
+Every run is an ordinary ``maxq train`` command (its YAML is written next to its folder, so it can be rerun by
+hand). A run whose record ``<results>/<id>.json`` exists is skipped; an interrupted run resumes from its
+checkpoint; so the study can be stopped and continued across sessions. ``--jobs`` runs that many trainings at
+once, each with ``--threads`` CPU threads (small models use two cores better as two one-thread runs).
+
+``oneshot`` is ASP-style within the same epoch budget: a dense run for ``oneshot.dense_epochs`` epochs
+(shared by all patterns of a seed), then prune once and fine-tune for the remaining epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD_KEYS = ("top1_last", "top1_best", "val_top1_last", "val_top1_best", "top1_folded", "nm_ok", "train_time_s")
+
+
+@dataclass
+class Run:
+    id: str
+    options: dict[str, Any]  # maxq train options
+    record: dict[str, Any]  # method, n, m, seed, variant: copied into the result record
+    after: list[str] = field(default_factory=list)  # run ids that must finish first
+
+
+def _nm_tag(nm: str) -> str:
+    return nm.replace(":", "-")
+
+
+def effective(spec: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """The study spec, with the ``quick`` overrides applied when asked (and no ablations then)."""
+    if not quick:
+        return spec
+    q = spec.get("quick", {})
+    return {
+        **spec,
+        "base": {**spec["base"], **q.get("base", {})},
+        "grid": {**spec["grid"], **q.get("grid", {})},
+        "ablations": [],
+    }
+
+
+def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
+    """Every run of the study, in an order that respects dependencies (dense pre-runs before oneshot)."""
+    spec = effective(spec, quick)
+    base = dict(spec["base"])
+    grid = spec["grid"]
+    epochs = base["epochs"]
+    runs: list[Run] = []
+    seeds, patterns = grid["seeds"], grid["patterns"]
+    for seed in seeds:
+        if "dense" in grid["methods"]:
+            runs.append(
+                Run(
+                    f"main_dense_s{seed}",
+                    {**base, "method": "dense", "seed": seed},
+                    {"method": "dense", "nm": None, "seed": seed, "variant": "main"},
+                )
+            )
+        if "oneshot" in grid["methods"]:
+            pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
+            runs.append(
+                Run(
+                    f"pre_dense{pre}_s{seed}",
+                    {**base, "method": "dense", "seed": seed, "epochs": pre},
+                    {"method": "dense", "nm": None, "seed": seed, "variant": f"dense_{pre}ep_for_oneshot"},
+                )
+            )
+    for seed in seeds:
+        for nm in patterns:
+            for method in grid["methods"]:
+                if method == "dense":
+                    continue
+                options = {
+                    **base,
+                    "method": method,
+                    "nm": nm,
+                    "seed": seed,
+                    **spec.get("method_options", {}).get(method, {}),
+                }
+                after = []
+                if method == "oneshot":
+                    pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
+                    options["epochs"] = epochs - pre
+                    options["init"] = f"@pre_dense{pre}_s{seed}"
+                    after = [f"pre_dense{pre}_s{seed}"]
+                runs.append(
+                    Run(
+                        f"main_{method}_{_nm_tag(nm)}_s{seed}",
+                        options,
+                        {"method": method, "nm": nm, "seed": seed, "variant": "main"},
+                        after,
+                    )
+                )
+    for ab in spec.get("ablations", []):
+        for nm in ab["patterns"]:
+            # The first pattern gets every listed seed, the others the first seed only (budget).
+            for seed in ab["seeds"] if nm == ab["patterns"][0] else ab["seeds"][:1]:
+                options = {
+                    **base,
+                    "method": "maxq",
+                    "nm": nm,
+                    "seed": seed,
+                    **spec.get("method_options", {}).get("maxq", {}),
+                    **ab["options"],
+                }
+                runs.append(
+                    Run(
+                        f"abl_{ab['name']}_{_nm_tag(nm)}_s{seed}",
+                        options,
+                        {"method": "maxq", "nm": nm, "seed": seed, "variant": ab["name"]},
+                    )
+                )
+    return runs
+
+
+def _record_path(results: Path, run: Run) -> Path:
+    return results / f"{run.id}.json"
+
+
+def _command(run: Run, results: Path, threads: int) -> tuple[list[str], Path]:
+    folder = results / "runs" / run.id
+    options = dict(run.options)
+    if str(options.get("init", "")).startswith("@"):
+        options["init"] = str(results / "runs" / options["init"][1:] / "checkpoint.pt")
+    options["variant"] = run.record["variant"]
+    recipe = results / "runs" / f"{run.id}.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(yaml.safe_dump({k: v for k, v in options.items() if k != "variant"}, sort_keys=False))
+    cmd = [sys.executable, "-m", "maxq", "train", "--config", str(recipe), "--out", str(folder)]
+    cmd += ["--threads", str(threads), "--no-progress", "--variant", run.record["variant"]]
+    if (folder / "checkpoint.pt").exists() and not (folder / "report.json").exists():
+        cmd.append("--resume")
+    return cmd, folder
+
+
+def _write_record(run: Run, folder: Path, results: Path, command: list[str]) -> dict[str, Any]:
+    report = json.loads((folder / "report.json").read_text())
+    n, m = (int(x) for x in run.record["nm"].split(":")) if run.record["nm"] else (None, None)
+    record = {
+        "id": run.id,
+        "method": run.record["method"],
+        "n": n,
+        "m": m,
+        "seed": run.record["seed"],
+        "variant": run.record["variant"],
+    }
+    record.update({k: report.get(k) for k in RECORD_KEYS})
+    record.update(epochs=report["epochs"], model=report["model"], dataset=report["dataset"])
+    record.update(command=" ".join(command), options=run.options)
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    record["curve"] = [
+        {"epoch": h["epoch"], "test_top1": h["test_top1"], "val_top1": h.get("val_top1")} for h in history
+    ]
+    path = _record_path(results, run)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def execute(runs: list[Run], results: Path, jobs: int, threads: int) -> None:
+    """Run what is not finished yet, ``jobs`` at a time, respecting dependencies."""
+    from tqdm import tqdm
+
+    todo = [r for r in runs if not _record_path(results, r).exists()]
+    done_ids = {r.id for r in runs if _record_path(results, r).exists()}
+    running: dict[str, tuple[subprocess.Popen, Run, list[str], Path, Any]] = {}
+    failed: list[str] = []
+    bar = tqdm(total=len(runs), initial=len(done_ids), desc="study runs", unit="run")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    (results / "logs").mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        for run in list(todo):
+            if len(running) >= jobs:
+                break
+            if any(dep in failed for dep in run.after):
+                todo.remove(run)
+                failed.append(run.id)
+                continue
+            if all(dep in done_ids for dep in run.after):
+                cmd, folder = _command(run, results, threads)
+                log = open(results / "logs" / f"{run.id}.log", "a")  # noqa: SIM115 - closed when the run ends
+                running[run.id] = (
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                    run,
+                    cmd,
+                    folder,
+                    log,
+                )
+                todo.remove(run)
+        time.sleep(1.0)
+        for run_id, (proc, run, cmd, folder, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[run_id]
+            if proc.returncode == 0:
+                record = _write_record(run, folder, results, cmd)
+                done_ids.add(run_id)
+                bar.set_postfix_str(f"{run_id}: {record['top1_last']:.2f}%")
+            else:
+                failed.append(run_id)
+                print(
+                    f"\nrun {run_id} failed (exit {proc.returncode}); see {results / 'logs' / (run_id + '.log')}",
+                    file=sys.stderr,
+                )
+            bar.update(1)
+    bar.close()
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+
+
+# -- statistics -----------------------------------------------------------------------------------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta (Numerical Recipes)."""
+    qab, qap, qam = a + b, a + 1, a - 1
+    c, d = 1.0, 1 - qab * x / qap
+    d = 1 / (d if abs(d) > 1e-30 else 1e-30)
+    h = d
+    for i in range(1, 300):
+        m2 = 2 * i
+        aa = i * (b - i) * x / ((qam + m2) * (a + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > 1e-30 else 1e-30)
+        c = 1 + aa / c if abs(1 + aa / c) > 1e-30 else 1e-30
+        h *= d * c
+        aa = -(a + i) * (qab + i) * x / ((a + m2) * (qap + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > 1e-30 else 1e-30)
+        c = 1 + aa / c if abs(1 + aa / c) > 1e-30 else 1e-30
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-12:
+            break
+    return h
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
+    if not math.isfinite(t):
+        return 0.0
+    x = df / (df + t * t)
+    a, b = df / 2, 0.5
+    front = (
+        math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
+        if 0 < x < 1
+        else 0.0
+    )
+    ibeta = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
+    return min(1.0, max(0.0, ibeta if 0 < x < 1 else (1.0 if x >= 1 else 0.0)))
+
+
+def paired_test(a: list[float], b: list[float]) -> dict[str, float]:
+    """Paired t-test of ``a - b`` over seeds: mean gap, its standard error, t and the two-sided p-value."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"gap": mean, "se": float("nan"), "t": float("nan"), "p": float("nan"), "pairs": n}
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    return {"gap": mean, "se": se, "t": t, "p": t_two_sided_p(t, n - 1), "pairs": n}
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    main = [r for r in records if r["variant"] == "main"]
+    patterns = spec["grid"]["patterns"]
+    methods = [m for m in spec["grid"]["methods"]]
+    table: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for method in methods:
+        for nm in ["dense"] if method == "dense" else patterns:
+            rows = [r for r in main if r["method"] == method and (method == "dense" or f"{r['n']}:{r['m']}" == nm)]
+            rows.sort(key=lambda r: r["seed"])
+            table.setdefault(method, {})[nm] = {
+                key: [r[key] for r in rows if r.get(key) is not None]
+                for key in ("top1_last", "top1_best", "val_top1_last", "val_top1_best")
+            } | {"seeds": [r["seed"] for r in rows]}
+    gaps = {}
+    for nm in patterns:
+        mq = {r["seed"]: r for r in main if r["method"] == "maxq" and f"{r['n']}:{r['m']}" == nm}
+        sr = {r["seed"]: r for r in main if r["method"] == "srste" and f"{r['n']}:{r['m']}" == nm}
+        seeds = sorted(set(mq) & set(sr))
+        gaps[nm] = {
+            key: paired_test([mq[s][key] for s in seeds], [sr[s][key] for s in seeds])
+            for key in ("top1_last", "top1_best", "val_top1_last")
+            if seeds and all(mq[s].get(key) is not None and sr[s].get(key) is not None for s in seeds)
+        }
+    ablations: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in records:
+        if r["variant"] == "main" or r["method"] != "maxq":
+            continue
+        nm = f"{r['n']}:{r['m']}"
+        entry = ablations.setdefault(r["variant"], {}).setdefault(
+            nm, {"top1_last": [], "top1_best": [], "val_top1_last": [], "seeds": []}
+        )
+        for key in ("top1_last", "top1_best", "val_top1_last"):
+            if r.get(key) is not None:
+                entry[key].append(r[key])
+        entry["seeds"].append(r["seed"])
+    return {"table": table, "gaps": gaps, "ablations": ablations}
+
+
+def plot(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    patterns = spec["grid"]["patterns"]
+    sparsity = {nm: 100 * (1 - int(nm.split(":")[0]) / int(nm.split(":")[1])) for nm in patterns}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, title in ((axes[0], "top1_last", "last epoch"), (axes[1], "top1_best", "best epoch")):
+        for method, cells in summary["table"].items():
+            if method == "dense":
+                vals = cells["dense"][key]
+                if vals:
+                    ax.axhline(
+                        statistics.fmean(vals), color="gray", ls="--", label=f"dense ({statistics.fmean(vals):.2f})"
+                    )
+                continue
+            xs, ys, es = [], [], []
+            for nm in patterns:
+                vals = cells.get(nm, {}).get(key, [])
+                if vals:
+                    xs.append(sparsity[nm])
+                    ys.append(statistics.fmean(vals))
+                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set(
+            xlabel="sparsity (%)  [2:4=50, 1:4=75, 1:8=87.5, 1:16=93.75]",
+            ylabel="test top-1 (%)",
+            title=f"Fashion-MNIST, {title} (mean ± std over seeds)",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(
+    summary: dict[str, Any],
+    spec: dict[str, Any],
+    records: list[dict[str, Any]],
+    path: Path,
+    plot_path: Path,
+    extra: str,
+) -> None:
+    patterns = spec["grid"]["patterns"]
+    base = spec["base"]
+    lines = ["<!-- generated by benchmarks/study.py --report; edit the surrounding docs, not this block -->", ""]
+    for key, title in (("top1_last", "last epoch"), ("top1_best", "best epoch")):
+        lines += [
+            f"**Test top-1 (%), {title}**, mean ± std over seeds:",
+            "",
+            "| method | " + " | ".join(patterns) + " |",
+            "|---" * (len(patterns) + 1) + "|",
+        ]
+        for method, cells in summary["table"].items():
+            if method == "dense":
+                lines.append(
+                    f"| dense | {_mean_std(cells['dense'][key])} (all patterns) |" + " |" * (len(patterns) - 1)
+                )
+                continue
+            lines.append(
+                f"| {method} | " + " | ".join(_mean_std(cells.get(nm, {}).get(key, [])) for nm in patterns) + " |"
+            )
+        lines.append("")
+    lines += [
+        "**MaxQ − SR-STE** (paired over seeds; t-test, two-sided):",
+        "",
+        "| pattern | gap, last epoch | p | gap, best epoch | p | gap, held-out val | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(g: dict[str, Any], key: str) -> str:
+        if key not in g:
+            return "— | —"
+        x = g[key]
+        return f"{x['gap']:+.2f} ± {x['se']:.2f} | {x['p']:.3f}"
+
+    for nm in patterns:
+        g = summary["gaps"].get(nm, {})
+
+        lines.append(f"| {nm} | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |")
+    lines.append("")
+    if summary["ablations"]:
+        lines += [
+            "**Ablations** (MaxQ variants; test top-1 %, last epoch, mean ± std; main = the default MaxQ above):",
+            "",
+        ]
+        abl_patterns = sorted(
+            {nm for v in summary["ablations"].values() for nm in v},
+            key=lambda s: int(s.split(":")[1]) / int(s.split(":")[0]),
+        )
+        lines += [
+            "| variant | "
+            + " | ".join(abl_patterns)
+            + " | held-out val, "
+            + " | held-out val, ".join(abl_patterns)
+            + " |",
+            "|---" * (2 * len(abl_patterns) + 1) + "|",
+        ]
+        main_row = [_mean_std(summary["table"].get("maxq", {}).get(nm, {}).get("top1_last", [])) for nm in abl_patterns]
+        main_val = [
+            _mean_std(summary["table"].get("maxq", {}).get(nm, {}).get("val_top1_last", [])) for nm in abl_patterns
+        ]
+        lines.append("| main (default MaxQ) | " + " | ".join(main_row) + " | " + " | ".join(main_val) + " |")
+        for variant, cells in summary["ablations"].items():
+            row = [_mean_std(cells.get(nm, {}).get("top1_last", [])) for nm in abl_patterns]
+            val = [_mean_std(cells.get(nm, {}).get("val_top1_last", [])) for nm in abl_patterns]
+            desc = next((a.get("description", "") for a in spec.get("ablations", []) if a["name"] == variant), "")
+            lines.append(f"| {variant} — {desc} | " + " | ".join(row) + " | " + " | ".join(val) + " |")
+        lines.append("")
+    lines += [
+        f"![accuracy vs sparsity]({plot_path.name})",
+        "",
+        f"Runs: {len(records)} records in `results/`; base settings: `{json.dumps(base)}`.",
+        extra,
+    ]
+    block = "\n".join(lines)
+    start, end = "<!-- study:begin -->", "<!-- study:end -->"
+    text = path.read_text() if path.exists() else f"# Results\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+
+
+def report(spec: dict[str, Any], results: Path, docs: Path) -> dict[str, Any]:
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name != "summary.json"]
+    records = [r for r in records if "variant" in r and not r["variant"].startswith("dense_")]
+    summary = summarize(records, spec)
+    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_path = docs / "study_accuracy.png"
+    plot(summary, spec, plot_path)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, f"Machine: {machine}.")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "study.yaml")
+    ap.add_argument("--quick", action="store_true", help="tiny grid for smoke tests (results/quick)")
+    ap.add_argument("--results", type=Path, help="where records go (default results/, or results/quick)")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per training")
+    ap.add_argument("--only", choices=["main", "ablations"], help="run only this part")
+    ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and the plot")
+    ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
+    args = ap.parse_args(argv)
+    spec = yaml.safe_load(args.config.read_text())
+    results = args.results or (ROOT / "results" / ("quick" if args.quick else ""))
+    results.mkdir(parents=True, exist_ok=True)
+    runs = plan(spec, args.quick)
+    if args.only:
+        keep = {
+            r.id
+            for r in runs
+            if (r.record["variant"] != "main") == (args.only == "ablations") or r.id.startswith("pre_")
+        }
+        runs = [r for r in runs if r.id in keep]
+    if args.list:
+        for r in runs:
+            print(r.id, json.dumps(r.options))
+        return
+    if not args.report:
+        execute(runs, results, args.jobs, args.threads)
+    # A quick study reports next to its records, never into the real docs.
+    summary = report(effective(spec, args.quick), results, results if args.quick else args.docs)
+    print(json.dumps(summary["gaps"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
