@@ -15,7 +15,10 @@ Quick use::
     assert maxq.check_nm(model, 2, 4).ok
 """
 
+from .accelerate import accelerate_
+from .bnfold import fold_batchnorm_
 from .check import LayerCheck, NMCheck, check_nm
+from .compress import load_compressed, save_compressed
 from .config import CONFIGS, MaxQConfig, NMConfig, OneShotConfig, SRSTEConfig, make_config
 from .fold import fold_, nm_layout
 from .layers import select_layers
@@ -38,9 +41,13 @@ __all__ = [
     "SRSTEConfig",
     "Sparsifier",
     "__version__",
+    "accelerate_",
     "check_nm",
     "dense_fraction",
     "fold_",
+    "fold_batchnorm_",
+    "load_compressed",
+    "save_compressed",
     "hard_mask",
     "make_config",
     "maxq_mask",

@@ -130,37 +130,40 @@ def compute_mask(
         w = weight.detach()
         guess = guess or MaskGuess()
         mask = out if out is not None else torch.empty_like(w)
+        spec = _Spec(n, m, dense_fraction, order, priority, tau, soft)
         if fused and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() and mask.is_contiguous():
             ext = cpu_kernels()
             if ext is not None:
-                return mask, _compute_fused(ext, w, n, m, dense_fraction, order, priority, tau, soft, guess, mask, ws)
-        return mask, _compute_eager(w, n, m, dense_fraction, order, priority, tau, soft, guess, mask, ws)
+                return mask, _compute_fused(ext, w, spec, guess, mask, ws)
+        return mask, _compute_eager(w, spec, guess, mask, ws)
 
 
-def _compute_eager(
-    w: Tensor,
-    n: int,
-    m: int,
-    dense_fraction: float,
-    order: str,
-    priority: Tensor | None,
-    tau: float,
-    soft: bool,
-    guess: MaskGuess,
-    mask: Tensor,
-    ws: Workspace | None,
-) -> MaskGuess:
+@dataclass(frozen=True)
+class _Spec:
+    """What to compute: the arguments of :func:`compute_mask` that are not state."""
+
+    n: int
+    m: int
+    dense_fraction: float
+    order: str
+    priority: Tensor | None
+    tau: float
+    soft: bool
+
+
+def _compute_eager(w: Tensor, spec: _Spec, guess: MaskGuess, mask: Tensor, ws: Workspace | None) -> MaskGuess:
+    n, m, tau = spec.n, spec.m, spec.tau
     a = scratch(ws, "abs", w.shape, w, torch.float32)
     torch.abs(w, out=a) if w.dtype == torch.float32 else a.copy_(w.abs())
     new_guess = MaskGuess()
     blocks = block_major(a, m, ws)
     dense = None
-    if dense_fraction > 0:
+    if spec.dense_fraction > 0:
         l1 = _channel_sum(blocks).flatten()  # native block order, as block_l1
-        dense, new_guess.dense = dense_blocks(l1, dense_fraction, order, priority, guess.dense)
+        dense, new_guess.dense = dense_blocks(l1, spec.dense_fraction, spec.order, spec.priority, guess.dense)
     keep = mask if mask.dtype == torch.float32 else scratch(ws, "keep", w.shape, a)
     nm_keep_(keep, a, n, m, dense, ws, blocks)
-    if soft:
+    if spec.soft:
         q, new_guess.filter = filter_query(a, n, m, tau, guess.filter, scratch(ws, "qf", a.shape, a), ws)
         kq = kernel_query(a, n, m, tau, guess.kernel, scratch(ws, "qk", a.shape, a), ws)
         if kq is not None:
@@ -218,33 +221,21 @@ def _fix_tied_cuts(w: Tensor, mask: Tensor, axis: int, k: int, lo: Tensor, hi: T
         flat[s, idx] += 0.5 * (flat[s, idx] != 0)
 
 
-def _compute_fused(
-    ext,
-    w: Tensor,
-    n: int,
-    m: int,
-    dense_fraction: float,
-    order: str,
-    priority: Tensor | None,
-    tau: float,
-    soft: bool,
-    guess: MaskGuess,
-    mask: Tensor,
-    ws: Workspace | None,
-) -> MaskGuess:
+def _compute_fused(ext, w: Tensor, spec: _Spec, guess: MaskGuess, mask: Tensor, ws: Workspace | None) -> MaskGuess:
     """The mask with the compiled kernels (see :mod:`maxq.kernels`)."""
+    n, m, soft = spec.n, spec.m, spec.soft
     o, i = w.shape[0], w.shape[1]
     kernel = w.numel() // (o * i)
     has_k = soft and w.dim() == 4 and kernel > 1
     gf = guess.filter if soft and guess.filter is not None and guess.filter.numel() == o else None
     gk = guess.kernel if has_k and guess.kernel is not None and guess.kernel.numel() == kernel else None
     new_guess = MaskGuess()
-    l1 = scratch(ws, "l1", (o, i // m, kernel), w) if dense_fraction > 0 else None
+    l1 = scratch(ws, "l1", (o, i // m, kernel), w) if spec.dense_fraction > 0 else None
     count_f, count_k = ext.nm_pass(
         w, n, m, mask, l1, None if gf is None else gf.flatten(), None if gk is None else gk.flatten()
     )
     if l1 is not None:
-        dense, new_guess.dense = dense_blocks(l1.flatten(), dense_fraction, order, priority, guess.dense)
+        dense, new_guess.dense = dense_blocks(l1.flatten(), spec.dense_fraction, spec.order, spec.priority, guess.dense)
         mask.view(o, i // m, m, kernel).masked_fill_(dense.view(o, i // m, 1, kernel), 1.0)
     if not soft:
         return new_guess
@@ -256,7 +247,7 @@ def _compute_fused(
         k_k = pruned_count(o * i, n, m)
         lok, hik, new_guess.kernel_width = _fused_pair(ext, w, 0, k_k, gk, count_k, guess.kernel_width)
         tk = (lok + hik) / 2
-    ext.soft_scale_(w, mask, tf, lof, tk, lok, tau)
+    ext.soft_scale_(w, mask, tf, lof, tk, lok, spec.tau)
     _fix_tied_cuts(w, mask, 1, k_f, lof, hif)
     if has_k:
         _fix_tied_cuts(w, mask, 0, k_k, lok, hik)

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from .config import CONFIGS, MaxQConfig, NMConfig
 from .kernels import cpu_kernels
 from .layers import FilterFn, LayerChoice, select_layers
+from .nm import to_blocks
 from .parametrization import NMMask
 from .schedules import dense_fraction
 from .workspace import Workspace
@@ -312,8 +313,6 @@ def _fusable(t: Tensor) -> bool:
 
 def _blocks_nonzero(mask: Tensor, m: int) -> Tensor:
     """Nonzeros per N:M block of a weight-shaped tensor, ``[G]``."""
-    from .nm import to_blocks
-
     return (to_blocks(mask, m) != 0).sum(-1)
 
 
