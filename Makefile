@@ -23,8 +23,9 @@ data:
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST runs will say where to put the files"; \
 	else echo "note: no apt-get; Fashion-MNIST runs will say where to put the files"; fi
 
+# Each demo writes a fresh run folder (runs are never overwritten).
 demo: $(STAMP) data
-	$(PY) -m maxq train --config configs/demo.yaml --out runs/demo
+	$(PY) -m maxq train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
