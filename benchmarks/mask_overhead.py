@@ -45,6 +45,7 @@ def build_variants(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module,
         "maxq": (maxq.MaxQConfig(n=n, m=m, ramp=(0, 2)), 2.0),
         "maxq_ramp": (maxq.MaxQConfig(n=n, m=m, ramp=(0, 2)), 1.0),
         "srste": (maxq.SRSTEConfig(n=n, m=m), 0.0),
+        "maxq_eager": (maxq.MaxQConfig(n=n, m=m, ramp=(0, 2)), 2.0),
         "maxq_naive": (maxq.MaxQConfig(n=n, m=m, ramp=(0, 2)), 2.0),
     }
     if args.update_every > 1:
@@ -58,9 +59,11 @@ def build_variants(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module,
         model = copy.deepcopy(base)
         sparsifier = maxq.sparsify_(model, cfg)
         sparsifier.set_progress(progress)
-        if name == "maxq_naive":
-            for _, (_, param) in sparsifier._layers.items():
+        for _, (_, param) in sparsifier._layers.items():
+            if name == "maxq_naive":
                 param.recompute = types.MethodType(_naive_recompute, param)
+            elif name == "maxq_eager":
+                param.fused = False
         variants[name] = (model, sparsifier)
     return variants
 
@@ -130,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
             "maxq": "MaxQ after the ramp (p=0), masks recomputed every step",
             "maxq_ramp": "MaxQ mid-ramp (p=0.5): adds the dense-block selection",
             "srste": "hard N:M mask every step + SR-STE decay",
+            "maxq_eager": "MaxQ with the pure-PyTorch mask path (no compiled kernels; same masks)",
             "maxq_naive": "MaxQ with the full-sort reference mask (maxq.reference)",
+            f"maxq_every{args.update_every}": f"MaxQ recomputing masks every {args.update_every} steps",
         },
     }
     print(f"\n{'variant':<14} {'step ms':>9} {'x dense':>8}")

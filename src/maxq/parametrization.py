@@ -70,6 +70,7 @@ class NMMask(nn.Module):
         self.straight_through, self.frozen = straight_through, frozen
         self.dense_fraction = dense_fraction
         self.workspace = workspace
+        self.fused = True  # use the compiled CPU kernels where they apply (False: pure PyTorch, same result)
         self.stale = True
         self.computed = False
         self._guess = MaskGuess()
@@ -96,6 +97,7 @@ class NMMask(nn.Module):
                 guess=self._guess,
                 out=self.mask,
                 ws=self.workspace,
+                fused=self.fused,
             )
         self.stale = False
         self.computed = True
