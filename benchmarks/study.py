@@ -318,22 +318,32 @@ def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, 
             for key in ("top1_last", "top1_best", "val_top1_last")
             if seeds and all(mq[s].get(key) is not None and sr[s].get(key) is not None for s in seeds)
         }
+    # Ablations: each variant's numbers, and its difference to the main MaxQ run of the same seed and pattern
+    # (paired, so seed-to-seed noise that both share cancels; the variants run fewer seeds than the main grid).
+    main_maxq = {(f"{r['n']}:{r['m']}", r["seed"]): r for r in main if r["method"] == "maxq"}
     ablations: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for r in records:
+    for r in sorted(records, key=lambda r: r["seed"]):
         if r["variant"] == "main" or r["method"] != "maxq":
             continue
         nm = f"{r['n']}:{r['m']}"
         entry = ablations.setdefault(r["variant"], {}).setdefault(
-            nm, {"top1_last": [], "top1_best": [], "val_top1_last": [], "seeds": []}
+            nm,
+            {"top1_last": [], "top1_best": [], "val_top1_last": [], "seeds": [], "delta_last": [], "delta_val": []},
         )
         for key in ("top1_last", "top1_best", "val_top1_last"):
             if r.get(key) is not None:
                 entry[key].append(r[key])
         entry["seeds"].append(r["seed"])
+        ref = main_maxq.get((nm, r["seed"]))
+        if ref is not None:
+            for key, delta in (("top1_last", "delta_last"), ("val_top1_last", "delta_val")):
+                if r.get(key) is not None and ref.get(key) is not None:
+                    entry[delta].append(r[key] - ref[key])
     return {"table": table, "gaps": gaps, "ablations": ablations}
 
 
 def plot(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """Left: test top-1 vs sparsity per method. Right: MaxQ − SR-STE per pattern, every seed and the mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,31 +351,53 @@ def plot(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
 
     patterns = spec["grid"]["patterns"]
     sparsity = {nm: 100 * (1 - int(nm.split(":")[0]) / int(nm.split(":")[1])) for nm in patterns}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, key, title in ((axes[0], "top1_last", "last epoch"), (axes[1], "top1_best", "best epoch")):
-        for method, cells in summary["table"].items():
-            if method == "dense":
-                vals = cells["dense"][key]
-                if vals:
-                    ax.axhline(
-                        statistics.fmean(vals), color="gray", ls="--", label=f"dense ({statistics.fmean(vals):.2f})"
-                    )
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for method, cells in summary["table"].items():
+        if method == "dense":
+            vals = cells["dense"]["top1_last"]
+            if vals:
+                mean = statistics.fmean(vals)
+                ax.axhline(mean, color="gray", ls="--", label=f"dense ({mean:.2f})")
+            continue
+        xs, ys, es = [], [], []
+        for nm in patterns:
+            vals = cells.get(nm, {}).get("top1_last", [])
+            if vals:
+                xs.append(sparsity[nm])
+                ys.append(statistics.fmean(vals))
+                es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.set(
+        xlabel="sparsity (%)  [2:4=50, 1:4=75, 1:8=87.5, 1:16=93.75]",
+        ylabel="test top-1 (%)",
+        title="Fashion-MNIST, last epoch (mean ± std over seeds)",
+    )
+    for key, label, offset, color in (("top1_last", "test", -0.6, "C2"), ("val_top1_last", "held-out val", 0.6, "C4")):
+        for nm in patterns:
+            mq = summary["table"].get("maxq", {}).get(nm, {})
+            sr = summary["table"].get("srste", {}).get(nm, {})
+            if not mq.get(key) or mq.get("seeds") != sr.get("seeds") or len(mq[key]) != len(sr[key]):
                 continue
-            xs, ys, es = [], [], []
-            for nm in patterns:
-                vals = cells.get(nm, {}).get(key, [])
-                if vals:
-                    xs.append(sparsity[nm])
-                    ys.append(statistics.fmean(vals))
-                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
-        ax.set(
-            xlabel="sparsity (%)  [2:4=50, 1:4=75, 1:8=87.5, 1:16=93.75]",
-            ylabel="test top-1 (%)",
-            title=f"Fashion-MNIST, {title} (mean ± std over seeds)",
-        )
-        ax.grid(alpha=0.3)
-        ax.legend()
+            diffs = [a - b for a, b in zip(mq[key], sr[key])]
+            x = sparsity[nm] + offset
+            gap_ax.scatter([x] * len(diffs), diffs, color=color, alpha=0.5, s=14)
+            gap_ax.scatter(
+                [x],
+                [statistics.fmean(diffs)],
+                color=color,
+                marker="_",
+                s=300,
+                label=label if nm == patterns[0] else None,
+            )
+    gap_ax.axhline(0, color="gray", lw=1)
+    gap_ax.set(
+        xlabel="sparsity (%)",
+        ylabel="MaxQ − SR-STE, top-1 points",
+        title="MaxQ − SR-STE per seed (dots) and mean (bar)",
+    )
+    for a in (ax, gap_ax):
+        a.grid(alpha=0.3)
+        a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -418,32 +450,37 @@ def write_markdown(
         lines.append(f"| {nm} | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |")
     lines.append("")
     if summary["ablations"]:
-        lines += [
-            "**Ablations** (MaxQ variants; test top-1 %, last epoch, mean ± std; main = the default MaxQ above):",
-            "",
-        ]
         abl_patterns = sorted(
             {nm for v in summary["ablations"].values() for nm in v},
             key=lambda s: int(s.split(":")[1]) / int(s.split(":")[0]),
+            reverse=True,
         )
+
+        def delta(values: list[float]) -> str:
+            return "—" if not values else " / ".join(f"{v:+.2f}" for v in values)
+
         lines += [
-            "| variant | "
-            + " | ".join(abl_patterns)
-            + " | held-out val, "
-            + " | held-out val, ".join(abl_patterns)
-            + " |",
-            "|---" * (2 * len(abl_patterns) + 1) + "|",
+            "**Ablations** (MaxQ variants). Test top-1 % at the last epoch, mean over the seeds run, then the "
+            "difference to the main MaxQ run with the same seed (one number per seed; test, then held-out val):",
+            "",
+            "| variant | " + " | ".join(f"{nm}: top-1 | {nm}: Δ test | {nm}: Δ val" for nm in abl_patterns) + " |",
+            "|---" * (3 * len(abl_patterns) + 1) + "|",
         ]
-        main_row = [_mean_std(summary["table"].get("maxq", {}).get(nm, {}).get("top1_last", [])) for nm in abl_patterns]
-        main_val = [
-            _mean_std(summary["table"].get("maxq", {}).get(nm, {}).get("val_top1_last", [])) for nm in abl_patterns
-        ]
-        lines.append("| main (default MaxQ) | " + " | ".join(main_row) + " | " + " | ".join(main_val) + " |")
+        main_cells = []
+        for nm in abl_patterns:
+            cells = summary["table"].get("maxq", {}).get(nm, {})
+            main_cells.append(f"{_mean_std(cells.get('top1_last', []))} | ref. | ref.")
+        lines.append("| main (default MaxQ, all seeds) | " + " | ".join(main_cells) + " |")
         for variant, cells in summary["ablations"].items():
-            row = [_mean_std(cells.get(nm, {}).get("top1_last", [])) for nm in abl_patterns]
-            val = [_mean_std(cells.get(nm, {}).get("val_top1_last", [])) for nm in abl_patterns]
+            row = []
+            for nm in abl_patterns:
+                c = cells.get(nm, {})
+                row.append(
+                    f"{_mean_std(c.get('top1_last', []))} | {delta(c.get('delta_last', []))} | "
+                    f"{delta(c.get('delta_val', []))}"
+                )
             desc = next((a.get("description", "") for a in spec.get("ablations", []) if a["name"] == variant), "")
-            lines.append(f"| {variant} — {desc} | " + " | ".join(row) + " | " + " | ".join(val) + " |")
+            lines.append(f"| {variant} — {desc} | " + " | ".join(row) + " |")
         lines.append("")
     lines += [
         f"![accuracy vs sparsity]({plot_path.name})",

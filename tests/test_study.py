@@ -48,3 +48,60 @@ def test_paired_test():
     result = study.paired_test([91.0, 90.5, 91.2], [90.0, 90.1, 90.4])
     assert result["gap"] == pytest.approx(0.7333, abs=1e-3) and result["pairs"] == 3
     assert 0 < result["p"] < 0.2
+
+
+def test_ablation_deltas_are_paired_by_seed():
+    def rec(variant, nm, seed, top1, val):
+        n, m = nm.split(":")
+        return {
+            "method": "maxq",
+            "n": int(n),
+            "m": int(m),
+            "seed": seed,
+            "variant": variant,
+            "top1_last": top1,
+            "top1_best": top1,
+            "val_top1_last": val,
+        }
+
+    records = [rec("main", "1:16", s, 87.0 + s, 88.0 + s) for s in (0, 1, 2)]
+    records += [rec("no_queries", "1:16", 1, 87.5, 88.5), rec("no_queries", "1:16", 0, 86.0, 88.25)]
+    summary = study.summarize(records, SPEC)
+    cell = summary["ablations"]["no_queries"]["1:16"]
+    assert cell["seeds"] == [0, 1]  # sorted by seed, whatever the record order
+    assert cell["delta_last"] == pytest.approx([-1.0, -0.5])  # against main seed 0 (87.0) and seed 1 (88.0)
+    assert cell["delta_val"] == pytest.approx([0.25, -0.5])
+
+
+def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
+    import json
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(
+        "# Results\n\nprose before\n<!-- study:begin -->\nold\n<!-- study:end -->\nafter\n"
+    )
+    for seed in (0, 1, 2):
+        for method, base in (("dense", 91.0), ("oneshot", 89.0), ("srste", 89.5), ("maxq", 90.0)):
+            for nm in ["-"] if method == "dense" else SPEC["grid"]["patterns"]:
+                n, m = (None, None) if method == "dense" else map(int, nm.split(":"))
+                top1 = base + 0.1 * seed
+                record = {
+                    "method": method,
+                    "n": n,
+                    "m": m,
+                    "seed": seed,
+                    "variant": "main",
+                    "top1_last": top1,
+                    "top1_best": top1,
+                    "val_top1_last": top1,
+                    "val_top1_best": top1,
+                }
+                (results / f"{method}_{nm.replace(':', '-')}_s{seed}.json").write_text(json.dumps(record))
+    summary = study.report(SPEC, results, docs)
+    assert summary["gaps"]["1:16"]["top1_last"]["gap"] == pytest.approx(0.5)
+    text = (docs / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
+    assert "old" not in text and "| maxq | 90.10 ± 0.10 |" in text
+    assert (docs / "study_accuracy.png").stat().st_size > 10_000

@@ -68,7 +68,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--queries", action=argparse.BooleanOptionalAction, help="MaxQ soft queries (default on)")
     g.add_argument("--order", choices=BLOCK_ORDERS, help="which blocks stay dense during the ramp")
     g.add_argument("--decay-lambda", type=float, help="SR-STE decay (default 2e-4)")
-    g.add_argument("--update-every", type=int, metavar="K", help="recompute masks every K steps (default 1)")
+    g.add_argument(
+        "--update-every",
+        type=int,
+        metavar="K",
+        help="recompute masks every K steps (default 1; larger is faster but can cost accuracy)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/run)")
