@@ -1,4 +1,4 @@
-"""benchmarks/query_scale.py: statistics of the soft mask that RESULTS.md quotes."""
+"""benchmarks/query_scale.py and mask_churn.py: the statistics RESULTS.md quotes in its investigation."""
 
 import importlib.util
 import sys
@@ -26,3 +26,12 @@ def test_tau_sets_how_soft_the_mask_is(shape):
     if len(shape) == 2:
         assert torch.isnan(torch.tensor(sharp["soft_k"]))  # Linear: no kernel query
     assert 1.0 <= sharp["mean"] <= 3.0 and sharp["cv"] > 0
+
+
+def test_mask_churn_counts_replaced_survivors():
+    spec = importlib.util.spec_from_file_location("mask_churn", ROOT / "benchmarks" / "mask_churn.py")
+    mask_churn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mask_churn)
+    before = {"a": torch.tensor([True, False, False, False, True, False, False, False])}  # 1:4, two blocks
+    after = {"a": torch.tensor([False, True, False, False, True, False, False, False])}  # first block changed
+    assert mask_churn.churn(before, after) == 0.5 and mask_churn.churn(before, before) == 0.0
