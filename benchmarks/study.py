@@ -54,7 +54,7 @@ def effective(spec: dict[str, Any], quick: bool) -> dict[str, Any]:
     return {
         **spec,
         "base": {**spec["base"], **q.get("base", {})},
-        "grid": {**spec["grid"], **q.get("grid", {})},
+        "grid": {**spec["grid"], "extra_seeds": {}, **q.get("grid", {})},
         "ablations": [],
     }
 
@@ -85,9 +85,16 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
                     {"method": "dense", "nm": None, "seed": seed, "variant": f"dense_{pre}ep_for_oneshot"},
                 )
             )
-    for seed in seeds:
+    # Extra seeds for the contrast the claim is about (MaxQ vs SR-STE), beyond the seeds of the full grid.
+    extra = grid.get("extra_seeds") or {}
+    if set(extra.get("methods", [])) & {"dense", "oneshot"}:
+        raise ValueError("grid.extra_seeds.methods may list srste and maxq only (dense and oneshot need pre-runs)")
+    cells = [(seed, grid["methods"]) for seed in seeds] + [
+        (s, extra.get("methods", [])) for s in extra.get("seeds", [])
+    ]
+    for seed, methods in cells:
         for nm in patterns:
-            for method in grid["methods"]:
+            for method in methods:
                 if method == "dense":
                     continue
                 options = {
@@ -422,13 +429,15 @@ def write_markdown(
             "|---" * (len(patterns) + 1) + "|",
         ]
         for method, cells in summary["table"].items():
+            seeds = sorted({s for c in cells.values() for s in c["seeds"]})
+            label = f"{method} ({len(seeds)} seeds)"
             if method == "dense":
                 lines.append(
-                    f"| dense | {_mean_std(cells['dense'][key])} (all patterns) |" + " |" * (len(patterns) - 1)
+                    f"| {label} | {_mean_std(cells['dense'][key])} (all patterns) |" + " |" * (len(patterns) - 1)
                 )
                 continue
             lines.append(
-                f"| {method} | " + " | ".join(_mean_std(cells.get(nm, {}).get(key, [])) for nm in patterns) + " |"
+                f"| {label} | " + " | ".join(_mean_std(cells.get(nm, {}).get(key, [])) for nm in patterns) + " |"
             )
         lines.append("")
     lines += [
@@ -447,7 +456,10 @@ def write_markdown(
     for nm in patterns:
         g = summary["gaps"].get(nm, {})
 
-        lines.append(f"| {nm} | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |")
+        pairs = g.get("top1_last", {}).get("pairs", 0)
+        lines.append(
+            f"| {nm} ({pairs} seeds) | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |"
+        )
     lines.append("")
     if summary["ablations"]:
         abl_patterns = sorted(

@@ -20,7 +20,9 @@ SPEC = yaml.safe_load((ROOT / "configs" / "study.yaml").read_text())
 def test_full_plan_is_the_grid_plus_ablations():
     runs = study.plan(SPEC, quick=False)
     main = [r for r in runs if r.record["variant"] == "main"]
-    assert len(main) == 3 + 3 * 4 * 3  # dense x seeds + (oneshot, srste, maxq) x patterns x seeds
+    extra = SPEC["grid"]["extra_seeds"]
+    # dense x seeds + (oneshot, srste, maxq) x patterns x seeds, + the extra seeds of the MaxQ vs SR-STE contrast
+    assert len(main) == 3 + 3 * 4 * 3 + len(extra["methods"]) * 4 * len(extra["seeds"])
     assert len({r.id for r in runs}) == len(runs)
     ids = [r.id for r in runs]
     for r in runs:
@@ -34,7 +36,14 @@ def test_full_plan_is_the_grid_plus_ablations():
 
 def test_quick_plan_is_small():
     runs = study.plan(SPEC, quick=True)
+    assert not any(r.id.endswith(("_s3", "_s4")) for r in runs)  # no extra seeds in a smoke test
     assert len(runs) <= 10 and all(r.record["variant"] != "main" or r.options["subset"] <= 5000 for r in runs)
+
+
+def test_extra_seeds_reject_methods_that_need_pre_runs():
+    spec = {**SPEC, "grid": {**SPEC["grid"], "extra_seeds": {"methods": ["oneshot"], "seeds": [7]}}}
+    with pytest.raises(ValueError, match="extra_seeds"):
+        study.plan(spec, quick=False)
 
 
 @pytest.mark.parametrize(
@@ -103,5 +112,5 @@ def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
     assert summary["gaps"]["1:16"]["top1_last"]["gap"] == pytest.approx(0.5)
     text = (docs / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
-    assert "old" not in text and "| maxq | 90.10 ± 0.10 |" in text
+    assert "old" not in text and "| maxq (3 seeds) | 90.10 ± 0.10 |" in text and "| 1:16 (3 seeds) |" in text
     assert (docs / "study_accuracy.png").stat().st_size > 10_000
