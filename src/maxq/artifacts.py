@@ -59,10 +59,10 @@ def weights_from(path: str | Path) -> Weights:
         folded = path / "model_folded.pt"
         return weights_from(folded if folded.exists() else path / "checkpoint.pt")
     if kind == "compressed":
-        from .compress import load_compressed, read_compressed
+        from .compress import decompress, read_compressed
 
-        _, meta = read_compressed(path)
-        state = load_compressed(path)
+        tensors, meta = read_compressed(path)
+        state = decompress(tensors, meta, path)
         return Weights(state, list(meta["layers"]), meta["n"], meta["m"], "compressed")
     if kind == "onnx":
         from .onnx_export import ONNX_LAYOUT_KEY, _require_onnx, onnx_weights
@@ -126,9 +126,9 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
         folded = path / "model_folded.pt"
         return model_from(folded if folded.exists() else path / "checkpoint.pt", force=force)
     if kind == "compressed":
-        from .compress import load_compressed, read_compressed
+        from .compress import decompress, read_compressed
 
-        _, meta = read_compressed(path)
+        tensors, meta = read_compressed(path)
         arch = meta.get("arch")
         if not arch:
             raise CheckpointError(f"{path} does not say which model it holds (no arch in its metadata)")
@@ -137,7 +137,7 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
             from .bnfold import fold_batchnorm_
 
             fold_batchnorm_(model)  # the same structure (BN -> Identity, conv biases); weights come next
-        model.load_state_dict(load_compressed(path))
+        model.load_state_dict(decompress(tensors, meta, path))
         model.maxq_layout = {
             "method": arch.get("method"),
             "n": meta["n"],

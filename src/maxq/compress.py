@@ -39,6 +39,7 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "read_compressed",
+    "decompress",
     "index_bits",
 ]
 
@@ -196,6 +197,13 @@ def load_compressed(path: str | Path) -> dict[str, Tensor]:
         CompressedError: unreadable, wrong version, or inconsistent (e.g. a block repeating an index).
     """
     tensors, meta = read_compressed(path)
+    return decompress(tensors, meta, path)
+
+
+def decompress(tensors: Mapping[str, Tensor], meta: dict[str, Any], source: str | Path = "") -> dict[str, Tensor]:
+    """The folded state dict from what :func:`read_compressed` returned (for callers that also need ``meta``,
+    so the file is read once). ``source`` names the file in error messages."""
+    tensors = dict(tensors)
     n, m, bits = meta["n"], meta["m"], meta["index_bits"]
     state: dict[str, Tensor] = {}
     for name, info in meta["layers"].items():
@@ -203,21 +211,23 @@ def load_compressed(path: str | Path) -> dict[str, Tensor]:
         try:
             values, packed = tensors.pop(f"{key}.values"), tensors.pop(f"{key}.indices")
         except KeyError:
-            raise CompressedError(f"{path}: layer {name} is listed but its values or indices are missing") from None
+            raise CompressedError(f"{source}: layer {name} is listed but its values or indices are missing") from None
         shape = tuple(info["shape"])
         groups = math.prod(shape) // m
         if tuple(values.shape) != (groups, n):
-            raise CompressedError(f"{path}: {key}.values has shape {tuple(values.shape)}, expected {(groups, n)}")
+            raise CompressedError(f"{source}: {key}.values has shape {tuple(values.shape)}, expected {(groups, n)}")
         if packed.numel() != math.ceil(groups * n * bits / 8):
             raise CompressedError(
-                f"{path}: {key}.indices has {packed.numel()} bytes, expected {math.ceil(groups * n * bits / 8)}"
+                f"{source}: {key}.indices has {packed.numel()} bytes, expected {math.ceil(groups * n * bits / 8)}"
             )
         idx = _unpack(packed, groups * n, bits).view(groups, n)
         if bool((idx >= m).any()):
-            raise CompressedError(f"{path}: {key} has an index >= m={m}")
-        if n > 1 and bool((idx.sort(-1).values.diff(dim=-1) == 0).any()):
-            bad = int((idx.sort(-1).values.diff(dim=-1) == 0).any(-1).nonzero()[0])
-            raise CompressedError(f"{path}: {key} block {bad} repeats an index (corrupt group)")
+            raise CompressedError(f"{source}: {key} has an index >= m={m}")
+        if n > 1:
+            repeats = (idx.sort(-1).values.diff(dim=-1) == 0).any(-1)
+            if bool(repeats.any()):
+                bad = int(repeats.nonzero()[0])
+                raise CompressedError(f"{source}: {key} block {bad} repeats an index (corrupt group)")
         blocks = torch.zeros(groups, m, dtype=values.dtype)
         blocks.scatter_(-1, idx, values)
         state[key] = from_blocks(blocks, shape)
