@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import maxq
-from maxq.accelerate import accelerate_, time_cuda
+from maxq.deploy.accelerate import accelerate_, time_cuda
 
 MODELS = {
     "vit_b_16": (lambda: torchvision.models.vit_b_16(num_classes=1000), (64, 3, 224, 224)),

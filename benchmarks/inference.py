@@ -23,8 +23,8 @@ import torch
 import torchvision
 
 import maxq
-from maxq.compress import save_compressed
-from maxq.models import build_model
+from maxq.deploy.compress import save_compressed
+from maxq.train.models import build_model
 
 MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=1000), (8, 3, 224, 224)),

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import maxq
-from maxq.data import load_dataset, normalize
-from maxq.models import build_model
+from maxq.train.data import load_dataset, normalize
+from maxq.train.models import build_model
 
 WINDOW = 8  # steps between churn measurements (the largest update_every compared by default)
 

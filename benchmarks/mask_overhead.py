@@ -23,8 +23,8 @@ import torch
 import torchvision
 
 import maxq
-from maxq.parametrization import NMMask
-from maxq.reference import ref_maxq_mask
+from maxq.core.parametrization import NMMask
+from maxq.core.reference import ref_maxq_mask
 
 
 def _naive_recompute(self: NMMask, weight: torch.Tensor) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from maxq.checkpoint import load_checkpoint
-from maxq.masks import maxq_mask
-from maxq.queries import filter_query, kernel_query
+from maxq.core.masks import maxq_mask
+from maxq.core.queries import filter_query, kernel_query
+from maxq.train.checkpoint import load_checkpoint
 
 SUFFIX = ".parametrizations.weight.original"
 

@@ -21,7 +21,7 @@ def _seed() -> None:
 
 def fused_params() -> list:
     """Run a test with the eager path and, where they build, the fused CPU kernels."""
-    from maxq.kernels import cpu_kernels
+    from maxq._engine.kernels import cpu_kernels
 
     have = cpu_kernels() is not None
     return [

@@ -15,19 +15,22 @@ Quick use::
     assert maxq.check_nm(model, 2, 4).ok
 """
 
-from .accelerate import accelerate_
-from .bnfold import fold_batchnorm_
-from .check import LayerCheck, NMCheck, check_nm
-from .compress import load_compressed, save_compressed
-from .config import CONFIGS, MaxQConfig, NMConfig, OneShotConfig, SRSTEConfig, make_config
-from .fold import fold_, nm_layout
-from .layers import select_layers
-from .masks import hard_mask, maxq_mask
-from .nm import nm_mask, parse_nm
-from .schedules import SCHEDULES, dense_fraction
-from .sparsifier import Report, Sparsifier, sparsify_
+from ._compat import install as _install_aliases
+from .core.check import LayerCheck, NMCheck, check_nm
+from .core.config import CONFIGS, MaxQConfig, NMConfig, OneShotConfig, SRSTEConfig, make_config
+from .core.fold import fold_, nm_layout
+from .core.layers import select_layers
+from .core.masks import hard_mask, maxq_mask
+from .core.nm import nm_mask, parse_nm
+from .core.schedules import SCHEDULES, dense_fraction
+from .core.sparsifier import Report, Sparsifier, sparsify_
+from .deploy.accelerate import accelerate_
+from .deploy.bnfold import fold_batchnorm_
+from .deploy.compress import load_compressed, save_compressed
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_install_aliases()
 
 __all__ = [
     "CONFIGS",

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
-from .nm import parse_nm
+from .core.nm import parse_nm
 
 __all__ = ["main", "build_parser"]
 
@@ -24,10 +24,10 @@ def _nm(text: str) -> str:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import CONFIGS
-    from .masks import BLOCK_ORDERS
-    from .recipe import METHODS
-    from .schedules import SCHEDULES
+    from .core.config import CONFIGS
+    from .core.masks import BLOCK_ORDERS
+    from .core.schedules import SCHEDULES
+    from .train.recipe import METHODS
 
     p = sub.add_parser(
         "train",
@@ -88,10 +88,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .data import DATASETS
-    from .models import model_names
-    from .recipe import TrainConfig, load_yaml
-    from .trainer import train
+    from .train.data import DATASETS
+    from .train.loop import train
+    from .train.models import model_names
+    from .train.recipe import TrainConfig, load_yaml
 
     given = {k for k in vars(args) if k not in ("func", "command")}
     options = load_yaml(args.config) if "config" in given else {}
@@ -139,13 +139,13 @@ def _run_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .artifacts import model_from
-    from .bnfold import fold_batchnorm_
-    from .check import check_nm
-    from .checkpoint import atomic_save
-    from .compress import load_compressed, save_compressed
-    from .fold import nm_layout
-    from .trainer import FOLDED_FORMAT
+    from .core.check import check_nm
+    from .core.fold import nm_layout
+    from .deploy.artifacts import model_from
+    from .deploy.bnfold import fold_batchnorm_
+    from .deploy.compress import load_compressed, save_compressed
+    from .train.checkpoint import atomic_save
+    from .train.loop import FOLDED_FORMAT
 
     if not (args.onnx or args.compressed or args.folded):
         raise ValueError("nothing to write: pass --onnx, --compressed and/or --folded")
@@ -191,8 +191,8 @@ def _run_export(args: argparse.Namespace) -> int:
             f"{info.sparse_over_bound:+.2%} vs the bound {info.sparse_bound_bytes:,.0f}; restores bit-exactly"
         )
     if args.onnx:
-        from .onnx_export import export_onnx, onnx_parity
-        from .verify import verify_file
+        from .deploy.onnx_export import export_onnx, onnx_parity
+        from .deploy.verify import verify_file
 
         example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
         sparse = export_onnx(model, args.onnx, example, n=n, m=m)
@@ -232,7 +232,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import json
 
-    from .verify import verify_file
+    from .deploy.verify import verify_file
 
     check, kind, note = verify_file(args.file, args.nm)
     if args.json:
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     verbose = args.__dict__.pop("verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
     func: Callable[[argparse.Namespace], int] = args.func
-    from .checkpoint import CheckpointError
-    from .data import DatasetMissing
+    from .train.checkpoint import CheckpointError
+    from .train.data import DatasetMissing
 
     try:
         return func(args)

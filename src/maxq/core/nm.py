@@ -1,0 +1,199 @@
+"""N:M conventions and the hard N:M mask (pure functions, no module state).
+
+Convention (SPEC §1): **N:M keeps N of every M** weights, ``1 <= N < M``. Blocks run along the *input* axis:
+
+* ``Linear`` weight ``W[O, I]``: blocks are ``M`` consecutive inputs of one row.
+* ``Conv2d`` weight ``W[O, I, kh, kw]``: blocks are ``M`` consecutive input channels at a fixed
+  ``(o, kh, kw)`` -- view the weight as ``[O, kh, kw, I]`` and cut the last axis into blocks of ``M``.
+
+This is the layout sparse tensor cores, TensorRT and ``torch.sparse.to_sparse_semi_structured`` use.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from .._engine.workspace import Workspace, scratch
+
+__all__ = [
+    "block_major",
+    "block_top2_",
+    "from_blocks",
+    "nm_keep_",
+    "nm_mask",
+    "parse_nm",
+    "to_blocks",
+    "topk_mask",
+    "validate_nm",
+]
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def validate_nm(n: int, m: int) -> tuple[int, int]:
+    """Check an N:M pattern (keep ``n`` of every ``m``); return it as ints or raise ``ValueError``."""
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"N:M pattern: {name} must be an int, got {v!r}")
+    if n < 1:
+        raise ValueError(f"N:M pattern {n}:{m}: n must be >= 1 (n counts the weights kept per block)")
+    if n >= m:
+        raise ValueError(
+            f"N:M pattern {n}:{m}: n must be < m (n counts the weights *kept* of every m; "
+            f"for 50% sparsity write 2:4, not 4:2)"
+        )
+    return n, m
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse ``"2:4"`` into ``(2, 4)``; raise ``ValueError`` on anything else."""
+    match = _NM_RE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot parse N:M pattern {text!r}: write it as N:M with integers, e.g. 2:4 or 1:16")
+    return validate_nm(int(match.group(1)), int(match.group(2)))
+
+
+def _check_layout(shape: torch.Size | tuple[int, ...], m: int) -> None:
+    if len(shape) not in (2, 4):
+        raise ValueError(f"N:M blocks need a Linear [O, I] or Conv2d [O, I, kh, kw] weight, got shape {tuple(shape)}")
+    if shape[1] % m:
+        raise ValueError(f"input size {shape[1]} of weight {tuple(shape)} is not divisible by m={m}")
+
+
+def to_blocks(weight: Tensor, m: int) -> Tensor:
+    """Group a weight into N:M blocks.
+
+    Args:
+        weight: ``[O, I]`` (Linear) or ``[O, I, kh, kw]`` (Conv2d), ``I % m == 0``.
+        m: block size.
+
+    Returns:
+        ``[G, m]`` with ``G = weight.numel() // m``; block ``g`` holds ``m`` consecutive input channels.
+        Rows are ordered ``(o, kh, kw, i // m)``.
+    """
+    _check_layout(weight.shape, m)
+    if weight.dim() == 4:
+        weight = weight.permute(0, 2, 3, 1)
+    return weight.reshape(-1, m)
+
+
+def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`to_blocks`: ``[G, m]`` back to the weight ``shape``."""
+    shape = tuple(shape)
+    _check_layout(shape, blocks.shape[-1])
+    if len(shape) == 4:
+        o, i, kh, kw = shape
+        # A fresh tensor has the standard strides (``.contiguous()`` would keep odd strides on size-1 dims).
+        return blocks.new_empty(shape).copy_(blocks.reshape(o, kh, kw, i).permute(0, 3, 1, 2))
+    return blocks.reshape(shape)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries along the last axis; ties go to the lower index.
+
+    Exact and deterministic (unlike ``torch.topk`` indices on ties) and linear time: one k-th value
+    selection, no sort. ``k`` is clamped to ``[0, L]``.
+
+    Args:
+        scores: ``[..., L]`` floating scores.
+        k: how many to keep per row.
+
+    Returns:
+        bool ``[..., L]`` with exactly ``k`` True per row.
+    """
+    length = scores.shape[-1]
+    if k >= length:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    # The k-th largest value is the (L - k + 1)-th smallest.
+    kth = scores.kthvalue(length - k + 1, dim=-1, keepdim=True).values
+    keep = scores > kth
+    ties = scores == kth
+    # Among entries equal to the k-th value, keep the first ones (lowest index) until k are kept.
+    need = k - keep.sum(-1, keepdim=True)
+    return keep | (ties & (ties.cumsum(-1) <= need))
+
+
+def block_major(a: Tensor, m: int, ws: Workspace | None = None) -> Tensor:
+    """Copy of ``a`` (``[O, I]`` or ``[O, I, kh, kw]``) as ``[m, O, I // m, K]``: slice ``x`` holds channel ``x``
+    of every block, so per-block work becomes ``m`` contiguous elementwise passes."""
+    o, i = a.shape[0], a.shape[1]
+    v = a.reshape(o, i // m, m, -1)
+    blocks = scratch(ws, "blocks", (m, o, i // m, v.shape[-1]), a)
+    return blocks.copy_(v.permute(2, 0, 1, 3))
+
+
+def block_top2_(blocks: Tensor, n: int, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """The ``n``-th and ``(n+1)``-th largest value of every block, from a :func:`block_major` copy.
+
+    Consumes ``blocks`` (its slices serve as scratch). Returns two tensors ``[O, I // m, K]``.
+    """
+    top: list[Tensor] = []  # running n+1 largest, descending: an insertion network of min/max passes
+    tmp = scratch(ws, "top0", blocks.shape[1:], blocks)
+    for x in range(blocks.shape[0]):
+        s = blocks[x]
+        for j in range(len(top)):
+            torch.minimum(top[j], s, out=tmp)
+            torch.maximum(top[j], s, out=top[j])
+            s, tmp = tmp, s
+        if len(top) <= n:
+            top.append(s)
+            tmp = scratch(ws, f"top{len(top)}", blocks.shape[1:], blocks)
+    return top[n - 1], top[n]
+
+
+def nm_keep_(
+    out: Tensor,
+    a: Tensor,
+    n: int,
+    m: int,
+    dense: Tensor | None = None,
+    ws: Workspace | None = None,
+    blocks: Tensor | None = None,
+) -> Tensor:
+    """Write the hard N:M keep-mask of magnitudes ``a`` into ``out`` (1 = keep, 0 = prune).
+
+    Args:
+        out: float or bool tensor of ``a``'s shape, overwritten.
+        a: ``|W|``, ``[O, I]`` or ``[O, I, kh, kw]``.
+        dense: optional bool ``[G]`` in native block order ``(o, i // m, kh, kw)``: blocks kept whole.
+        ws: scratch buffers.
+        blocks: ``block_major(a, m, ws)`` if already made (it is consumed).
+
+    Returns:
+        ``out``. Ties at the cut go to the lower input channel.
+    """
+    o, i = a.shape[0], a.shape[1]
+    v = a.reshape(o, i // m, m, -1)
+    thr, nxt = block_top2_(block_major(a, m, ws) if blocks is None else blocks, n, ws)
+    if dense is not None:
+        thr.masked_fill_(dense.view(thr.shape), float("-inf"))
+    torch.ge(v, thr.unsqueeze(2), out=out.view(v.shape))
+    # A tie at the cut (n-th largest == (n+1)-th largest) keeps too many; redo those blocks with the index rule.
+    ties = thr == nxt
+    if bool(ties.any()):
+        where = ties.nonzero()
+        vals = v[where[:, 0], where[:, 1], :, where[:, 2]]  # [T, m]
+        fixed = topk_mask(vals, n).to(out.dtype)
+        out.view(v.shape)[where[:, 0], where[:, 1], :, where[:, 2]] = fixed
+    return out
+
+
+def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
+    """Hard N:M mask of ``weight``: in every block keep the ``n`` largest ``|w|`` (ties: lower channel wins).
+
+    Args:
+        weight: ``[O, I]`` or ``[O, I, kh, kw]`` floating tensor.
+
+    Returns:
+        bool tensor of ``weight``'s shape with exactly ``n`` True per block.
+    """
+    validate_nm(n, m)
+    _check_layout(weight.shape, m)
+    with torch.no_grad():
+        a = weight.detach().abs()
+        return nm_keep_(torch.empty_like(a, dtype=torch.bool), a, n, m)

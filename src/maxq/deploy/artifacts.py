@@ -1,0 +1,184 @@
+"""Reading every file kind maxq writes (and plain state dicts / ONNX files) back into models or weights.
+
+Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``folded`` (model_folded.pt),
+``compressed`` (:mod:`maxq.compress`), ``onnx``, and a plain ``state_dict`` (``torch.save(model.state_dict())``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+
+__all__ = ["file_kind", "Weights", "weights_from", "model_from"]
+
+
+def file_kind(path: str | Path) -> str:
+    """Guess the kind of ``path`` from its first bytes (extension as a hint only)."""
+    path = Path(path)
+    if path.is_dir():
+        return "run"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
+        return "compressed"  # safetensors: u64 header length, then JSON
+    if head[:2] == b"PK" or path.suffix in (".pt", ".pth", ".bin"):
+        return "torch"  # torch.save zip archive
+    if path.suffix == ".onnx" or head[:1] == b"\x08":
+        return "onnx"
+    raise CheckpointError(
+        f"{path}: unknown file kind (expected a maxq checkpoint, state dict, compressed or ONNX file)"
+    )
+
+
+@dataclass
+class Weights:
+    """Weights to verify: ``{name}.weight`` tensors, and the sparse layers and pattern when the file says."""
+
+    tensors: dict[str, Tensor]
+    layers: list[str] | None
+    n: int | None
+    m: int | None
+    kind: str
+    note: str = ""
+
+
+def weights_from(path: str | Path) -> Weights:
+    """The effective weights stored in ``path`` (masks applied for unfolded checkpoints)."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "run":
+        folded = path / "model_folded.pt"
+        return weights_from(folded if folded.exists() else path / "checkpoint.pt")
+    if kind == "compressed":
+        from .compress import decompress, read_compressed
+
+        tensors, meta = read_compressed(path)
+        state = decompress(tensors, meta, path)
+        return Weights(state, list(meta["layers"]), meta["n"], meta["m"], "compressed")
+    if kind == "onnx":
+        from .onnx_export import ONNX_LAYOUT_KEY, _require_onnx, onnx_weights
+
+        onnx = _require_onnx()
+        try:
+            proto = onnx.load(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path} cannot be read as ONNX: {exc}") from None
+        props = {p.key: p.value for p in proto.metadata_props}
+        meta = json.loads(props[ONNX_LAYOUT_KEY]) if ONNX_LAYOUT_KEY in props else None
+        tensors = {f"{name}.weight": w for name, (w, _) in onnx_weights(proto).items()}
+        layers = meta["sparse_initializers"] if meta else None
+        return Weights(tensors, layers, meta["n"] if meta else None, meta["m"] if meta else None, "onnx")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return _from_checkpoint(state)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        layout = state.get("layout")
+        return Weights(
+            dict(state["state_dict"]),
+            layout["layers"] if layout else None,
+            layout["n"] if layout else None,
+            layout["m"] if layout else None,
+            "folded" if state.get("format") else "state_dict",
+        )
+    if isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()):
+        return Weights(dict(state), None, None, None, "state_dict")
+    raise CheckpointError(f"{path}: not a maxq checkpoint or a state dict")
+
+
+def _from_checkpoint(state: dict[str, Any]) -> Weights:
+    """Effective weights ``W * Mask`` of an unfolded training checkpoint (as an eval forward would use)."""
+    model = dict(state["model"])
+    cfg = state["config"]
+    sparsifier = state.get("sparsifier")
+    if not sparsifier:
+        return Weights(model, None, None, None, "checkpoint", "dense run: no masks")
+    tensors = {k: v for k, v in model.items() if ".parametrizations." not in k}
+    for name, entry in sparsifier["layers"].items():
+        tensors[f"{name}.weight"] = model[f"{name}.parametrizations.weight.original"] * entry["mask"]
+    n, m = (int(x) for x in cfg["nm"].split(":"))
+    note = "unfolded checkpoint: checked W * Mask" + (
+        "; ramp unfinished" if any(e["dense_fraction"] > 0 for e in sparsifier["layers"].values()) else ""
+    )
+    return Weights(tensors, list(sparsifier["layers"]), n, m, "checkpoint", note)
+
+
+def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """A folded model and its ``arch`` (model name, input channels, classes, image size) from a run folder,
+    ``model_folded.pt``, ``checkpoint.pt`` (folded here; ``force`` prunes an unfinished ramp) or compressed file.
+    """
+    from ..train.models import build_model
+
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "run":
+        folded = path / "model_folded.pt"
+        return model_from(folded if folded.exists() else path / "checkpoint.pt", force=force)
+    if kind == "compressed":
+        from .compress import decompress, read_compressed
+
+        tensors, meta = read_compressed(path)
+        arch = meta.get("arch")
+        if not arch:
+            raise CheckpointError(f"{path} does not say which model it holds (no arch in its metadata)")
+        model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], arch.get("image_size"))
+        if arch.get("bn_folded"):
+            from .bnfold import fold_batchnorm_
+
+            fold_batchnorm_(model)  # the same structure (BN -> Identity, conv biases); weights come next
+        model.load_state_dict(decompress(tensors, meta, path))
+        model.maxq_layout = {
+            "method": arch.get("method"),
+            "n": meta["n"],
+            "m": meta["m"],
+            "layers": list(meta["layers"]),
+        }
+        return model, arch
+    if kind != "torch":
+        raise CheckpointError(f"{path}: cannot rebuild a PyTorch model from a {kind} file")
+    try:
+        return _model_from_checkpoint(load_checkpoint(path), force)
+    except CheckpointError as first:
+        from ..train.loop import load_folded
+
+        try:
+            model, state = load_folded(path)
+        except CheckpointError:
+            raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model ({first})") from None
+        return model, state["arch"]
+
+
+def _model_from_checkpoint(state: dict[str, Any], force: bool) -> tuple[nn.Module, dict[str, Any]]:
+    from ..core.fold import fold_
+    from ..core.sparsifier import sparsify_
+    from ..train.models import build_model
+    from ..train.recipe import TrainConfig
+
+    cfg = TrainConfig.from_dict(state["config"])
+    arch = state.get("arch")
+    if arch is None:
+        raise CheckpointError("checkpoint does not record the model architecture (written by an older maxq)")
+    model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], arch.get("image_size"))
+    sparse_cfg = cfg.sparsity_config()
+    sparsifier = sparsify_(model, sparse_cfg) if sparse_cfg is not None else None
+    model.load_state_dict(state["model"])
+    if sparsifier is not None:
+        sparsifier.load_state_dict(state["sparsifier"])
+        if not sparsifier.ramp_finished and not force:
+            raise CheckpointError(
+                f"the checkpoint is mid-ramp ({sparsifier.dense_fraction:.0%} of blocks still dense): "
+                f"finish training, or pass --force to prune them now"
+            )
+        fold_(model, force=force)
+    return model, {**arch, "method": cfg.method}

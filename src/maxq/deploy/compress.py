@@ -1,0 +1,235 @@
+"""Compressed N:M checkpoints (SPEC §6): N values per block plus packed ``ceil(log2 M)``-bit indices.
+
+File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ file:
+
+* for every sparsified layer ``L``: ``L.weight.values`` -- ``[G, N]`` in the weight's dtype, blocks in
+  :func:`maxq.nm.to_blocks` order ``(o, kh, kw, i // M)``, a block's kept values in channel order -- and
+  ``L.weight.indices`` -- ``uint8``, the ``G * N`` in-block positions as one little-endian bit stream of
+  ``ceil(log2 M)`` bits each;
+* every other tensor of the state dict, as it is;
+* header metadata ``"maxq"``: JSON with ``format``, ``version``, ``n``, ``m``, ``index_bits``, ``block_order``,
+  the sparse ``layers`` (shape and dtype each) and, when known, the ``arch`` needed to rebuild the model.
+
+A block with fewer than N nonzeros stores zeros at its lowest free positions, so decompression restores the
+folded weights bit for bit (pruned entries are ``+0.0``, as :func:`maxq.fold_` leaves them). Storage of a sparse
+layer: ``G * N * value_bits`` plus ``ceil(G * N * index_bits / 8)`` bytes -- within a byte of the bound
+``G * (N * value_bits + N * ceil(log2 M))`` bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.nm import from_blocks, to_blocks, validate_nm
+
+__all__ = [
+    "COMPRESSED_FORMAT",
+    "COMPRESSED_VERSION",
+    "CompressedError",
+    "CompressedInfo",
+    "save_compressed",
+    "load_compressed",
+    "read_compressed",
+    "decompress",
+    "index_bits",
+]
+
+COMPRESSED_FORMAT = "maxq.compressed"
+COMPRESSED_VERSION = 1
+
+
+class CompressedError(ValueError):
+    """A compressed file is unreadable, of another version, or internally inconsistent."""
+
+
+def index_bits(m: int) -> int:
+    """Bits per in-block index: ``ceil(log2 m)``."""
+    return max(1, math.ceil(math.log2(m)))
+
+
+def _pack(indices: Tensor, bits: int) -> Tensor:
+    """``[K]`` integers in ``[0, 2**bits)`` -> little-endian bit stream as ``uint8`` ``[ceil(K * bits / 8)]``."""
+    values = indices.to(torch.int64).numpy()
+    stream = ((values[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    return torch.from_numpy(np.packbits(stream, bitorder="little"))
+
+
+def _unpack(packed: Tensor, count: int, bits: int) -> Tensor:
+    stream = np.unpackbits(packed.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
+    return torch.from_numpy((stream.astype(np.int64) << np.arange(bits)).sum(1))
+
+
+@dataclass
+class CompressedInfo:
+    """Sizes of a compressed file, in bytes."""
+
+    file_bytes: int
+    sparse_bytes: int  # values + indices of the sparse layers
+    sparse_bound_bytes: float  # SPEC §6 bound for the same layers
+    dense_equivalent_bytes: int  # the same tensors stored dense
+    other_bytes: int  # tensors stored as they are
+
+    @property
+    def sparse_over_bound(self) -> float:
+        """``sparse_bytes / bound - 1`` (0.01 = 1 % above the bound)."""
+        return self.sparse_bytes / self.sparse_bound_bytes - 1 if self.sparse_bound_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "sparse_over_bound": self.sparse_over_bound}
+
+
+def save_compressed(
+    state_dict: Mapping[str, Tensor],
+    path: str | Path,
+    n: int,
+    m: int,
+    layers: Iterable[str],
+    *,
+    arch: dict[str, Any] | None = None,
+) -> CompressedInfo:
+    """Write a folded N:M state dict compressed.
+
+    Args:
+        state_dict: folded weights (no masks left), e.g. ``model.state_dict()`` after :func:`maxq.fold_`.
+        n, m: the pattern.
+        layers: the sparsified layers (module names; their ``.weight`` is compressed).
+        arch: optional description to rebuild the model (stored in the metadata).
+
+    Raises:
+        CompressedError: a listed layer is missing or not N:M.
+    """
+    validate_nm(n, m)
+    bits = index_bits(m)
+    layers = list(layers)
+    tensors: dict[str, Tensor] = {}
+    meta_layers: dict[str, Any] = {}
+    sparse_bytes, bound_bits, dense_eq = 0, 0.0, 0
+    for name in layers:
+        key = f"{name}.weight"
+        if key not in state_dict:
+            raise CompressedError(f"layer {name} listed as sparse but {key} is not in the state dict")
+        weight = state_dict[key].detach().cpu().contiguous()
+        if weight.dim() not in (2, 4) or weight.shape[1] % m:
+            raise CompressedError(f"{key} {tuple(weight.shape)} cannot hold {n}:{m} blocks")
+        blocks = to_blocks(weight, m)
+        nonzero = blocks != 0
+        if bool((nonzero.sum(-1) > n).any()):
+            raise CompressedError(
+                f"{key} is not {n}:{m}: some blocks hold more than {n} nonzeros; fold and check it first"
+            )
+        # Kept positions: the nonzeros, topped up with the lowest free positions; then in channel order.
+        rank = nonzero.to(torch.int64) * m * 2 - torch.arange(m)  # nonzeros first, then low positions
+        idx = rank.topk(n, dim=-1).indices.sort(dim=-1).values
+        values = blocks.gather(-1, idx).contiguous()
+        tensors[f"{key}.values"] = values
+        tensors[f"{key}.indices"] = _pack(idx.reshape(-1), bits)
+        meta_layers[name] = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+        sparse_bytes += values.numel() * values.element_size() + tensors[f"{key}.indices"].numel()
+        bound_bits += blocks.shape[0] * (n * weight.element_size() * 8 + n * bits)
+        dense_eq += weight.numel() * weight.element_size()
+    other = 0
+    for key, value in state_dict.items():
+        if key.removesuffix(".weight") in meta_layers and key.endswith(".weight"):
+            continue
+        if not isinstance(value, Tensor):
+            continue
+        tensors[key] = value.detach().cpu().contiguous()
+        other += value.numel() * value.element_size()
+    meta = {
+        "format": COMPRESSED_FORMAT,
+        "version": COMPRESSED_VERSION,
+        "n": n,
+        "m": m,
+        "index_bits": bits,
+        "block_order": "maxq.nm.to_blocks: (o, kh, kw, i // m); indices little-endian bit stream",
+        "layers": meta_layers,
+        "arch": arch,
+    }
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"maxq": json.dumps(meta)})
+    tmp.replace(path)
+    return CompressedInfo(path.stat().st_size, sparse_bytes, bound_bits / 8, dense_eq, other)
+
+
+def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Raw tensors and metadata of a compressed file (no decompression); raises :class:`CompressedError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressedError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
+        raise CompressedError(f"{path} is not a readable compressed file (truncated or corrupt?): {exc}") from None
+    try:
+        meta = json.loads(header["maxq"])
+    except (KeyError, json.JSONDecodeError):
+        raise CompressedError(f"{path} has no maxq metadata: not written by maxq.save_compressed") from None
+    if meta.get("format") != COMPRESSED_FORMAT:
+        raise CompressedError(f"{path}: unknown format {meta.get('format')!r}")
+    if meta.get("version") != COMPRESSED_VERSION:
+        raise CompressedError(
+            f"{path}: compressed format version {meta.get('version')!r}, this maxq reads {COMPRESSED_VERSION}"
+        )
+    return tensors, meta
+
+
+def load_compressed(path: str | Path) -> dict[str, Tensor]:
+    """Decompress to the folded state dict, bit for bit as it was saved.
+
+    Raises:
+        CompressedError: unreadable, wrong version, or inconsistent (e.g. a block repeating an index).
+    """
+    tensors, meta = read_compressed(path)
+    return decompress(tensors, meta, path)
+
+
+def decompress(tensors: Mapping[str, Tensor], meta: dict[str, Any], source: str | Path = "") -> dict[str, Tensor]:
+    """The folded state dict from what :func:`read_compressed` returned (for callers that also need ``meta``,
+    so the file is read once). ``source`` names the file in error messages."""
+    tensors = dict(tensors)
+    n, m, bits = meta["n"], meta["m"], meta["index_bits"]
+    state: dict[str, Tensor] = {}
+    for name, info in meta["layers"].items():
+        key = f"{name}.weight"
+        try:
+            values, packed = tensors.pop(f"{key}.values"), tensors.pop(f"{key}.indices")
+        except KeyError:
+            raise CompressedError(f"{source}: layer {name} is listed but its values or indices are missing") from None
+        shape = tuple(info["shape"])
+        groups = math.prod(shape) // m
+        if tuple(values.shape) != (groups, n):
+            raise CompressedError(f"{source}: {key}.values has shape {tuple(values.shape)}, expected {(groups, n)}")
+        if packed.numel() != math.ceil(groups * n * bits / 8):
+            raise CompressedError(
+                f"{source}: {key}.indices has {packed.numel()} bytes, expected {math.ceil(groups * n * bits / 8)}"
+            )
+        idx = _unpack(packed, groups * n, bits).view(groups, n)
+        if bool((idx >= m).any()):
+            raise CompressedError(f"{source}: {key} has an index >= m={m}")
+        if n > 1:
+            repeats = (idx.sort(-1).values.diff(dim=-1) == 0).any(-1)
+            if bool(repeats.any()):
+                bad = int(repeats.nonzero()[0])
+                raise CompressedError(f"{source}: {key} block {bad} repeats an index (corrupt group)")
+        blocks = torch.zeros(groups, m, dtype=values.dtype)
+        blocks.scatter_(-1, idx, values)
+        state[key] = from_blocks(blocks, shape)
+    state.update(tensors)
+    return state

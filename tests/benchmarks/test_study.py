@@ -1,0 +1,116 @@
+"""The study runner's plan and statistics (the runs themselves are in docs/RESULTS.md)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maxq.train.recipe import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+spec_ = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(spec_)
+sys.modules["study"] = study  # dataclasses look their module up
+spec_.loader.exec_module(study)
+SPEC = yaml.safe_load((ROOT / "configs" / "study.yaml").read_text())
+
+
+def test_full_plan_is_the_grid_plus_ablations():
+    runs = study.plan(SPEC, quick=False)
+    main = [r for r in runs if r.record["variant"] == "main"]
+    extra = SPEC["grid"]["extra_seeds"]
+    # dense x seeds + (oneshot, srste, maxq) x patterns x seeds, + the extra seeds of the MaxQ vs SR-STE contrast
+    assert len(main) == 3 + 3 * 4 * 3 + len(extra["methods"]) * 4 * len(extra["seeds"])
+    assert len({r.id for r in runs}) == len(runs)
+    ids = [r.id for r in runs]
+    for r in runs:
+        assert all(ids.index(dep) < ids.index(r.id) for dep in r.after)  # dependencies first
+        options = {k: v for k, v in r.options.items() if k != "init"}
+        cfg = TrainConfig.from_dict(options)  # every run is a valid `maxq train` configuration
+        if r.record["method"] == "oneshot":
+            assert cfg.epochs + SPEC["oneshot"]["dense_epochs"] == SPEC["base"]["epochs"]  # same total budget
+    assert {r.record["variant"] for r in runs} - {"main"} >= {"no_queries", "no_incremental", "tau_0.1"}
+
+
+def test_quick_plan_is_small():
+    runs = study.plan(SPEC, quick=True)
+    assert not any(r.id.endswith(("_s3", "_s4")) for r in runs)  # no extra seeds in a smoke test
+    assert len(runs) <= 10 and all(r.record["variant"] != "main" or r.options["subset"] <= 5000 for r in runs)
+
+
+def test_extra_seeds_reject_methods_that_need_pre_runs():
+    spec = {**SPEC, "grid": {**SPEC["grid"], "extra_seeds": {"methods": ["oneshot"], "seeds": [7]}}}
+    with pytest.raises(ValueError, match="extra_seeds"):
+        study.plan(spec, quick=False)
+
+
+@pytest.mark.parametrize(
+    "t, df, p", [(0.0, 2, 1.0), (2.0, 2, 0.1835), (4.303, 2, 0.05), (2.228, 10, 0.05), (-3.0, 5, 0.0301)]
+)
+def test_t_test_p_values(t, df, p):
+    assert study.t_two_sided_p(t, df) == pytest.approx(p, abs=2e-3)
+
+
+def test_paired_test():
+    result = study.paired_test([91.0, 90.5, 91.2], [90.0, 90.1, 90.4])
+    assert result["gap"] == pytest.approx(0.7333, abs=1e-3) and result["pairs"] == 3
+    assert 0 < result["p"] < 0.2
+
+
+def test_ablation_deltas_are_paired_by_seed():
+    def rec(variant, nm, seed, top1, val):
+        n, m = nm.split(":")
+        return {
+            "method": "maxq",
+            "n": int(n),
+            "m": int(m),
+            "seed": seed,
+            "variant": variant,
+            "top1_last": top1,
+            "top1_best": top1,
+            "val_top1_last": val,
+        }
+
+    records = [rec("main", "1:16", s, 87.0 + s, 88.0 + s) for s in (0, 1, 2)]
+    records += [rec("no_queries", "1:16", 1, 87.5, 88.5), rec("no_queries", "1:16", 0, 86.0, 88.25)]
+    summary = study.summarize(records, SPEC)
+    cell = summary["ablations"]["no_queries"]["1:16"]
+    assert cell["seeds"] == [0, 1]  # sorted by seed, whatever the record order
+    assert cell["delta_last"] == pytest.approx([-1.0, -0.5])  # against main seed 0 (87.0) and seed 1 (88.0)
+    assert cell["delta_val"] == pytest.approx([0.25, -0.5])
+
+
+def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
+    import json
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(
+        "# Results\n\nprose before\n<!-- study:begin -->\nold\n<!-- study:end -->\nafter\n"
+    )
+    for seed in (0, 1, 2):
+        for method, base in (("dense", 91.0), ("oneshot", 89.0), ("srste", 89.5), ("maxq", 90.0)):
+            for nm in ["-"] if method == "dense" else SPEC["grid"]["patterns"]:
+                n, m = (None, None) if method == "dense" else map(int, nm.split(":"))
+                top1 = base + 0.1 * seed
+                record = {
+                    "method": method,
+                    "n": n,
+                    "m": m,
+                    "seed": seed,
+                    "variant": "main",
+                    "top1_last": top1,
+                    "top1_best": top1,
+                    "val_top1_last": top1,
+                    "val_top1_best": top1,
+                }
+                (results / f"{method}_{nm.replace(':', '-')}_s{seed}.json").write_text(json.dumps(record))
+    summary = study.report(SPEC, results, docs)
+    assert summary["gaps"]["1:16"]["top1_last"]["gap"] == pytest.approx(0.5)
+    text = (docs / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
+    assert "old" not in text and "| maxq (3 seeds) | 90.10 ± 0.10 |" in text and "| 1:16 (3 seeds) |" in text
+    assert (docs / "study_accuracy.png").stat().st_size > 10_000

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from maxq._engine.workspace import Workspace
+from maxq.core.masks import MaskGuess, block_l1, compute_mask, dense_blocks, hard_mask, maxq_mask
+from maxq.core.nm import to_blocks
+from maxq.core.reference import ref_dense_blocks, ref_maxq_mask
+
+from ..conftest import PATTERNS, fused_params
+
+SHAPES = [(16, 32, 3, 3), (24, 16), (8, 48, 1, 1), (6, 16, 5, 3)]
+
+
+@pytest.mark.parametrize("fused", fused_params())
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n, m", PATTERNS)
+@pytest.mark.parametrize("p", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize("order", ["smallest", "largest", "random"])
+def test_mask_matches_reference(fused, shape, n, m, p, order):
+    if shape[1] % m:
+        pytest.skip("input not divisible")
+    ws = Workspace()
+    w = torch.randn(shape) * 0.05
+    priority = torch.randperm(w.numel() // m).float()
+    kw = dict(dense_fraction=p, order=order, priority=priority)
+    ref = ref_maxq_mask(w, n, m, **kw)
+    got, guess = compute_mask(w, n, m, ws=ws, fused=fused, **kw)
+    assert torch.equal(got == 0, ref == 0)
+    torch.testing.assert_close(got, ref)
+    # The next step, with the thresholds of this one as guesses: still exact.
+    w2 = w + 2e-3 * torch.randn_like(w)
+    got2, _ = compute_mask(w2, n, m, ws=ws, fused=fused, guess=guess, **kw)
+    ref2 = ref_maxq_mask(w2, n, m, **kw)
+    assert torch.equal(got2 == 0, ref2 == 0)
+    torch.testing.assert_close(got2, ref2)
+
+
+@pytest.mark.parametrize("fused", fused_params())
+@pytest.mark.parametrize("n, m", PATTERNS)
+def test_mask_values_and_block_structure(fused, n, m):
+    w = torch.randn(32, 64, 3, 3) * 0.05
+    mask, _ = compute_mask(w, n, m, fused=fused)
+    nonzero = mask[mask != 0]
+    assert bool(((nonzero >= 1) & (nonzero <= 3)).all())
+    assert torch.equal((to_blocks(mask, m) != 0).sum(-1), torch.full((w.numel() // m,), n))
+
+
+@pytest.mark.parametrize("fused", fused_params())
+def test_dense_fraction_endpoints(fused):
+    w = torch.randn(16, 32, 3, 3)
+    full, _ = compute_mask(w, 2, 4, dense_fraction=1.0, fused=fused)
+    assert bool((full != 0).all())  # p = 1: no pruned block
+    none, _ = compute_mask(w, 2, 4, dense_fraction=0.0, fused=fused)
+    assert bool(((to_blocks(none, 4) != 0).sum(-1) == 2).all())  # p = 0: full N:M
+
+
+@pytest.mark.parametrize("fused", fused_params())
+def test_ties_resolved_like_reference(fused):
+    w = torch.randint(-3, 4, (16, 32, 3, 3)).float() * 0.01
+    ref = ref_maxq_mask(w, 2, 4)
+    got, guess = compute_mask(w, 2, 4, fused=fused)
+    assert torch.equal(got == 0, ref == 0)
+    torch.testing.assert_close(got, ref)
+    again, _ = compute_mask(w, 2, 4, fused=fused, guess=guess)
+    torch.testing.assert_close(again, ref)
+
+
+@pytest.mark.parametrize("fused", fused_params())
+def test_result_does_not_depend_on_the_guess(fused):
+    w = torch.randn(32, 32, 3, 3) * 0.05
+    base, _ = compute_mask(w, 1, 4, fused=fused)
+    for scale in (0.0, 0.5, 0.999, 1.2, 50.0):
+        guess = MaskGuess(torch.full((32, 1), 0.05 * scale), torch.full((1, 9), 0.05 * scale), None)
+        got, _ = compute_mask(w, 1, 4, fused=fused, guess=guess)
+        torch.testing.assert_close(got, base, rtol=0, atol=1e-6)
+
+
+def test_soft_off_is_the_hard_mask():
+    w = torch.randn(8, 16, 3, 3)
+    assert torch.equal(maxq_mask(w, 2, 4, soft=False), hard_mask(w, 2, 4).float())
+
+
+def test_dense_blocks_orders_match_reference():
+    l1 = torch.randint(0, 20, (200,)).float()
+    prio = torch.randperm(200).float()
+    for order in ("smallest", "largest", "random"):
+        for p in (0.0, 0.13, 0.5, 1.0):
+            got, _ = dense_blocks(l1, p, order, prio)
+            assert torch.equal(got, ref_dense_blocks(l1, p, order, prio))
+            assert int(got.sum()) == int(p * 200)
+
+
+def test_dense_blocks_smallest_prefers_low_norm():
+    w = torch.ones(2, 8)
+    w[0, :4] = 0.1  # the low-norm block stays dense first
+    l1 = block_l1(w.abs(), 4)
+    dense, _ = dense_blocks(l1, 0.25, "smallest")
+    assert dense.tolist() == [True, False, False, False]
+
+
+def test_maxq_mask_validates():
+    with pytest.raises(ValueError, match="tau"):
+        maxq_mask(torch.randn(4, 8), 2, 4, tau=0)
+    with pytest.raises(ValueError, match="divisible"):
+        maxq_mask(torch.randn(4, 6), 2, 4)
+    with pytest.raises(ValueError, match="block order"):
+        maxq_mask(torch.randn(4, 8), 2, 4, dense_fraction=0.5, order="middle")

@@ -1,0 +1,240 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import maxq
+from maxq.core.nm import to_blocks
+
+from ..nets import batch, mlp, small_cnn, train_steps
+
+
+def _masks(sparsifier):
+    return {k: v.clone() for k, v in sparsifier.named_masks()}
+
+
+def test_classes_are_unchanged_and_weights_are_masked():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0)))
+    assert isinstance(model[3], nn.Conv2d)  # parametrize's subclass while masked
+    w = model[3].weight  # the effective weight
+    assert bool(((to_blocks(w, 4) != 0).sum(-1) <= 2).all())
+    assert sp.layers == ["3", "6", "10"]
+    maxq.fold_(model)
+    assert type(model[3]) is nn.Conv2d  # folding gives the stock class back
+
+
+def test_straight_through_gradient_equals_unmasked_gradient():
+    torch.manual_seed(1)
+    model = mlp()
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0)))
+    x, y = batch(model)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    # Plain reference: the same network with W_eff = W * Mask as an ordinary leaf tensor.
+    layer = model[2]
+    w_eff = (layer.parametrizations.weight.original * layer.parametrizations.weight[0].mask).detach().requires_grad_()
+    h = torch.relu(model[0](x))
+    out = model[4](torch.relu(nn.functional.linear(h, w_eff, layer.bias)))
+    nn.functional.cross_entropy(out, y).backward()
+    torch.testing.assert_close(layer.parametrizations.weight.original.grad, w_eff.grad)
+    assert bool((layer.parametrizations.weight.original.grad[layer.parametrizations.weight[0].mask == 0] != 0).any())
+    assert sp is not None
+
+
+def test_oneshot_masks_gradient_and_keeps_pruned_weights_zero():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.OneShotConfig())
+    before = _masks(sp)
+    original = model[3].parametrizations.weight.original
+    assert bool((original[before["3"] == 0] == 0).all())  # zeros handed to the optimizer
+    train_steps(model, sp, steps=3)
+    after = _masks(sp)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen
+    assert bool((original[before["3"] == 0] == 0).all())  # still zero after training
+
+
+@pytest.mark.parametrize("config", [maxq.SRSTEConfig(), maxq.MaxQConfig(ramp=(0, 0))])
+def test_srste_decay_touches_pruned_weights_only(config):
+    model = small_cnn()
+    sp = maxq.sparsify_(model, config)
+    x, y = batch(model)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    original = model[3].parametrizations.weight.original
+    mask = dict(sp.named_masks())["3"]
+    grad_before = original.grad.clone()
+    sp.regularize_()
+    delta = original.grad - grad_before
+    pruned = mask == 0
+    assert torch.equal(delta[~pruned], torch.zeros_like(delta[~pruned]))
+    torch.testing.assert_close(delta[pruned], 2e-4 * original.detach()[pruned])
+
+
+def test_regularize_without_grad_is_a_no_op():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.SRSTEConfig())
+    sp.regularize_()  # no backward yet: nothing to do, no error
+    assert model[3].parametrizations.weight.original.grad is None
+
+
+@pytest.mark.parametrize("builder", [small_cnn, mlp])
+@pytest.mark.parametrize("config", [maxq.MaxQConfig(ramp=(0, 1)), maxq.SRSTEConfig(), maxq.OneShotConfig()])
+def test_masked_eval_output_equals_folded_output(builder, config):
+    model = builder()
+    sp = maxq.sparsify_(model, config)
+    sp.set_progress(1)
+    train_steps(model, sp, steps=2)
+    model.eval()
+    x, _ = batch(model)
+    with torch.no_grad():
+        masked = model(x)
+    params = {id(p) for p in model.parameters()}
+    maxq.fold_(model)
+    assert {id(p) for p in model.parameters()} == params  # identity kept: the optimizer stays valid
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked)
+    assert maxq.check_nm(model, config.n, config.m).ok
+
+
+def test_fold_refuses_unfinished_ramp_unless_forced():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 10)))
+    sp.set_progress(3)
+    train_steps(model, sp, steps=1)
+    with pytest.raises(RuntimeError, match="ramp is unfinished"):
+        maxq.fold_(model)
+    assert hasattr(model[3], "parametrizations")  # nothing was changed
+    maxq.fold_(model, force=True)
+    assert maxq.check_nm(model, 2, 4).ok
+    with pytest.raises(RuntimeError, match="folded"):
+        sp.set_progress(4)
+
+
+def test_fold_without_masks():
+    with pytest.raises(ValueError, match="no maxq masks"):
+        maxq.fold_(small_cnn())
+
+
+def test_progress_sets_dense_fraction_and_report():
+    model = small_cnn(channels=32)
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 4)))
+    assert sp.set_progress(0) == 1.0
+    assert sp.set_progress(2) == pytest.approx(0.5)
+    train_steps(model, sp, steps=1)
+    report = sp.report()
+    rows = {r.name: r for r in report.layers}
+    assert rows["3"].dense_block_fraction == pytest.approx(0.5, abs=0.01)
+    assert 1.0 <= rows["3"].mean_soft_scale <= 3.0
+    assert rows["0"].skipped.startswith("first conv")
+    assert "dense blocks" in str(report)
+    assert sp.set_progress(4) == 0.0 and sp.ramp_finished
+
+
+def test_masks_frozen_in_eval_and_recomputed_in_training():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.SRSTEConfig())
+    x, _ = batch(model)
+    first = _masks(sp)
+    with torch.no_grad():
+        model[3].parametrizations.weight.original.mul_(-1).add_(torch.randn(32, 16, 3, 3))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert all(torch.equal(first[k], v) for k, v in _masks(sp).items())
+    model.train()
+    model(x)
+    assert not torch.equal(first["3"], _masks(sp)["3"])
+
+
+def test_update_every_recomputes_every_k_steps():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.SRSTEConfig(update_every=3))
+    x, y = batch(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = []
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen.append(_masks(sp)["3"])
+    # Steps 0 and 3 recompute; 1, 2 reuse step 0's mask and 4, 5 reuse step 3's.
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert torch.equal(seen[3], seen[4]) and torch.equal(seen[4], seen[5])
+    assert sp.step == 6
+
+
+@pytest.mark.parametrize(
+    "config", [maxq.MaxQConfig(ramp=(0, 3), update_every=2), maxq.SRSTEConfig(), maxq.OneShotConfig()]
+)
+def test_state_dict_round_trip_resumes_exactly(config):
+    torch.manual_seed(3)
+    base = small_cnn()
+    data = batch(base)
+
+    def run(model, sp, opt, epochs):
+        for epoch in epochs:
+            sp.set_progress(epoch)
+            for _ in range(2):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(data[0]), data[1]).backward()
+                sp.regularize_()
+                opt.step()
+
+    a = copy.deepcopy(base)
+    sp_a = maxq.sparsify_(a, config)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    run(a, sp_a, opt_a, range(2))
+    state = {
+        "model": copy.deepcopy(a.state_dict()),
+        "opt": copy.deepcopy(opt_a.state_dict()),
+        "sp": copy.deepcopy(sp_a.state_dict()),
+    }
+    run(a, sp_a, opt_a, range(2, 4))
+
+    b = copy.deepcopy(base)
+    sp_b = maxq.sparsify_(b, config)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    b.load_state_dict(state["model"])
+    opt_b.load_state_dict(state["opt"])
+    sp_b.load_state_dict(state["sp"])
+    run(b, sp_b, opt_b, range(2, 4))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert all(torch.equal(_masks(sp_a)[k], _masks(sp_b)[k]) for k in sp_a.layers)
+
+
+def test_load_state_dict_rejects_mismatches():
+    sp = maxq.sparsify_(small_cnn(), maxq.MaxQConfig())
+    state = sp.state_dict()
+    with pytest.raises(ValueError, match="format"):
+        sp.load_state_dict({"layers": {}})
+    other = maxq.sparsify_(small_cnn(), maxq.MaxQConfig(n=1, m=4))
+    with pytest.raises(ValueError, match="n=2"):
+        other.load_state_dict(state)
+    wider = maxq.sparsify_(small_cnn(channels=32), maxq.MaxQConfig())
+    with pytest.raises(ValueError, match="shape"):
+        wider.load_state_dict(state)
+
+
+def test_sparsify_twice_is_an_error():
+    model = small_cnn()
+    maxq.sparsify_(model, maxq.MaxQConfig())
+    with pytest.raises(ValueError, match="already sparsified"):
+        maxq.sparsify_(model, maxq.MaxQConfig())
+
+
+def test_random_order_is_seeded():
+    def dense_after(seed):
+        torch.manual_seed(0)
+        model = small_cnn(channels=32)
+        sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 2), order="random", seed=seed))
+        sp.set_progress(1)
+        model.train()
+        model(batch(model)[0])
+        return _masks(sp)["3"]
+
+    assert torch.equal(dense_after(1), dense_after(1))
+    assert not torch.equal(dense_after(1), dense_after(2))
