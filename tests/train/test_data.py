@@ -66,14 +66,66 @@ def test_imagefolder_tree(tmp_path):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and label in (0, 1)
 
 
-def test_augment_is_seeded_and_keeps_shape():
-    splits = load_dataset("synthetic")
-    x = torch.stack([splits.train[i][0] for i in range(16)])
-    a = augment(x, splits.info, torch.Generator().manual_seed(3))
-    b = augment(x, splits.info, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == torch.uint8
-    z = normalize(a, splits.info)
+def _crop_and_flip_of(source: torch.Tensor, out: torch.Tensor, pad: int) -> set[tuple[int, int, bool]]:
+    """Every ``(dy, dx, flipped)`` such that ``out`` is that crop of ``source`` zero-padded by ``pad``, mirrored
+    left-right if ``flipped``."""
+    h, w = source.shape[-2:]
+    padded = torch.nn.functional.pad(source, (pad, pad, pad, pad))
+    found = set()
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, dy : dy + h, dx : dx + w]
+            for flipped in (False, True):
+                if torch.equal(out, crop.flip(-1) if flipped else crop):
+                    found.add((dy, dx, flipped))
+    return found
+
+
+@pytest.mark.parametrize("name", ["synthetic", "cifar10", "fashion-mnist"])
+def test_augment_is_a_padded_random_crop_and_flip(name):
+    from maxq.train.data import _INFO
+
+    info = _INFO[name]
+    gen = torch.Generator().manual_seed(0)
+    # Values 1..255: the zero padding cannot be mistaken for image content, and every crop is unique.
+    x = torch.randint(1, 256, (400, info.channels, info.image_size, info.image_size), dtype=torch.uint8, generator=gen)
+    a = augment(x, info, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, augment(x, info, torch.Generator().manual_seed(3)))  # seeded by the generator only
+    assert not torch.equal(a, augment(x, info, torch.Generator().manual_seed(4)))
+    seen = []
+    for i in range(len(x)):
+        found = _crop_and_flip_of(x[i], a[i], info.pad)
+        assert len(found) == 1, f"sample {i}: not a padded crop (+flip) of its input"
+        seen.append(found.pop())
+    offsets = {(dy, dx) for dy, dx, _ in seen}
+    # Every offset in [0, 2 * pad] on both axes occurs (400 draws over at most 81 offsets), so crops do move.
+    assert offsets == {(dy, dx) for dy in range(2 * info.pad + 1) for dx in range(2 * info.pad + 1)}
+    flips = sum(f for _, _, f in seen)
+    if info.flip:
+        assert 140 < flips < 260  # about half (binomial 400, 1/2: mean 200, sd 10)
+    else:
+        assert flips == 0
+
+
+def test_normalize_is_scaled_and_standardized_per_channel():
+    from maxq.train.data import _INFO
+
+    info = _INFO["cifar10"]
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    z = normalize(x, info)
     assert z.dtype == torch.float32 and z.shape == x.shape
+    expected = torch.empty(x.shape, dtype=torch.float64)
+    for c in range(3):
+        expected[:, c] = (x[:, c].double() / 255 - info.mean[c]) / info.std[c]
+    torch.testing.assert_close(z.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x, before)  # the input is not modified in place
+    # Known points: 0 -> -mean/std, 255 -> (1 - mean)/std.
+    edges = normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2), info)
+    for c in range(3):
+        assert edges[0, c, 0, 0].item() == pytest.approx(-info.mean[c] / info.std[c], rel=1e-6)
+        assert edges[0, c, 0, 1].item() == pytest.approx((1 - info.mean[c]) / info.std[c], rel=1e-6)
 
 
 def test_unknown_dataset_and_bad_split():
