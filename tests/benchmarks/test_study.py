@@ -1,6 +1,7 @@
 """The study runner's plan and statistics (the runs themselves are in docs/RESULTS.md)."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -53,10 +54,45 @@ def test_t_test_p_values(t, df, p):
     assert study.t_two_sided_p(t, df) == pytest.approx(p, abs=2e-3)
 
 
-def test_paired_test():
-    result = study.paired_test([91.0, 90.5, 91.2], [90.0, 90.1, 90.4])
-    assert result["gap"] == pytest.approx(0.7333, abs=1e-3) and result["pairs"] == 3
-    assert 0 < result["p"] < 0.2
+def _p_df2(t):
+    """Two-sided p of Student's t with 2 degrees of freedom, closed form: 1 - |t| / sqrt(t^2 + 2)."""
+    return 1 - abs(t) / math.sqrt(t * t + 2)
+
+
+def _p_df4(t):
+    """Two-sided p with 4 degrees of freedom: CDF 1/2 + 3/8 * s * (1 - t^2 / (12 (1 + t^2/4))), s = t/sqrt(1+t^2/4)."""
+    u = 1 + t * t / 4
+    return 2 * (0.5 - 3 / 8 * (abs(t) / math.sqrt(u)) * (1 - t * t / (12 * u)))
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 4.157609, 9.0])
+def test_t_p_values_match_closed_forms(t):
+    assert study.t_two_sided_p(t, 2) == pytest.approx(_p_df2(t), rel=1e-9, abs=1e-12)
+    assert study.t_two_sided_p(-t, 2) == pytest.approx(_p_df2(t), rel=1e-9, abs=1e-12)
+    assert study.t_two_sided_p(t, 4) == pytest.approx(_p_df4(t), rel=1e-9, abs=1e-12)
+
+
+def test_paired_test_exact_values():
+    a, b = [91.0, 90.5, 91.2], [90.0, 90.1, 90.4]
+    result = study.paired_test(a, b)
+    # By hand: differences 1.0, 0.4, 0.8; mean 0.7333; sample sd (n - 1) 0.30551; se = sd / sqrt(3) = 0.17638;
+    # t = 4.1576 on 2 degrees of freedom; two-sided p = 1 - t / sqrt(t^2 + 2) = 0.05327. An unpaired test, a
+    # one-sided p (0.0266) or the population sd (p 0.0365) all differ.
+    assert result["pairs"] == 3
+    assert result["gap"] == pytest.approx(0.7333333333333343, rel=1e-12)
+    assert result["se"] == pytest.approx(0.17638342073763744, rel=1e-9)
+    assert result["t"] == pytest.approx(4.157609203101551, rel=1e-9)
+    assert result["p"] == pytest.approx(0.053270737593741346, rel=1e-7)
+    # The same from the formula on data with 4 degrees of freedom; swapping a and b flips t and keeps p.
+    a, b = [88.1, 87.4, 88.9, 87.7, 88.3], [87.6, 87.5, 88.0, 87.9, 87.7]
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / 5
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4) / math.sqrt(5)
+    result = study.paired_test(a, b)
+    assert result["t"] == pytest.approx(mean / se, rel=1e-9)
+    assert result["p"] == pytest.approx(_p_df4(mean / se), rel=1e-7)
+    swapped = study.paired_test(b, a)
+    assert swapped["t"] == pytest.approx(-result["t"]) and swapped["p"] == pytest.approx(result["p"])
 
 
 def test_ablation_deltas_are_paired_by_seed():
