@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 from .core.nm import parse_nm
@@ -33,7 +35,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model with MaxQ or a baseline",
         description="Train an N:M-sparse model. Defaults < --config YAML < flags. Writes config.yaml, "
-        "metrics.jsonl, checkpoint.pt (every epoch), report.json, curves.png and model_folded.pt to --out.",
+        "metrics.jsonl, checkpoint.pt (every epoch), report.json, curves.png and model_folded.pt to --out. "
+        "Ctrl-C (or SIGTERM) stops it resumably: it prints the command that continues (exit code 130).",
         argument_default=argparse.SUPPRESS,  # so that we know which options were given explicitly
     )
     assert set(CONFIGS) <= set(METHODS)
@@ -77,7 +80,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/run)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (--data-dir, --device, --threads, ... may change)",
+    )
+    g.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume and a larger --epochs: train on past the run's length. The cosine lr schedule is "
+        "re-laid over the new length from the current step (lr rises again), the ramp is kept, and a finished "
+        "run's report.json/model_folded.pt/curves.png are kept as *.epochs-<old>.*. Without it, a different "
+        "--epochs is refused",
+    )
     g.add_argument("--init", metavar="CKPT", help="start from a dense run's checkpoint.pt or a model_folded.pt")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--workers", type=int, help="data-loader workers (imagefolder)")
@@ -105,15 +120,47 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(options)
     report = train(cfg, given | set(options) if "config" in given else given)
     if report.get("files"):
-        nm = "not applicable (dense)" if report["nm_ok"] is None else ("yes" if report["nm_ok"] else "NO")
-        print(
-            f"\nmaxq train: {report['method']} {report['n']}:{report['m']} {report['model']} on {report['dataset']}: "
-            f"top-1 last {report['top1_last']:.2f}%, best {report['top1_best']:.2f}% "
-            f"(epoch {report['best_epoch']}); N:M compliant: {nm}; {report['train_time_s']:.0f} s\n"
-            f"  report: {report['files']['report']}\n"
-            f"  plot:   {report['files']['plot']}\n  model:  {report['files']['folded']}"
-        )
+        print("\n" + "\n".join(train_summary(report)))
     return 0
+
+
+def train_summary(report: dict[str, Any]) -> list[str]:
+    """The lines ``maxq train`` prints at the end, from its ``report.json``. The headline accuracy is the shipped
+    (folded) model's; the last epoch's is given beside it when folding changed it."""
+    dense_run = report["method"] == "dense"
+    what = "dense" if dense_run else f"{report['method']} {report['n']}:{report['m']}"
+    top1, last = report["top1_folded"], report["top1_last"]
+    head = f"maxq train: {what} {report['model']} on {report['dataset']}: top-1 {top1:.2f}% (shipped folded model"
+    if last is not None and abs(top1 - last) > 1e-9:
+        head += f"; last epoch before folding {last:.2f}%"
+    head += ")"
+    if report.get("top1_best") is not None:
+        head += f", best epoch {report['top1_best']:.2f}% (epoch {report['best_epoch']})"
+    lines = [head]
+    if not report.get("ramp_finished", True):
+        lines.append(
+            "  ramp unfinished at the end: the blocks still dense were pruned when folding "
+            "(train longer or end the ramp earlier)"
+        )
+    total, nonzero = report["params_total"], report["params_nonzero"]
+    share = f"{nonzero:,} of {total:,} parameters nonzero ({nonzero / max(total, 1):.1%})"
+    if dense_run:
+        lines.append(f"  layers: none sparsified (dense run); {share}")
+    else:
+        lines.append(
+            f"  layers: {report['layers_sparsified']} of {report['layers_total']} sparsified "
+            f"{report['n']}:{report['m']}; {share}"
+        )
+        dense = report.get("dense_layers") or []
+        if dense:
+            named = "; ".join(f"{d['layer']} ({d['reason']})" for d in dense)
+            lines.append(f"  dense:  {named}")
+        verdict = "yes" if report["nm_ok"] else "NO"
+        lines.append(f"  N:M compliant (the {report['layers_sparsified']} sparsified layers): {verdict}")
+    lines.append(f"  time:   {report['train_time_s']:.0f} s of training")
+    files = report["files"]
+    lines += [f"  report: {files['report']}", f"  plot:   {files['plot']}", f"  model:  {files['folded']}"]
+    return lines
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -208,12 +255,21 @@ def _run_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxq", description="N:M sparse training with MaxQ and its baselines.")
     parser.add_argument("--version", action="version", version=f"maxq {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_export(sub)
     _add_verify(sub)
+    for command in sub.choices.values():  # -v also after the command (maxq train ... -v)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging and tracebacks"
+        )
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,12 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     from .train.checkpoint import CheckpointError
     from .train.data import DatasetMissing
+    from .train.loop import TrainingInterrupted
 
     try:
         return func(args)
     except (ValueError, DatasetMissing, CheckpointError) as exc:  # CompressedError is a ValueError
+        if verbose:
+            traceback.print_exc()
         print(f"maxq {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted:
+        return 130  # the loop logged where the checkpoint is and the command that resumes
+    except KeyboardInterrupt:
+        print(f"maxq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
+        if verbose:
+            traceback.print_exc()
+            print(f"maxq {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"maxq {args.command}: error: {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

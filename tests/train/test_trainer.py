@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import maxq
 from maxq.train.checkpoint import CheckpointError, load_folded
-from maxq.train.loop import RunExists, lr_factor, train
+from maxq.train.loop import RunExists, TrainingInterrupted, lr_factor, resume_command, train
 from maxq.train.recipe import TrainConfig
 
 FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "report.json", "curves.png", "model_folded.pt"}
@@ -44,9 +45,11 @@ def test_one_epoch_run_writes_every_file(method, tmp_path):
     record = json.loads(lines[0])
     for key in ("train_loss", "test_top1", "test_top5", "lr", "dense_fraction", "epoch_time_s"):
         assert key in record
+    assert record["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ends at 0 after the last step
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["top1_last"] == report["top1_last"]
-    assert 0 <= report["top1_last"] <= 100 and report["top1_best"] >= report["top1_last"]
+    assert on_disk["top1_last"] == report["top1_last"] == record["test_top1"]
+    assert report["top1_best"] == record["test_top1"] and report["best_epoch"] == 1
+    assert report["top5_last"] == record["test_top5"] >= record["test_top1"]
     assert report["epochs"] == 1 and report["method"] == method and (report["n"], report["m"]) == (2, 4)
     assert report["top1_folded"] == pytest.approx(report["top1_last"])  # folding changes nothing
     model, _ = load_folded(out / "model_folded.pt")
@@ -122,6 +125,18 @@ def test_lr_schedule_is_warmup_then_cosine():
     assert lr_factor(100, 100, 0) == pytest.approx(0.0)
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+    """Block until ``out/checkpoint.pt`` exists (the run is resumable from then on)."""
+    deadline = time.time() + timeout
+    while not (out / "checkpoint.pt").exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (code {proc.returncode}) before its first checkpoint: {proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no checkpoint after {timeout} s")
+        time.sleep(0.02)
+
+
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -150,16 +165,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         "1",
     ]
     proc = _cli(*args)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.pt").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    _wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGKILL)  # the first checkpoint exists; five epochs are still to go
     proc.wait()
-    assert (out / "checkpoint.pt").exists()
     done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
-    if done == 6:
-        pytest.skip("the run finished before it could be killed")
-    assert not list(out.glob(".checkpoint.pt.*"))  # no temp file left behind... or a stale one never replaces
+    assert 1 <= done < 6
     proc = _cli(*args, "--resume")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
@@ -176,8 +186,9 @@ def test_torchrun_two_processes(tmp_path):
     dump.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("ddp_worker.py")
+    # --standalone: torchrun's rendezvous binds a free port itself (no fixed port to collide on).
     result = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_port=29517", str(worker), str(out), str(dump)],
+        [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(out), str(dump)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -189,3 +200,157 @@ def test_torchrun_two_processes(tmp_path):
     assert {p.name for p in out.iterdir()} == FILES
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "report.json").read_text())["nm_ok"] is True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_says_how_to_resume_and_resumes(sig, tmp_path):
+    out = tmp_path / "run dir"  # a space: the printed command must quote it
+    args = ["--dataset", "synthetic", "--epochs", "5", "--subset", "256", "--batch-size", "32"]
+    args += ["--out", str(out), "--no-progress", "--threads", "1"]
+    proc = _cli(*args)
+    _wait_for_checkpoint(proc, out)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 5
+    command = resume_command(out)
+    assert command == f"maxq train --out '{out}' --resume"
+    assert f"The last checkpoint is {out / 'checkpoint.pt'} (after epoch {done})" in output
+    assert f"the folder is resumable: {command}" in output
+    assert "Traceback" not in output and not (out / "report.json").exists()
+    assert not list(out.glob(".*.tmp"))  # no half-written file left
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maxq", *shlex.split(command)[1:], "--no-progress", "--threads", "1"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert f"resuming {out} at epoch {done} of 5" in output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert json.loads((out / "report.json").read_text())["epochs"] == 5
+
+
+def test_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    import maxq.train.loop as loop
+
+    real_save = loop.atomic_save
+
+    def interrupted_save(obj, path):
+        if Path(path).name == "checkpoint.pt":
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    # Interrupted while the first checkpoint is written: no checkpoint, so no resume command.
+    monkeypatch.setattr(loop, "atomic_save", interrupted_save)
+    out = tmp_path / "r"
+    with pytest.raises(TrainingInterrupted, match="before the first checkpoint") as info:
+        train(_cfg(out, subset=64))
+    assert info.value.checkpoint is None and info.value.command is None
+    assert not (out / "checkpoint.pt").exists()
+    monkeypatch.undo()
+
+    # After one checkpoint the exception (a KeyboardInterrupt) names it and the command that continues.
+    def stop(epoch, record, sparsifier):
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_cfg(tmp_path / "s", subset=64, epochs=2), on_epoch_end=stop)
+    assert info.value.checkpoint == tmp_path / "s" / "checkpoint.pt" and info.value.epochs_done == 1
+    assert info.value.command == resume_command(tmp_path / "s") and isinstance(info.value, KeyboardInterrupt)
+
+
+def test_a_model_that_does_not_fit_the_data_fails_before_writing(tmp_path, monkeypatch):
+    import maxq.train.loop as loop
+
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(99, 10))  # expects 99 inputs, gets 256
+    monkeypatch.setattr(loop, "build_model", lambda *args: wrong)
+    out = tmp_path / "r"
+    with pytest.raises(ValueError, match=r"does not run on synthetic inputs \(1x16x16, 10 classes\)"):
+        train(_cfg(out, method="dense"))
+    assert not out.exists()
+
+
+def _fake_fashion_mnist(folder: Path, n_train: int = 96, n_test: int = 32) -> None:
+    import gzip
+
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 255, (n, 28, 28))),
+            ("labels-idx1", rng.integers(0, 10, n)),
+        ):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_resume_after_the_data_folder_moved(tmp_path):
+    first, moved = tmp_path / "data", tmp_path / "elsewhere" / "data"
+    _fake_fashion_mnist(first)
+    out = tmp_path / "r"
+    kw = dict(dataset="fashion-mnist", batch_size=32, epochs=2)
+
+    def crash(epoch, record, sparsifier):
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(_cfg(out, data_dir=str(first), **kw), on_epoch_end=crash)
+    moved.parent.mkdir()
+    first.rename(moved)
+    report = train(_cfg(out, data_dir=str(moved), resume=True, **kw), given={"data_dir", "resume"})
+    assert report["epochs"] == 2 and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert yaml_load(out / "config.yaml")["data_dir"] == str(moved)
+    # The dataset itself must match.
+    with pytest.raises(CheckpointError, match="dataset"):
+        train(_cfg(out, dataset="synthetic", resume=True, epochs=2), given={"dataset", "resume"})
+
+
+def yaml_load(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_epochs_change_on_resume_needs_extend_and_keeps_the_old_results(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    kw = dict(method="maxq", subset=128, batch_size=32)  # 4 steps per epoch; default ramp: first 25%
+    first = train(_cfg(out, epochs=2, per_step=True, **kw))
+    assert first["ramp"] == [0.0, 0.5]
+    before = _digest(out)
+    with pytest.raises(RunExists, match="finished 2-epoch run"):
+        train(_cfg(out, epochs=2, resume=True, **kw))
+    with pytest.raises(CheckpointError, match="add --extend") as info:
+        train(_cfg(out, epochs=4, resume=True, **kw), given={"epochs", "resume"})
+    assert "cosine learning-rate schedule and its default ramp were laid out for that length" in str(info.value)
+    with pytest.raises(CheckpointError, match="cannot be shortened"):
+        train(_cfg(out, epochs=1, resume=True, extend=True, **kw), given={"epochs", "resume", "extend"})
+    with pytest.raises(CheckpointError, match="needs an --epochs larger"):
+        train(_cfg(out, epochs=2, resume=True, extend=True, **kw), given={"resume", "extend"})
+    assert _digest(out) == before  # refusals touch nothing
+
+    lrs = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    report = train(_cfg(out, epochs=4, resume=True, extend=True, **kw), given={"epochs", "resume", "extend"})
+    # The cosine schedule is re-laid over 4 epochs (16 steps) from step 8 on; the ramp stays the one trained with.
+    assert lrs == pytest.approx([0.1 * lr_factor(step, 16, 0) for step in range(8, 16)])
+    assert report["epochs"] == 4 and report["ramp"] == [0.0, 0.5]
+    assert yaml_load(out / "config.yaml")["ramp"] == [0.0, 0.5]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    # The 2-epoch run's final files are kept, byte for byte, beside the new ones.
+    for name, kept in (
+        ("report.json", "report.epochs-2.json"),
+        ("model_folded.pt", "model_folded.epochs-2.pt"),
+        ("curves.png", "curves.epochs-2.png"),
+    ):
+        assert _digest(out)[kept] == before[name]
+    assert json.loads((out / "report.epochs-2.json").read_text())["epochs"] == 2

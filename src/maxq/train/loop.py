@@ -14,9 +14,13 @@ import logging
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from tqdm import tqdm
 
 from .. import __version__
@@ -37,15 +41,70 @@ from .data import DataInfo, augment, load_dataset, normalize
 from .models import build_model
 from .recipe import RESUMABLE_OVERRIDES, TrainConfig
 
-__all__ = ["train", "RunExists", "lr_factor"]
+__all__ = ["train", "RunExists", "TrainingInterrupted", "lr_factor", "resume_command"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
 
+#: the final artifacts of a run; an extended run keeps the earlier ones as ``<stem>.epochs-<E><suffix>``.
+FINAL_FILES = ("report.json", "model_folded.pt", "curves.png")
+
+
 class RunExists(ValueError):
-    """The output folder already holds a run and ``--resume`` was not given."""
+    """The output folder already holds a run and ``--resume`` was not given (or the run has finished)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped :func:`train`. The folder is left resumable from its last checkpoint.
+
+    Attributes:
+        out: the run folder.
+        checkpoint: the last checkpoint written (``None`` if the first epoch never finished).
+        epochs_done: epochs the checkpoint holds (0 without one).
+        epochs: the run's planned length.
+        command: the exact command that continues the run (``None`` without a checkpoint).
+    """
+
+    def __init__(self, out: Path, checkpoint: Path | None, epochs_done: int, epochs: int) -> None:
+        self.out, self.checkpoint, self.epochs_done, self.epochs = out, checkpoint, epochs_done, epochs
+        self.command = resume_command(out) if checkpoint is not None else None
+        if checkpoint is not None:
+            where = f"in epoch {epochs_done + 1} of {epochs}" if epochs_done < epochs else "while writing the results"
+            message = (
+                f"interrupted {where}. The last checkpoint is {checkpoint} (after epoch {epochs_done}); "
+                f"the folder is resumable: {self.command}"
+            )
+        else:
+            message = (
+                f"interrupted in epoch 1 of {epochs}, before the first checkpoint: there is nothing to resume; "
+                f"run the same command again to start over"
+            )
+        super().__init__(message)
+
+
+def resume_command(out: str | Path) -> str:
+    """The command line that continues the run in ``out``."""
+    return f"maxq train --out {shlex.quote(str(out))} --resume"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, schedulers, torchrun stopping its workers) into ``KeyboardInterrupt`` meanwhile,
+    so a terminated run ends the same way as Ctrl-C. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- processes and devices ------------------------------------------------------------------------------------
@@ -175,7 +234,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig, given: set[str], path: Path) -> TrainConfig:
     """The run configuration to resume with: the checkpoint's, with the allowed overrides applied. Options
-    given on this command line that contradict the checkpoint are an error."""
+    given on this command line that contradict the checkpoint are an error, and so is a different ``--epochs``
+    unless it is larger and ``--extend`` is given (the schedule was laid out for the old length)."""
     merged = dict(saved["config"])
     asked = cfg.to_dict()
     conflicts = sorted(k for k in given - RESUMABLE_OVERRIDES if k in asked and asked[k] != merged.get(k))
@@ -184,13 +244,87 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, given: set[str], path
         raise CheckpointError(
             f"{path} was trained with other settings ({details}); drop those flags or use another --out"
         )
+    old_epochs, done = int(merged["epochs"]), int(saved["epoch"])
+    new_epochs = cfg.epochs if "epochs" in given else old_epochs
+    out = path.parent
+    if new_epochs != old_epochs:
+        schedule = "its cosine learning-rate schedule" + (
+            " and its default ramp" if merged.get("method") == "maxq" and merged.get("ramp") is None else ""
+        )
+        if new_epochs < max(done, old_epochs):
+            raise CheckpointError(
+                f"{path} is a {old_epochs}-epoch run ({done} done): {schedule} were laid out for that length and "
+                f"cannot be shortened; resume without --epochs"
+            )
+        if not cfg.extend:
+            raise CheckpointError(
+                f"{path} is a {old_epochs}-epoch run ({done} done) and {schedule} were laid out for that length. "
+                f"To train it to {new_epochs} epochs add --extend: the cosine schedule is then re-laid over "
+                f"{new_epochs} epochs from the current step on (the learning rate goes up again), the ramp is kept, "
+                f"and a finished run's final files are kept as *.epochs-{old_epochs}.* beside the new ones"
+            )
+    elif cfg.extend:
+        raise CheckpointError(f"--extend needs an --epochs larger than the run's {old_epochs}")
+    elif done >= old_epochs and (out / "report.json").exists():
+        raise RunExists(
+            f"{out} holds a finished {old_epochs}-epoch run (report: {out / 'report.json'}); to train it longer, "
+            f"{resume_command(out)} --epochs N --extend (N > {old_epochs})"
+        )
+    if new_epochs != old_epochs and merged.get("method") == "maxq" and merged.get("ramp") is None:
+        # Pin the default ramp (a share of --epochs) to the one the run was trained with.
+        merged["ramp"] = list(TrainConfig.from_dict({**merged, "resume": True}).resolved_ramp)
     for key in RESUMABLE_OVERRIDES & given:
         merged[key] = asked[key]
+    merged["epochs"] = new_epochs
+    merged["extend"] = new_epochs != old_epochs
     merged["resume"] = True
-    resumed = TrainConfig.from_dict(merged)
-    if saved["epoch"] > resumed.epochs:
-        raise CheckpointError(f"{path} is at epoch {saved['epoch']}, past --epochs {resumed.epochs}")
-    return resumed
+    return TrainConfig.from_dict(merged)
+
+
+def _keep_final_files(out: Path, epochs: int) -> list[Path]:
+    """Rename the final files of a finished ``epochs``-epoch run out of the way of an extension's new ones."""
+    moves = [(out / name, out / f"{Path(name).stem}.epochs-{epochs}{Path(name).suffix}") for name in FINAL_FILES]
+    moves = [(a, b) for a, b in moves if a.exists()]
+    taken = [str(b) for _, b in moves if b.exists()]
+    if taken:
+        raise RunExists(f"cannot keep the {epochs}-epoch run's final files: {', '.join(taken)} already exist")
+    for a, b in moves:
+        os.replace(a, b)
+    return [b for _, b in moves]
+
+
+def _check_out(out: Path) -> None:
+    """``out`` must be (or become) a writable folder: fail before anything is loaded or written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the run (it is created if missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so the run folder cannot be created there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+
+
+def _preflight(
+    model: nn.Module, ds: Dataset, info: DataInfo, device: torch.device, criterion: nn.Module, cfg: TrainConfig
+) -> None:
+    """One no-grad eval forward and loss on two test samples, so a model that does not fit the data fails here,
+    before anything is written. Touches no weights, masks, BatchNorm statistics or random state."""
+    x, y = default_collate([ds[i] for i in range(min(2, len(ds)))])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            criterion(model(_prepare(x, info, device, None)).float(), y.to(device))
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:  # torchvision asserts sizes
+        shape = "x".join(map(str, x.shape[1:]))
+        raise ValueError(
+            f"--model {cfg.model} does not run on {cfg.dataset} inputs ({shape}, {info.classes} classes): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    finally:
+        model.train(was_training)
 
 
 def _init_weights(model: nn.Module, path: str) -> None:
@@ -211,6 +345,17 @@ def _init_weights(model: nn.Module, path: str) -> None:
 # -- the run --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _RunState:
+    """What an interruption needs to say: where the run is and how far its checkpoints got."""
+
+    out: Path
+    epochs: int
+    main: bool = True
+    started: bool = False  # files in `out` may have been written
+    checkpoint_epoch: int | None = None  # epochs held by out/checkpoint.pt, once known
+
+
 def train(
     cfg: TrainConfig,
     given: set[str] | None = None,
@@ -218,23 +363,55 @@ def train(
 ) -> dict[str, Any]:
     """Train per ``cfg`` and return the final report (also written to ``<out>/report.json``).
 
+    Ctrl-C or SIGTERM stop it with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) once the run folder has
+    been touched: the folder then resumes from its last checkpoint, and the exception (also logged) says where
+    that is and the command that continues. Interrupted earlier, it raises the plain ``KeyboardInterrupt``.
+
     Args:
         cfg: the resolved configuration.
         given: option names set explicitly by the user (checked against a checkpoint on ``--resume``).
         on_epoch_end: called as ``fn(epoch, metrics, sparsifier)`` after each epoch's checkpoint is written, on
             every rank.
+
+    Raises:
+        ValueError: a bad configuration or ``--out``; :class:`RunExists` and ``CheckpointError`` are ValueErrors.
+        TrainingInterrupted: Ctrl-C / SIGTERM after the run started.
     """
-    given = given or set()
+    run = _RunState(Path(cfg.out), cfg.epochs)
+    with _sigterm_as_interrupt():
+        try:
+            return _train(cfg, given or set(), on_epoch_end, run)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            if not run.started and run.checkpoint_epoch is None:
+                raise
+            checkpoint = run.out / CHECKPOINT if run.checkpoint_epoch is not None else None
+            stop = TrainingInterrupted(run.out, checkpoint, run.checkpoint_epoch or 0, run.epochs)
+            if run.main:
+                log.warning("%s", stop)
+            raise stop from None
+
+
+def _train(
+    cfg: TrainConfig,
+    given: set[str],
+    on_epoch_end: Callable[[int, dict[str, Any], Sparsifier | None], None] | None,
+    run: _RunState,
+) -> dict[str, Any]:
+    out = Path(cfg.out)
+    _check_out(out)
     procs, device = _setup_processes(cfg)
+    run.main = procs.main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
 
     # Safety checks first: nothing in `out` changes unless the run can actually start.
     saved = None
     if cfg.resume:
         saved = load_checkpoint(out / CHECKPOINT)
         cfg = _check_resume(saved, cfg, given, out / CHECKPOINT)
+        run.epochs, run.checkpoint_epoch = cfg.epochs, int(saved["epoch"])
     elif (out / CHECKPOINT).exists() or (out / "report.json").exists():
         raise RunExists(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if cfg.method == "maxq":
@@ -281,6 +458,8 @@ def train(
     model.to(device)
     sparse_cfg = cfg.sparsity_config()
     sparsifier: Sparsifier | None = sparsify_(model, sparse_cfg) if sparse_cfg is not None else None
+    if sparsifier is not None:
+        _warn_skipped(model, sparsifier, cfg)
     net: nn.Module = model
     if procs.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -291,6 +470,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    _preflight(model, splits.test, info, device, criterion, cfg)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -307,6 +487,18 @@ def train(
             raise CheckpointError(f"{out / CHECKPOINT} does not match this run: {exc}") from None
         history, start_epoch = list(saved["history"]), int(saved["epoch"])
         log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
+        if cfg.epochs != int(saved["config"]["epochs"]):
+            # --extend: the cosine schedule is re-laid over the new length from the current step on.
+            was = optimizer.param_groups[0]["lr"]
+            factor = lr_factor(scheduler.last_epoch, total_steps, warmup)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor
+            log.warning(
+                "extending %s from %d to %d epochs: cosine learning-rate schedule re-laid over %d epochs from step "
+                "%d (lr %.4g -> %.4g); ramp kept at %s",
+                out, saved["config"]["epochs"], cfg.epochs, cfg.epochs, scheduler.last_epoch, was,
+                optimizer.param_groups[0]["lr"], list(cfg.resolved_ramp) if cfg.method == "maxq" else "n/a",
+            )  # fmt: skip
 
     arch = {
         "model": cfg.model,
@@ -315,8 +507,16 @@ def train(
         "image_size": info.image_size,
         "dataset": cfg.dataset,
     }
+    run.started = True
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
+        if saved is not None and cfg.epochs != int(saved["config"]["epochs"]):
+            kept = _keep_final_files(out, int(saved["config"]["epochs"]))
+            if kept:
+                log.warning(
+                    "the %d-epoch run's final files were kept as %s; new ones are written after epoch %d",
+                    saved["config"]["epochs"], ", ".join(p.name for p in kept), cfg.epochs,
+                )  # fmt: skip
         (out / "config.yaml").write_text(_yaml(cfg.to_dict()))
         with open(out / "metrics.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
@@ -407,6 +607,7 @@ def train(
                 "history": history,
             }
             atomic_save(state, out / CHECKPOINT)
+            run.checkpoint_epoch = epoch + 1
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             extra = f" val {val['top1']:.2f}%" if val is not None else ""
@@ -414,6 +615,7 @@ def train(
                 "epoch %d/%d  loss %.4f  test top-1 %.2f%%%s  p %.2f  %.0fs",
                 epoch + 1, cfg.epochs, record["train_loss"], test["top1"], extra, p, record["epoch_time_s"],
             )  # fmt: skip
+        run.checkpoint_epoch = epoch + 1
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record, sparsifier)
 
@@ -421,6 +623,22 @@ def train(
     if procs.distributed:
         torch_dist.barrier()
     return report
+
+
+def _weight_layers(model: nn.Module) -> list[str]:
+    """Names of the model's Conv2d and Linear layers (the layers N:M could apply to)."""
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+
+
+def _warn_skipped(model: nn.Module, sparsifier: Sparsifier, cfg: TrainConfig) -> None:
+    """Warn when layers the default selection wanted stay dense (pattern does not fit them)."""
+    refused = [c for c in sparsifier.choices if c.requested and not c.selected]
+    if refused:
+        total = len(_weight_layers(model))
+        log.warning(
+            "only %d of %d Conv2d/Linear layers can be %s; dense: %s",
+            len(sparsifier.layers), total, cfg.nm, "; ".join(f"{c.name} ({c.reason})" for c in refused),
+        )  # fmt: skip
 
 
 def _finish(
@@ -438,6 +656,7 @@ def _finish(
     """Fold, verify, evaluate the folded model, and write report.json, model_folded.pt and the plot."""
     n, m = cfg.n_m
     ramp_finished = sparsifier is None or sparsifier.ramp_finished
+    weight_layers = _weight_layers(model)
     layout = None
     if sparsifier is not None:
         skipped = [{"layer": c.name, "reason": c.reason} for c in sparsifier.choices if not c.selected]
@@ -469,6 +688,8 @@ def _finish(
         "ramp_finished": ramp_finished,
         "params_total": total,
         "params_nonzero": nonzero,
+        "layers_total": len(weight_layers),  # Conv2d + Linear layers of the model
+        "layers_sparsified": len(layout.layers) if layout else 0,
         "sparse_layers": list(layout.layers) if layout else [],
         "dense_layers": skipped,
         "train_time_s": history[-1]["elapsed_s"] if history else 0.0,

@@ -23,7 +23,10 @@ __all__ = ["TrainConfig", "METHODS", "load_yaml", "RESUMABLE_OVERRIDES"]
 METHODS = ("maxq", "srste", "oneshot", "dense")
 
 #: options that may differ between a checkpoint and the command resuming it.
-RESUMABLE_OVERRIDES = frozenset({"epochs", "out", "resume", "device", "workers", "threads", "progress", "config"})
+#: ``epochs`` may only grow, and only with ``extend`` (the cosine schedule and the default ramp depend on it).
+RESUMABLE_OVERRIDES = frozenset(
+    {"epochs", "extend", "out", "resume", "data_dir", "device", "workers", "threads", "progress", "config"}
+)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/run"
     resume: bool = False
+    extend: bool = False  # with resume: train a run past the --epochs it was started with (see README)
     init: str | None = None  # start from this checkpoint's weights (dense or folded)
     device: str = "auto"
     workers: int = 2
@@ -72,36 +76,56 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. a study's variant name)
 
     def __post_init__(self) -> None:
+        """Check every value (flags and YAML alike) before anything is run or written; messages name the flag."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if not isinstance(self.nm, str):
+            raise ValueError(f"--nm must be a pattern like '2:4' (keep N of every M), got {self.nm!r}")
         parse_nm(self.nm)
-        for name in ("epochs", "batch_size", "update_every", "workers"):
+        for name in ("dataset", "model", "schedule", "order", "device", "out"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "workers" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in (
-            "lr",
-            "momentum",
-            "weight_decay",
-            "label_smoothing",
-            "warmup_epochs",
-            "decay_lambda",
-            "tau",
-            "val_split",
-        ):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"--{_flag(name)} must be a non-empty string, got {value!r}")
+        for name in ("data_dir", "init", "config"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.val_split < 1:
-            raise ValueError(f"--val-split must be in [0, 1), got {self.val_split}")
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"--{_flag(name)} must be a path, got {value!r}")
+        for name in ("nesterov", "no_decay_1d", "per_step", "queries", "resume", "extend", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.amp is not None and not isinstance(self.amp, bool):
+            raise ValueError(f"amp must be true, false or left unset (on with CUDA), got {self.amp!r}")
+        for name in ("epochs", "batch_size", "update_every", "image_size"):
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("workers", self.workers, low=0)
+        _check_int("seed", self.seed, low=0)
+        for name in ("threads", "subset"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
+        # Numbers and their ranges; the message gives the range, the same way for every value outside it.
+        _check_float("lr", self.lr, low=0.0, low_open=True, hint="the peak learning rate, e.g. 0.1")
+        _check_float("momentum", self.momentum, low=0.0, high=1.0, hint="SGD momentum, e.g. 0.9")
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, hint="0.1 is usual; 0 turns it off")
+        _check_float("warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_float("decay_lambda", self.decay_lambda, low=0.0)
+        _check_float("tau", self.tau, low=0.0, low_open=True, hint="the query temperature, default 0.01")
+        _check_float("val_split", self.val_split, low=0.0, high=1.0, hint="a share of the training set, e.g. 0.1")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} is longer than the run (--epochs {self.epochs})")
         if self.ramp is not None:
-            if len(self.ramp) != 2:
+            if isinstance(self.ramp, (str, bytes)) or not hasattr(self.ramp, "__len__") or len(self.ramp) != 2:
                 raise ValueError(f"--ramp takes START END (epochs), got {self.ramp!r}")
+            for bound in self.ramp:
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+                    raise ValueError(f"--ramp takes two numbers START END (epochs), got {self.ramp!r}")
             self.ramp = (float(self.ramp[0]), float(self.ramp[1]))
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping, got {self.extra!r}")
+        if self.extend and not self.resume:
+            raise ValueError("--extend continues a run past its --epochs; it needs --resume (and a larger --epochs)")
         self.sparsity_config()  # validates ramp, schedule, tau, order, ... with the library's own messages
 
     @property
@@ -147,6 +171,46 @@ class TrainConfig:
         return cls(**d)
 
 
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_int(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"--{_flag(name)} must be {kind}, got {value!r}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    low_open: bool = False,
+    high: float | None = None,
+    hint: str = "",
+) -> None:
+    """``value`` is a finite number in ``[low, high)`` (``(low, high)`` with ``low_open``); else one message that
+    states the range, whichever side was crossed."""
+    left = "(" if low_open else "["
+    wanted = f"in {left}{low:g}, {high:g})" if high is not None else f"{'>' if low_open else '>='} {low:g}"
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or value < high)
+    )
+    if not ok:
+        raise ValueError(f"--{_flag(name)} must be a number {wanted}, got {value!r}" + (f" ({hint})" if hint else ""))
+
+
+#: options read as floats; YAML 1.1 reads ``1e-3`` (no dot) as text, so a recipe's numeric strings are converted.
+_FLOAT_OPTIONS = frozenset(
+    {"lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "decay_lambda", "tau", "val_split"}
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe: a YAML mapping of :class:`TrainConfig` option names (dashes or underscores)."""
     try:
@@ -159,4 +223,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for key in _FLOAT_OPTIONS & set(options):
+        if isinstance(options[key], str):
+            try:
+                options[key] = float(options[key])
+            except ValueError:
+                raise ValueError(f"config file {path}: {key} must be a number, got {options[key]!r}") from None
+    return options
