@@ -354,3 +354,28 @@ def test_epochs_change_on_resume_needs_extend_and_keeps_the_old_results(tmp_path
     ):
         assert _digest(out)[kept] == before[name]
     assert json.loads((out / "report.epochs-2.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("method", ["srste", "maxq"])
+def test_masks_follow_the_weights_in_the_training_loop(method, tmp_path):
+    from maxq.core.reference import ref_maxq_mask
+
+    seen = []
+
+    def check(epoch, record, sparsifier):
+        # After the epoch's last optimizer step the loop's sparsifier.step() recomputed every mask.
+        modules = dict(sparsifier.model.named_modules())
+        cfg = sparsifier.config
+        for name, mask in sparsifier.named_masks():
+            weight = modules[name].parametrizations.weight.original.detach()
+            p = record["dense_fraction"]
+            expected = ref_maxq_mask(
+                weight, cfg.n, cfg.m, dense_fraction=p, tau=getattr(cfg, "tau", 0.01), soft=cfg.soft
+            )
+            torch.testing.assert_close(mask, expected, msg=lambda m, name=name: f"epoch {epoch}, {name}: {m}")
+        seen.append({name: mask.clone() for name, mask in sparsifier.named_masks()})
+
+    ramp = {"ramp": (0, 2)} if method == "maxq" else {}  # p = 1, 0.5, 0 over the 3 epochs
+    train(_cfg(tmp_path / "r", method=method, epochs=3, subset=128, batch_size=32, **ramp), on_epoch_end=check)
+    assert len(seen) == 3
+    assert any(not torch.equal(seen[1][k], seen[2][k]) for k in seen[2])  # masks moved between epochs
