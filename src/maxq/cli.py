@@ -134,86 +134,48 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import io
     import json
 
-    import torch
-
-    from .core.check import check_nm
-    from .core.fold import nm_layout
     from .deploy.artifacts import model_from
-    from .deploy.bnfold import fold_batchnorm_
-    from .deploy.compress import load_compressed, save_compressed
-    from .train.checkpoint import atomic_save
-    from .train.loop import FOLDED_FORMAT
+    from .deploy.export import export_model
 
     if not (args.onnx or args.compressed or args.folded):
         raise ValueError("nothing to write: pass --onnx, --compressed and/or --folded")
     model, arch = model_from(args.source, force=args.force)
-    model.eval()
-    layout = nm_layout(model)
-    if layout is None:
-        raise ValueError(f"{args.source} holds no N:M layout (a dense run?): nothing to verify")
-    n, m = layout["n"], layout["m"]
-    summary: dict = {"source": args.source, "n": n, "m": m, "layers": layout["layers"]}
+    result = export_model(
+        model,
+        arch,
+        source=args.source,
+        bn_fold=args.bn_fold,
+        folded=args.folded,
+        compressed=args.compressed,
+        onnx=args.onnx,
+    )
+    summary = result.summary
     if args.bn_fold:
-        pairs = fold_batchnorm_(model)
-        arch = {**arch, "bn_folded": True}
-        summary["bn_folded"] = [f"{c} <- {b}" for c, b in pairs]
-        print(f"folded {len(pairs)} BatchNorm layer(s) into their convs")
-    check = check_nm(model, n, m)
-    print(check)
-    summary["nm_ok"] = check.ok
-    if not check.ok:
-        print(f"maxq export: {args.source} is not {n}:{m}; nothing written", file=sys.stderr)
-        return 1
-    state = model.state_dict()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    summary["dense_file_bytes"] = buf.tell()  # a folded state dict stores its zeros: the dense size
-    if args.folded:
-        atomic_save(
-            {"format": FOLDED_FORMAT, "state_dict": state, "layout": layout, "arch": arch, "config": None}, args.folded
-        )
+        print(f"folded {len(summary['bn_folded'])} BatchNorm layer(s) into their convs")
+    print(result.check)
+    if args.folded and "folded" in summary:
         print(f"folded model: {args.folded}")
-    if args.compressed:
-        info = save_compressed(
-            state, args.compressed, n, m, layout["layers"], arch={**arch, "method": layout.get("method")}
-        )
-        restored = load_compressed(args.compressed)
-        exact = restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
-        if not exact:
-            raise ValueError(f"{args.compressed} does not restore the weights bit-exactly (please report this)")
-        summary["compressed"] = {**info.to_dict(), "path": args.compressed, "bit_exact": exact}
+    if "compressed" in summary:
+        c, dense = summary["compressed"], summary["dense_file_bytes"]
         print(
-            f"compressed: {args.compressed}: {info.file_bytes:,} bytes vs {summary['dense_file_bytes']:,} dense "
-            f"({info.file_bytes / summary['dense_file_bytes']:.1%}); sparse layers {info.sparse_bytes:,} bytes, "
-            f"{info.sparse_over_bound:+.2%} vs the bound {info.sparse_bound_bytes:,.0f}; restores bit-exactly"
+            f"compressed: {args.compressed}: {c['file_bytes']:,} bytes vs {dense:,} dense "
+            f"({c['file_bytes'] / dense:.1%}); sparse layers {c['sparse_bytes']:,} bytes, "
+            f"{c['sparse_over_bound']:+.2%} vs the bound {c['sparse_bound_bytes']:,.0f}; restores bit-exactly"
         )
-    if args.onnx:
-        from .deploy.onnx_export import export_onnx, onnx_parity
-        from .deploy.verify import verify_file
-
-        example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
-        sparse = export_onnx(model, args.onnx, example, n=n, m=m)
-        diffs = onnx_parity(model, args.onnx, example)
-        onnx_check, _, _ = verify_file(args.onnx)
-        summary["onnx"] = {
-            "path": args.onnx,
-            "max_abs_diff": diffs,
-            "sparse_initializers": len(sparse),
-            "nm_ok": onnx_check.ok,
-        }
-        worst = max(diffs.values())
-        verdict = "OK" if onnx_check.ok else "FAILED"
-        print(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {worst:.2e} over batch sizes "
-              f"{sorted(diffs)}; {len(sparse)} N:M initializers, verify {verdict}")  # fmt: skip
-        if worst > 1e-4 or not onnx_check.ok:
-            print("maxq export: the ONNX file does not match PyTorch or is not N:M", file=sys.stderr)
-            return 1
+    if "onnx" in summary:
+        o = summary["onnx"]
+        verdict = "OK" if o["nm_ok"] else "FAILED"
+        print(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e} "
+              f"over batch sizes {sorted(o['max_abs_diff'])}; {o['sparse_initializers']} N:M initializers, "
+              f"verify {verdict}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    if not result.ok:
+        print(f"maxq export: {result.problem}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,7 +48,10 @@ def test_state_dicts():
     model = _folded()
     sd = model.state_dict()
     assert maxq.check_nm(sd, 2, 4).ok  # default rule on key order
-    assert maxq.check_nm({"state_dict": sd, "layout": model.maxq_layout}, 2, 4).source == "the model's maxq layout"
+    assert (
+        maxq.check_nm({"state_dict": sd, "layout": model.maxq_layout.to_dict()}, 2, 4).source
+        == "the model's maxq layout"
+    )
     sparsified = small_cnn()
     maxq.sparsify_(sparsified, maxq.MaxQConfig())
     with pytest.raises(ValueError, match="unfolded"):

@@ -7,8 +7,7 @@ import torch
 
 import maxq
 from maxq.cli import main
-from maxq.train.checkpoint import atomic_save
-from maxq.train.loop import FOLDED_FORMAT
+from maxq.train.checkpoint import FOLDED_FORMAT, atomic_save
 from maxq.train.models import build_model
 
 pytest.importorskip("onnxruntime")
@@ -36,7 +35,7 @@ def _folded_file(tmp_path, arch_name, n, m):
         {
             "format": FOLDED_FORMAT,
             "state_dict": model.state_dict(),
-            "layout": model.maxq_layout,
+            "layout": model.maxq_layout.to_dict(),
             "arch": arch,
             "config": None,
         },

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import maxq
-from maxq.train.checkpoint import CheckpointError
-from maxq.train.loop import RunExists, load_folded, lr_factor, train
+from maxq.train.checkpoint import CheckpointError, load_folded
+from maxq.train.loop import RunExists, lr_factor, train
 from maxq.train.recipe import TrainConfig
 
 FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "report.json", "curves.png", "model_folded.pt"}

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from .fold import nm_layout
 from .layers import select_layers
+from .layout import NMLayout
 from .nm import to_blocks, validate_nm
 from .parametrization import NMMask
 
@@ -111,10 +112,10 @@ def _count(weight: Tensor, n: int, m: int) -> tuple[int, int, int]:
     return nonzero.numel(), int((nonzero > n).sum()), int(nonzero.max()) if nonzero.numel() else 0
 
 
-def _weights_from_mapping(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict | None]:
+def _weights_from_mapping(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], NMLayout | None]:
     layout = None
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        layout = state.get("layout")
+        layout = NMLayout.from_dict(state["layout"], "layout") if state.get("layout") else None
         state = state["state_dict"]
     unfolded = sorted(k for k in state if ".parametrizations." in k)
     if unfolded:
@@ -165,9 +166,9 @@ def check_nm(
     if layers is not None:
         expected, source = list(layers), source or "the layers argument"
     elif layout is not None:
-        if (layout["n"], layout["m"]) != (n, m):
-            raise ValueError(f"the object was sparsified {layout['n']}:{layout['m']}, not {n}:{m}")
-        expected, source = list(layout["layers"]), "the model's maxq layout"
+        if (layout.n, layout.m) != (n, m):
+            raise ValueError(f"the object was sparsified {layout.pattern}, not {n}:{m}")
+        expected, source = list(layout.layers), "the model's maxq layout"
     elif isinstance(obj, nn.Module):
         expected = [c.name for c in select_layers(obj, m) if c.selected]
         source = "the default selection rule"

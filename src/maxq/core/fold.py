@@ -8,15 +8,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .layout import LAYOUT_ATTR, NMLayout
 from .parametrization import NMMask
+from .sparsifier import sparsifier_of
 
 __all__ = ["LAYOUT_ATTR", "fold_", "nm_layout"]
 
 log = logging.getLogger(__name__)
-
-#: attribute a folded root module carries: ``{"method", "n", "m", "layers": [qualified names]}``.
-LAYOUT_ATTR = "maxq_layout"
-_SPARSIFIER_ATTR = "_maxq_sparsifier"
 
 
 def _masked_layers(model: nn.Module) -> list[tuple[str, nn.Module, NMMask]]:
@@ -29,26 +27,16 @@ def _masked_layers(model: nn.Module) -> list[tuple[str, nn.Module, NMMask]]:
     return found
 
 
-def nm_layout(model: nn.Module) -> dict | None:
-    """The N:M layout a model carries, sparsified or folded: ``{"method", "n", "m", "layers"}`` with layer names
-    relative to ``model``; ``None`` if it carries none."""
-    layers: list[str] = []
-    info: dict | None = None
+def nm_layout(model: nn.Module) -> NMLayout | None:
+    """The :class:`~maxq.core.layout.NMLayout` a model carries, sparsified or folded, with layer names relative to
+    ``model`` (sub-modules sparsified separately are merged); ``None`` if it carries none."""
+    found = []
     for prefix, module in model.named_modules():
-        sparsifier = getattr(module, _SPARSIFIER_ATTR, None)
-        layout = getattr(module, LAYOUT_ATTR, None)
-        if sparsifier is not None:
-            cfg = sparsifier.config
-            layout = {"method": cfg.method, "n": cfg.n, "m": cfg.m, "layers": sparsifier.layers}
-        if layout is None:
-            continue
-        if info is not None and (info["n"], info["m"]) != (layout["n"], layout["m"]):
-            raise ValueError(f"model mixes N:M layouts {info['n']}:{info['m']} and {layout['n']}:{layout['m']}")
-        info = {k: layout[k] for k in ("method", "n", "m")}
-        layers += [f"{prefix}.{name}" if prefix else name for name in layout["layers"]]
-    if info is None:
-        return None
-    return {**info, "layers": layers}
+        sparsifier = sparsifier_of(module)
+        layout = sparsifier.layout if sparsifier is not None else getattr(module, LAYOUT_ATTR, None)
+        if layout is not None:
+            found.append(NMLayout.from_dict(layout, f"{prefix or 'model'}.{LAYOUT_ATTR}").prefixed(prefix))
+    return NMLayout.merge(found)
 
 
 def fold_(model: nn.Module, force: bool = False) -> nn.Module:
@@ -82,11 +70,8 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
         )
     if unfinished:
         log.warning("maxq: folding with an unfinished ramp: pruning dense blocks of %d layer(s) now", len(unfinished))
-    sparsifiers = {id(s): s for m in model.modules() if (s := getattr(m, _SPARSIFIER_ATTR, None)) is not None}
-    layouts = {
-        key: {"method": s.config.method, "n": s.config.n, "m": s.config.m, "layers": s.layers}
-        for key, s in sparsifiers.items()
-    }
+    sparsifiers = {id(s): s for m in model.modules() if (s := sparsifier_of(m)) is not None}
+    layouts = {key: s.layout for key, s in sparsifiers.items()}
     for _, module, param in layers:
         original = module.parametrizations.weight.original
         if param.dense_fraction > 0 and not param.frozen:

@@ -15,11 +15,12 @@ from .._engine.kernels import cpu_kernels
 from .._engine.workspace import Workspace
 from .config import CONFIGS, MaxQConfig, NMConfig
 from .layers import FilterFn, LayerChoice, select_layers
+from .layout import NMLayout
 from .nm import to_blocks
 from .parametrization import NMMask
 from .schedules import dense_fraction
 
-__all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsify_"]
+__all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,11 @@ class Sparsifier:
         """Qualified names of the sparsified layers."""
         return list(self._layers)
 
+    @property
+    def layout(self) -> NMLayout:
+        """The N:M layout this sparsifier gives its model (what folding records and files store)."""
+        return NMLayout(self.config.n, self.config.m, tuple(self._layers), self.config.method)
+
     def named_masks(self) -> Iterator[tuple[str, Tensor]]:
         """``(name, mask)`` of every sparsified layer (the mask the next eval forward uses)."""
         for name, (_, param) in self._layers.items():
@@ -307,6 +313,11 @@ class Sparsifier:
         self.workspace.clear()
 
 
+def sparsifier_of(model: nn.Module) -> Sparsifier | None:
+    """The :class:`Sparsifier` attached to ``model`` (its root module), or ``None``."""
+    return getattr(model, _ATTR, None)
+
+
 def _fusable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
@@ -334,7 +345,7 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
         raise TypeError(f"config must be one of {[c.__name__ for c in CONFIGS.values()]}, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if getattr(model, _ATTR, None) is not None:
+    if sparsifier_of(model) is not None:
         raise ValueError("model is already sparsified; fold it (maxq.fold_) before sparsifying again")
     choices = select_layers(model, config.m, filter_fn, skip_first=config.skip_first, skip_last=config.skip_last)
     modules = dict(model.named_modules())

@@ -1,7 +1,7 @@
 """Reading every file kind maxq writes (and plain state dicts / ONNX files) back into models or weights.
 
 Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``folded`` (model_folded.pt),
-``compressed`` (:mod:`maxq.compress`), ``onnx``, and a plain ``state_dict`` (``torch.save(model.state_dict())``).
+``compressed`` (:mod:`maxq.deploy.compress`), ``onnx``, and a plain ``state_dict`` (``torch.save(model.state_dict())``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from ..core.layout import LAYOUT_ATTR, NMLayout
+from ..core.nm import parse_nm
+from ..train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_folded
 
 __all__ = ["file_kind", "Weights", "weights_from", "model_from"]
 
@@ -84,12 +86,12 @@ def weights_from(path: str | Path) -> Weights:
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return _from_checkpoint(state)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        layout = state.get("layout")
+        layout = NMLayout.from_dict(state["layout"], str(path)) if state.get("layout") else None
         return Weights(
             dict(state["state_dict"]),
-            layout["layers"] if layout else None,
-            layout["n"] if layout else None,
-            layout["m"] if layout else None,
+            list(layout.layers) if layout else None,
+            layout.n if layout else None,
+            layout.m if layout else None,
             "folded" if state.get("format") else "state_dict",
         )
     if isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()):
@@ -107,7 +109,7 @@ def _from_checkpoint(state: dict[str, Any]) -> Weights:
     tensors = {k: v for k, v in model.items() if ".parametrizations." not in k}
     for name, entry in sparsifier["layers"].items():
         tensors[f"{name}.weight"] = model[f"{name}.parametrizations.weight.original"] * entry["mask"]
-    n, m = (int(x) for x in cfg["nm"].split(":"))
+    n, m = parse_nm(cfg["nm"])
     note = "unfolded checkpoint: checked W * Mask" + (
         "; ramp unfinished" if any(e["dense_fraction"] > 0 for e in sparsifier["layers"].values()) else ""
     )
@@ -138,20 +140,13 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
 
             fold_batchnorm_(model)  # the same structure (BN -> Identity, conv biases); weights come next
         model.load_state_dict(decompress(tensors, meta, path))
-        model.maxq_layout = {
-            "method": arch.get("method"),
-            "n": meta["n"],
-            "m": meta["m"],
-            "layers": list(meta["layers"]),
-        }
+        setattr(model, LAYOUT_ATTR, NMLayout(meta["n"], meta["m"], tuple(meta["layers"]), arch.get("method")))
         return model, arch
     if kind != "torch":
         raise CheckpointError(f"{path}: cannot rebuild a PyTorch model from a {kind} file")
     try:
         return _model_from_checkpoint(load_checkpoint(path), force)
     except CheckpointError as first:
-        from ..train.loop import load_folded
-
         try:
             model, state = load_folded(path)
         except CheckpointError:

@@ -93,14 +93,15 @@ def export_onnx(
     layout = nm_layout(model)
     if n is not None and m is not None and layout is not None:
         modules = dict(model.named_modules())
-        patterns = [(modules[name].weight.detach() != 0) for name in layout["layers"]]
+        patterns = [(modules[name].weight.detach() != 0) for name in layout.layers]
         for name, (w, _) in onnx_weights(proto).items():
             nz = w != 0
             if any(p.shape == nz.shape and torch.equal(p, nz) for p in patterns):
                 sparse.append(name)
         entry = proto.metadata_props.add()
         entry.key = ONNX_LAYOUT_KEY
-        entry.value = json.dumps({"n": n, "m": m, "sparse_initializers": sparse, "layers": layout["layers"]})
+        record = {**layout.to_dict(), "n": n, "m": m, "sparse_initializers": sparse}
+        entry.value = json.dumps(record)
         onnx.save(proto, str(path))
     return sparse
 

@@ -1,4 +1,7 @@
-"""Checkpoint files: written atomically, read with checks that say what is wrong before anything is touched."""
+"""The PyTorch files maxq writes -- training checkpoints and folded models -- and the one place their formats live.
+
+Written atomically, read with checks that say what is wrong before anything is touched.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "atomic_save", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "FOLDED_FORMAT", "CheckpointError", "atomic_save", "load_checkpoint", "load_folded"]
 
+#: ``maxq train``'s ``checkpoint.pt``: model (masks not folded), optimizer, schedule, sparsifier, RNG, config.
 CHECKPOINT_FORMAT = "maxq.checkpoint/1"
+#: a folded model (``model_folded.pt``, ``maxq export --folded``): state dict, N:M layout, architecture.
+FOLDED_FORMAT = "maxq.folded/1"
 
 
 class CheckpointError(ValueError):
@@ -54,3 +60,35 @@ def load_checkpoint(path: str | Path, *, kind: str = CHECKPOINT_FORMAT) -> dict[
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a {kind} file (found {found!r})")
     return state
+
+
+def folded_file(state_dict: dict[str, Any], layout: Any, arch: dict[str, Any], config: dict | None) -> dict[str, Any]:
+    """The content of a folded-model file (:data:`FOLDED_FORMAT`); ``layout`` is an ``NMLayout`` or ``None``."""
+    return {
+        "format": FOLDED_FORMAT,
+        "state_dict": state_dict,
+        "layout": layout.to_dict() if layout is not None else None,
+        "arch": arch,
+        "config": config,
+    }
+
+
+def load_folded(path: str | Path):
+    """Rebuild a folded model file (``model_folded.pt``); returns ``(model, file)``."""
+    from ..core.layout import LAYOUT_ATTR, NMLayout
+    from .models import build_model
+
+    state = load_checkpoint(path, kind=FOLDED_FORMAT)
+    arch = state["arch"]
+    model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], arch.get("image_size"))
+    if arch.get("bn_folded"):
+        from ..deploy.bnfold import fold_batchnorm_
+
+        fold_batchnorm_(model)  # the same structure (BN -> Identity, conv biases); the weights come next
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not fit the model it names ({arch['model']}): {exc}") from None
+    if state.get("layout"):
+        setattr(model, LAYOUT_ATTR, NMLayout.from_dict(state["layout"], str(path)))
+    return model, state

@@ -30,18 +30,17 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..core.check import check_nm
-from ..core.fold import fold_
+from ..core.fold import fold_, nm_layout
 from ..core.sparsifier import Sparsifier, sparsify_
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, atomic_save, folded_file, load_checkpoint
 from .data import DataInfo, augment, load_dataset, normalize
 from .models import build_model
 from .recipe import RESUMABLE_OVERRIDES, TrainConfig
 
-__all__ = ["train", "RunExists", "FOLDED_FORMAT", "lr_factor", "load_folded"]
+__all__ = ["train", "RunExists", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
-FOLDED_FORMAT = "maxq.folded/1"
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -192,16 +191,6 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, given: set[str], path
     if saved["epoch"] > resumed.epochs:
         raise CheckpointError(f"{path} is at epoch {saved['epoch']}, past --epochs {resumed.epochs}")
     return resumed
-
-
-def load_folded(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the folded model saved by ``maxq train`` (``model_folded.pt``); returns ``(model, file)``."""
-    state = load_checkpoint(path, kind=FOLDED_FORMAT)
-    arch = state["arch"]
-    model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], arch.get("image_size"))
-    model.load_state_dict(state["state_dict"])
-    model.maxq_layout = state["layout"]
-    return model, state
 
 
 def _init_weights(model: nn.Module, path: str) -> None:
@@ -453,7 +442,7 @@ def _finish(
     if sparsifier is not None:
         skipped = [{"layer": c.name, "reason": c.reason} for c in sparsifier.choices if not c.selected]
         fold_(model, force=not ramp_finished)  # an unfinished ramp is pruned to N:M now (logged)
-        layout = model.maxq_layout
+        layout = nm_layout(model)
         nm_ok = check_nm(model, n, m).ok
     else:
         skipped, nm_ok = [], None
@@ -480,7 +469,7 @@ def _finish(
         "ramp_finished": ramp_finished,
         "params_total": total,
         "params_nonzero": nonzero,
-        "sparse_layers": layout["layers"] if layout else [],
+        "sparse_layers": list(layout.layers) if layout else [],
         "dense_layers": skipped,
         "train_time_s": history[-1]["elapsed_s"] if history else 0.0,
         "variant": cfg.extra.get("variant"),
@@ -490,14 +479,7 @@ def _finish(
         vals = [h["val_top1"] for h in history]
         report.update(val_top1_last=vals[-1], val_top1_best=max(vals))
     if procs.main:
-        folded_file = {
-            "format": FOLDED_FORMAT,
-            "state_dict": model.state_dict(),
-            "layout": layout,
-            "arch": arch,
-            "config": cfg.to_dict(),
-        }
-        atomic_save(folded_file, out / "model_folded.pt")
+        atomic_save(folded_file(model.state_dict(), layout, arch, cfg.to_dict()), out / "model_folded.pt")
         from .plots import plot_run
 
         plot_run(history, cfg, out / "curves.png")
