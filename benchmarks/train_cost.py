@@ -132,7 +132,8 @@ class Variant:
         for state in self.optimizer.state.values():
             tensors.update({id(t): t for t in state.values() if isinstance(t, Tensor)})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        return total + (self.sparsifier.workspace.nbytes() if self.sparsifier is not None else 0)
+        workspace = getattr(self.sparsifier, "workspace", None)  # scratch buffers, where the engine keeps them
+        return total + (workspace.nbytes() if workspace is not None else 0)
 
 
 def build_variants(spec: ModelSpec, names: list[str], n: int, m: int, device: torch.device) -> dict[str, Variant]:

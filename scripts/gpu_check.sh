@@ -84,7 +84,7 @@ fi
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
-    B_ENV=20 B_CORRECTNESS=60 B_TRAIN_COST=45 B_ACCELERATE=30 B_STUDY=45
+    B_ENV=15 B_CORRECTNESS=50 B_TRAIN_COST=35 B_ACCELERATE=25 B_STUDY=40 # 165 s at most; ~1 min unloaded
 else
     DEVICE=cuda
     B_ENV=15 B_CORRECTNESS=75 B_TRAIN_COST=130 B_ACCELERATE=45 B_STUDY=250
@@ -173,8 +173,8 @@ fi
 if skip_unless train_cost "$B_TRAIN_COST" torch torchvision ${NEEDS_CUDA[@]+"${NEEDS_CUDA[@]}"}; then
     if [ "$DRY" = 1 ]; then
         stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cpu --threads 2 \
-            --models cnn_small:16:2 mlp:8:2 --rounds 2 --steps 1 --warmup 1 --compile-backend aot_eager \
-            --budget-s $((B_TRAIN_COST - 15)) --out "$OUT/train_cost.json"
+            --models cnn_small:16:2 mlp:8:2 --rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager \
+            --budget-s $((B_TRAIN_COST - 10)) --out "$OUT/train_cost.json"
     else
         stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cuda \
             --models resnet50:224:128 resnet18_cifar:32:256 --compile-variants dense maxq \

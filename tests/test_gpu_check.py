@@ -60,7 +60,7 @@ def test_dry_run_passes_every_stage_and_writes_a_complete_summary(dry_run):
         assert f"| {title} | passed | 0 |" in summary
         assert f"## {title}" in summary or name == "env"
     budgets = json.loads((out / "run.json").read_text())["budgets"]
-    assert sum(budgets.values()) <= 200 and wall < 240  # the stage budgets bound the dry run
+    assert sum(budgets.values()) <= 165 and wall < 200  # the stage budgets bound the dry run
 
 
 @pytest.mark.slow
@@ -85,7 +85,10 @@ def test_dry_run_stage_json_holds_the_measurements(dry_run):
         assert {f"{v}/eager" for v in ("dense", "srste", "maxq", "maxq_ramp")} <= set(rows), entry
         assert rows["dense/eager"]["ratio_to_dense"] == 1.0
         assert all(r["step_ms"] > 0 and r["mask_update_ms"] >= 0 for k, r in rows.items() if k.endswith("eager"))
-        assert rows["dense/compiled"]["compile_s"] > 0 and entry["errors"] == {}
+        assert entry["errors"] == {}
+        for key in ("dense/compiled", "maxq/compiled"):  # measured, or left out for the budget (and said so)
+            assert rows.get(key, {}).get("compile_s", 0) > 0 or entry["skipped"][key].startswith("budget"), entry
+    assert any("maxq/compiled" in entry["rows"] for entry in cost["models"].values())  # one compile at least
 
     accel = json.loads((out / "accelerate.json").read_text())
     rows = accel["models"]["resnet50"]["layers"]["rows"]

@@ -9,9 +9,11 @@ good enough to rehearse a CUDA check on a machine without a GPU.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,18 @@ def _has_bool_index(args: tuple[Any, ...]) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
+def _caller() -> str:
+    """``file:line`` of the innermost Python frame outside torch and this module (where the sync was asked for)."""
+    frame = sys._getframe(2)
+    torch_dir = Path(torch.__file__).parent
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path != Path(__file__) and torch_dir not in path.parents:
+            return f"{path.name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
 class _SyncWatch(TorchDispatchMode):
     def __init__(self, events: list[str], fail: bool) -> None:
         super().__init__()
@@ -58,15 +72,16 @@ class _SyncWatch(TorchDispatchMode):
         if name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None:
             syncs = False
         if syncs:
-            self.events.append(f"aten.{name}")
+            self.events.append(f"aten.{name} at {_caller()}")
             if self.fail:
-                raise HostSync(f"host synchronization: aten.{name}")
+                raise HostSync(f"host synchronization: {self.events[-1]}")
         return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def host_syncs(device: torch.device | str, fail: bool = False) -> Iterator[list[str]]:
-    """Collect the host synchronizations of the block into the yielded list (one entry per sync).
+    """Collect the host synchronizations of the block into the yielded list: one ``"<what> at <file>:<line>"`` per
+    sync, the line being the innermost Python code outside torch that caused it.
 
     Args:
         device: the device the block computes on: CUDA uses torch's sync debug mode, the CPU the dispatcher watch.
@@ -83,7 +98,7 @@ def host_syncs(device: torch.device | str, fail: bool = False) -> Iterator[list[
                 yield events
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-        events.extend(str(w.message).splitlines()[0] for w in caught if "synchronizing" in str(w.message))
+        events.extend(f"sync at {Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
         return
     with _SyncWatch(events, fail):
         yield events
