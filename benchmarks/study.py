@@ -9,10 +9,10 @@ hand). A run whose record ``<results>/<id>.json`` exists is skipped; an interrup
 checkpoint; so the study can be stopped and continued across sessions. ``--jobs`` runs that many trainings at
 once, each with ``--threads`` CPU threads (small models use two cores better as two one-thread runs).
 
-A spec may name its own folders (``results_dir``, ``docs_dir``; default ``results/`` and ``docs/``): the GPU study
-(``configs/study_gpu.yaml``, run with ``--device cuda``) keeps its records in ``results/gpu/``, apart from the CPU
-study's. ``--deadline`` starts no run that would not finish in time, judged by the longest finished run; the
-progress of the runs is kept in ``<results>/status.json`` as they start and end.
+A spec may name its own folders (``results``, ``docs_dir``; default ``results/`` and ``docs/``): the GPU study
+(``configs/study_gpu.yaml``, run with ``--device cuda``) keeps its records in ``results/gpu/`` and its report there
+too, apart from the CPU study's. ``--deadline`` starts no run that would not finish in time, judged by the longest
+finished run; the progress of the runs is kept in ``<results>/status.json`` as they start and end.
 
 ``oneshot`` is ASP-style within the same epoch budget: a dense run for ``oneshot.dense_epochs`` epochs
 (shared by all patterns of a seed), then prune once and fine-tune for the remaining epochs.
@@ -47,6 +47,12 @@ class Run:
     after: list[str] = field(default_factory=list)  # run ids that must finish first
 
 
+def main_variant_of(spec: dict[str, Any]) -> str:
+    """The variant name of a study's main grid (``main``; a study with a ``name`` uses it, e.g. ``long``), so
+    records of different studies never pass for each other."""
+    return spec.get("name", "main")
+
+
 def _nm_tag(nm: str) -> str:
     return nm.replace(":", "-")
 
@@ -72,15 +78,17 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     epochs = base["epochs"]
     runs: list[Run] = []
     seeds, patterns = grid["seeds"], grid["patterns"]
-    for seed in seeds:
+    main_variant = main_variant_of(spec)
+    for seed in grid.get("dense_seeds", seeds):
         if "dense" in grid["methods"]:
             runs.append(
                 Run(
                     f"main_dense_s{seed}",
                     {**base, "method": "dense", "seed": seed},
-                    {"method": "dense", "nm": None, "seed": seed, "variant": "main"},
+                    {"method": "dense", "nm": None, "seed": seed, "variant": main_variant},
                 )
             )
+    for seed in seeds:
         if "oneshot" in grid["methods"]:
             pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
             runs.append(
@@ -97,12 +105,15 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     cells = [(seed, grid["methods"]) for seed in seeds] + [
         (s, extra.get("methods", [])) for s in extra.get("seeds", [])
     ]
+    by_pattern = grid.get("seeds_by_pattern") or {}  # fewer seeds for some patterns (budget)
     # Default order: seed by seed. `order: pattern` runs every seed of the first pattern first (the contrast that
     # matters most finishes first when time is short).
-    order = [(s, ms, nm) for s, ms in cells for nm in patterns]
+    order = [(seed, methods, nm) for seed, methods in cells for nm in patterns]
     if grid.get("order") == "pattern":
-        order = [(s, ms, nm) for nm in patterns for s, ms in cells]
+        order = [(seed, methods, nm) for nm in patterns for seed, methods in cells]
     for seed, methods, nm in order:
+        if nm in by_pattern and seed not in by_pattern[nm]:
+            continue
         for method in methods:
             if method == "dense":
                 continue
@@ -123,7 +134,7 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
                 Run(
                     f"main_{method}_{_nm_tag(nm)}_s{seed}",
                     options,
-                    {"method": method, "nm": nm, "seed": seed, "variant": "main"},
+                    {"method": method, "nm": nm, "seed": seed, "variant": main_variant},
                     after,
                 )
             )
@@ -387,7 +398,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
-    main = [r for r in records if r["variant"] == "main"]
+    main_variant = main_variant_of(spec)
+    main = [r for r in records if r["variant"] == main_variant]
     patterns = spec["grid"]["patterns"]
     methods = [m for m in spec["grid"]["methods"]]
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -414,7 +426,7 @@ def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, 
     main_maxq = {(f"{r['n']}:{r['m']}", r["seed"]): r for r in main if r["method"] == "maxq"}
     ablations: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in sorted(records, key=lambda r: r["seed"]):
-        if r["variant"] == "main" or r["method"] != "maxq":
+        if r["variant"] == main_variant or r["method"] != "maxq":
             continue
         nm = f"{r['n']}:{r['m']}"
         entry = ablations.setdefault(r["variant"], {}).setdefault(
@@ -626,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "study.yaml")
     ap.add_argument("--quick", action="store_true", help="tiny grid for smoke tests (<results>/quick)")
-    ap.add_argument("--results", type=Path, help="where records go (default: the spec's results_dir, or results/)")
+    ap.add_argument("--results", type=Path, help="where records go (default: the spec's results, or results/)")
     ap.add_argument("--runs-dir", type=Path, help="run folders: checkpoints, models (default <results>/runs)")
     ap.add_argument("--docs", type=Path, help="where --report writes RESULTS.md (default: the spec's docs_dir, docs/)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings at once")
@@ -639,14 +651,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(args.config.read_text())
-    results = args.results or _folder(spec, "results_dir", "results") / ("quick" if args.quick else "")
+    results = args.results or _folder(spec, "results", "results") / ("quick" if args.quick else "")
     results.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, args.quick)
     if args.only:
         keep = {
             r.id
             for r in runs
-            if (r.record["variant"] != "main") == (args.only == "ablations") or r.id.startswith("pre_")
+            if (r.record["variant"] != main_variant_of(spec)) == (args.only == "ablations") or r.id.startswith("pre_")
         }
         runs = [r for r in runs if r.id in keep]
     if args.list:

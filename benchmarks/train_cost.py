@@ -75,14 +75,6 @@ class ModelSpec:
         return cls(parts[0], image, batch)
 
 
-def update_masks(sparsifier: maxq.Sparsifier) -> None:
-    """Recompute the masks from the updated weights: ``Sparsifier.step()``."""
-    step = getattr(sparsifier, "step", None)
-    if callable(step):
-        step()
-    # Until Sparsifier.step() is on this branch the training forward recomputes the masks itself.
-
-
 class Clock:
     """CUDA events on CUDA (no host sync while timing), ``perf_counter`` on the CPU; milliseconds."""
 
@@ -123,8 +115,9 @@ class Variant:
         self.optimizer.step()
 
     def mask_part(self) -> None:
+        """The mask update from the updated weights (``Sparsifier.step()``, every step)."""
         if self.sparsifier is not None:
-            update_masks(self.sparsifier)
+            self.sparsifier.step()
 
     def state_bytes(self) -> int:
         """Persistent memory: parameters, buffers (masks included), optimizer state and mask scratch buffers."""

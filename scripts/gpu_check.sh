@@ -5,33 +5,35 @@
 #
 # Stages, each under its own timeout (budgets in seconds), each writing JSON into OUT_DIR (and its output to
 # OUT_DIR/<stage>.log); a failed, skipped or timed-out stage does not stop the next one:
-#   0 env           15  card, driver, torch / CUDA / cuDNN versions, optional packages, data     env.json
-#   1 correctness   75  pytest -m gpu tests/gpu (or the same checks without pytest): CUDA masks = CPU masks for
-#                       ResNet-50 layers (maxq mid-ramp and after, srste, oneshot), a bf16 + channels_last training
-#                       step, compiled = eager, no host sync in a training step, accelerate_    correctness.json
-#   2 train_cost   130  benchmarks/train_cost.py: ResNet-50 224x224 batch 128 and the CIFAR ResNet-18 32x32 batch
-#                       256; dense, srste, maxq after the ramp and mid-ramp; eager, and torch.compile for dense and
-#                       maxq only (a ResNet-50 compile takes about a minute; the others would repeat maxq's graph);
-#                       compiles that would overrun the budget are skipped and say so         train_cost.json
-#   3 accelerate    45  benchmarks/accelerate.py: 2:4 semi-structured kernels, ViT-B/16 and ResNet-50  accelerate.json
-#   4 study        250  benchmarks/study.py configs/study_gpu.yaml: resnet18_cifar on Fashion-MNIST 32x32, srste vs
-#                       maxq, 1:16 then 2:4, two seeds, 4 trainings sharing the GPU; no run starts that would not end
-#                       by second 215                            study.json, results/gpu/*.json (the records)
-# Total of the budgets: 515 s (+ about 10 s of bookkeeping; a stage that ignores SIGTERM is killed 5 s later). OUT_DIR/summary.md (card, versions, a table per stage) is rewritten after every
-# stage, so a run cut short still has one.
+#   0 env           15  card, driver, torch / CUDA / cuDNN versions, optional packages, data         env.json
+#   1 correctness   90  pytest -m gpu tests/gpu (without pytest: the same checks via scripts/gpu_check.py): CUDA
+#                       masks = CPU masks on every distinct ResNet-50 layer shape (maxq mid-ramp and after, srste,
+#                       oneshot), bf16 + channels_last training, compiled = eager (one graph), no host sync in a
+#                       training step, accelerate_                                              correctness.json
+#   2 train_cost   150  benchmarks/train_cost.py: ResNet-50 224x224 batch 128, CIFAR ResNet-18 32x32 batch 256;
+#                       dense, srste, maxq after the ramp and mid-ramp, eager; torch.compile for dense and maxq only
+#                       (the sparse variants share one compiled graph; a ResNet-50 compile may take a minute); a
+#                       compile that would overrun the budget is skipped and says so            train_cost.json
+#   3 accelerate    40  benchmarks/accelerate.py: 2:4 semi-structured kernels, ViT-B/16 and ResNet-50  accelerate.json
+#   4 study        220  benchmarks/study.py --config configs/study_gpu.yaml: resnet18_cifar on Fashion-MNIST 32x32,
+#                       srste vs maxq, 1:16 then 2:4, two seeds, 4 trainings sharing the GPU; no run starts that
+#                       would not end by second 185                study.json, results/gpu/*.json (the records)
+# Total of the budgets: 515 s, plus about 10 s of bookkeeping (a stage that ignores SIGTERM is killed 5 s after
+# its budget). OUT_DIR/summary.md (the card, versions, a table per stage) is rewritten after every stage, so a run
+# cut short still has one. Exit status 0 only if every stage passed (or was skipped for a missing package).
 #
 # The machine needs Python >= 3.10 with torch and torchvision; pytest, pyyaml, tqdm and matplotlib are optional
-# (without pytest the checks run through scripts/gpu_check.py; a stage that needs a missing package is marked
-# "skipped: no X"). Nothing is installed and no network is used: the package runs from this tree (PYTHONPATH=src).
-# PY=/path/to/python picks the interpreter (default: the first of python, python3 that imports torch).
+# (a stage that needs a missing package is marked "skipped: no X"). Nothing is installed and no network is used:
+# the package runs from this tree (PYTHONPATH=src). PY=/path/to/python picks the interpreter (default: the first
+# of python, python3 that has torch).
 #
 # Data (stage 4): the four Fashion-MNIST .gz files (30 MB) in --data-dir, default data/fashion-mnist (git-ignored):
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
-# With the device tool: carry ["data/fashion-mnist"] and run   bash scripts/gpu_check.sh "$OUT/gpu_check"
-# Afterwards copy OUT_DIR/results/gpu/*.json into results/gpu/ and put the tables into docs/RESULTS.md.
+# With the device tool: carry ["data/fashion-mnist"] and the command   bash scripts/gpu_check.sh "$OUT/gpu_check"
+# Afterwards copy OUT_DIR/results/gpu/*.json into results/gpu/ and the tables into docs/RESULTS.md section 4.
 #
-# --dry-run: every stage on the CPU with tiny sizes (small models, a few steps, one tiny study run) in under two
-# minutes; tests/test_gpu_check.py runs it, so that on the GPU only the hardware is new.
+# --dry-run: every stage on the CPU with tiny sizes (small models, a step or two, one tiny study run), about two
+# minutes; tests/test_gpu_check.py runs it in `make test`, so that on the GPU only the hardware is new.
 set -u
 
 usage() {
@@ -84,10 +86,10 @@ fi
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
-    B_ENV=15 B_CORRECTNESS=50 B_TRAIN_COST=35 B_ACCELERATE=25 B_STUDY=40 # 165 s at most; ~1 min unloaded
+    B_ENV=20 B_CORRECTNESS=60 B_TRAIN_COST=50 B_ACCELERATE=40 B_STUDY=60 # caps for a loaded machine
 else
     DEVICE=cuda
-    B_ENV=15 B_CORRECTNESS=75 B_TRAIN_COST=130 B_ACCELERATE=45 B_STUDY=250
+    B_ENV=15 B_CORRECTNESS=90 B_TRAIN_COST=150 B_ACCELERATE=40 B_STUDY=220
 fi
 
 rm -f "$OUT/stages.tsv" "$OUT/correctness.jsonl" "$OUT"/{env,correctness,train_cost,accelerate,study}.json
@@ -154,7 +156,8 @@ NEEDS_CUDA=()
 # 0. Environment
 DRY_FLAG=()
 [ "$DRY" = 1 ] && DRY_FLAG=(--dry-run)
-stage env "$B_ENV" "$PY" scripts/gpu_check.py env "$OUT" --device "$DEVICE" --data-dir "$DATA" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
+stage env "$B_ENV" "$PY" scripts/gpu_check.py env "$OUT" --device "$DEVICE" --data-dir "$DATA" \
+    ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
 
 # 1. Correctness: pytest -m gpu where pytest exists, else the same checks through the built-in runner.
 CHECK_ENV=(MAXQ_TEST_RESULTS="$OUT/correctness.jsonl")
@@ -173,12 +176,12 @@ fi
 if skip_unless train_cost "$B_TRAIN_COST" torch torchvision ${NEEDS_CUDA[@]+"${NEEDS_CUDA[@]}"}; then
     if [ "$DRY" = 1 ]; then
         stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cpu --threads 2 \
-            --models cnn_small:16:2 mlp:8:2 --rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager \
+            --models cnn_small:16:2 --rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager \
             --budget-s $((B_TRAIN_COST - 10)) --out "$OUT/train_cost.json"
     else
         stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cuda \
             --models resnet50:224:128 resnet18_cifar:32:256 --compile-variants dense maxq \
-            --budget-s $((B_TRAIN_COST - 20)) --out "$OUT/train_cost.json"
+            --rounds 4 --steps 3 --warmup 2 --budget-s $((B_TRAIN_COST - 20)) --out "$OUT/train_cost.json"
     fi
 fi
 

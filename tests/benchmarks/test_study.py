@@ -138,8 +138,9 @@ def test_gpu_plan_runs_both_seeds_of_1_16_first():
 
 
 def test_gpu_study_keeps_its_records_apart_from_the_cpu_study():
-    assert SPEC_GPU["results_dir"] == "results/gpu" and SPEC_GPU["docs_dir"] != "docs"
-    assert "results_dir" not in SPEC  # the CPU study stays in results/
+    assert SPEC_GPU["results"] == "results/gpu" and SPEC_GPU["docs_dir"] != "docs"
+    assert "results" not in SPEC  # the CPU study stays in results/
+    assert {r.record["variant"] for r in study.plan(SPEC_GPU, quick=False)} == {"gpu"}
 
 
 def test_command_passes_device_data_and_run_folder(tmp_path):

@@ -27,11 +27,12 @@ from maxq.core.nm import to_blocks
 from maxq.deploy.accelerate import candidates
 from maxq.train.models import build_model
 
-__all__ = ["CHECKS", "SkipCheck", "has_step_api", "target_device", "update_masks"]
+__all__ = ["CHECKS", "SkipCheck", "target_device"]
 
 Info = dict[str, Any]
 
-#: ResNet-50 layers compared on the CPU (dry run): a 1x1, a 3x3 and a strided 1x1 projection; CUDA: every layer.
+#: ResNet-50 layers compared on the CPU (dry run): a 1x1, a 3x3 and a strided 1x1 projection; on CUDA one layer of
+#: every distinct weight shape (20 layers with the classifier, 11M weights: the CPU side takes a while).
 SMALL_LAYERS = ("layer1.0.conv1", "layer1.0.conv2", "layer1.0.downsample.0")
 RAMP = (0.0, 2.0)  # epochs; progress 1.0 is mid-ramp (p = 0.5), 2.0 is after it (p = 0)
 
@@ -57,23 +58,6 @@ def _full_size(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def has_step_api(sparsifier: maxq.Sparsifier) -> bool:
-    """Whether masks are updated by an explicit ``Sparsifier.step()`` (the forward then only applies them)."""
-    return callable(getattr(sparsifier, "step", None))
-
-
-def update_masks(sparsifier: maxq.Sparsifier) -> None:
-    """Recompute the masks from the current weights: ``Sparsifier.step()``."""
-    if has_step_api(sparsifier):
-        sparsifier.step()
-        return
-    # Rehearsal only, until Sparsifier.step() is on this branch: recompute every mask now, as step() will.
-    if sparsifier.config.frozen:
-        return
-    for module, param in sparsifier._layers.values():
-        param.recompute(module.parametrizations.weight.original)
-
-
 def _originals(sparsifier: maxq.Sparsifier) -> dict[str, Tensor]:
     modules = dict(sparsifier.model.named_modules())
     return {name: modules[name].parametrizations.weight.original for name in sparsifier.layers}
@@ -95,6 +79,15 @@ def _kept_per_block(mask: Tensor, m: int) -> Tensor:
 # -- 1. masks on the device equal the CPU masks --------------------------------------------------------------------
 
 
+def _distinct_shapes(model: nn.Module) -> set[str]:
+    """The first Conv2d / Linear of every distinct weight shape."""
+    seen: dict[tuple[int, ...], str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            seen.setdefault(tuple(module.weight.shape), name)
+    return set(seen.values())
+
+
 def _mask_cases() -> dict[str, tuple[maxq.NMConfig, float | None]]:
     return {
         "maxq 2:4 mid-ramp": (maxq.MaxQConfig(n=2, m=4, ramp=RAMP), 1.0),
@@ -107,33 +100,45 @@ def _mask_cases() -> dict[str, tuple[maxq.NMConfig, float | None]]:
 
 def check_masks_match_cpu(device: torch.device) -> Info:
     """ResNet-50 (fp32): the masks the Sparsifier computes on ``device`` equal those it computes on the CPU, for
-    MaxQ mid-ramp and after it, SR-STE and one-shot; mid-ramp exactly ``floor(p * G)`` blocks stay dense."""
+    MaxQ mid-ramp and after it, SR-STE and one-shot, as set and after a weight update and ``step()``; mid-ramp
+    exactly ``floor(p * G)`` blocks stay dense."""
     torch.manual_seed(0)
     base: nn.Module = torchvision.models.resnet50(num_classes=1000)
-    pick: Callable[[nn.Module, str], bool] | None = None
+    layers = _distinct_shapes(base)
     if not _full_size(device):  # ResNet-50's first stage only (the copies are what costs time on the CPU)
-        base = nn.Sequential(OrderedDict(layer1=base.layer1))
-        pick = lambda module, name: name in SMALL_LAYERS  # noqa: E731
+        base, layers = nn.Sequential(OrderedDict(layer1=base.layer1)), set(SMALL_LAYERS)
+    pick: Callable[[nn.Module, str], bool] = lambda module, name: name in layers  # noqa: E731
     compared, worst = 0, 0.0
     for case, (cfg, progress) in _mask_cases().items():
         on_cpu, on_dev = copy.deepcopy(base), copy.deepcopy(base).to(device)
         sp_cpu, sp_dev = maxq.sparsify_(on_cpu, cfg, pick), maxq.sparsify_(on_dev, cfg, pick)
-        for sp in (sp_cpu, sp_dev):
-            if progress is not None:
-                sp.set_progress(progress)
-            update_masks(sp)
+        if progress is not None:  # recomputes the masks at once
+            sp_cpu.set_progress(progress)
+            sp_dev.set_progress(progress)
         p = sp_dev.dense_fraction
         want_p = 0.5 if "mid-ramp" in case else 0.0
         assert p == want_p, f"{case}: dense fraction {p}, expected {want_p}"
-        cpu_masks = dict(sp_cpu.named_masks())
-        for name, mask in sp_dev.named_masks():
-            assert mask.device.type == device.type, f"{case} {name}: mask on {mask.device}"
-            worst = max(worst, _assert_same_mask(mask, cpu_masks[name], f"{case} {name}"))
-            kept = _kept_per_block(mask, cfg.m)
-            dense = int((kept > cfg.n).sum())
-            assert dense == int(p * kept.numel()), f"{case} {name}: {dense} dense blocks of {kept.numel()} at p={p}"
-            assert bool((kept >= cfg.n).all()), f"{case} {name}: a block keeps fewer than {cfg.n}"
-            compared += 1
+        for when in ("set", "after a step"):
+            if when == "after a step":  # the same small update of every weight on both sides, then step()
+                gen = torch.Generator().manual_seed(1)
+                w_cpu, w_dev = _originals(sp_cpu), _originals(sp_dev)
+                with torch.no_grad():
+                    for name, w in w_cpu.items():
+                        delta = 0.02 * w.abs().mean() * torch.randn(w.shape, generator=gen)
+                        w.add_(delta)
+                        w_dev[name].add_(delta.to(device))
+                sp_cpu.step()
+                sp_dev.step()
+            cpu_masks = dict(sp_cpu.named_masks())
+            for name, mask in sp_dev.named_masks():
+                what = f"{case} {name} ({when})"
+                assert mask.device.type == device.type, f"{what}: mask on {mask.device}"
+                worst = max(worst, _assert_same_mask(mask, cpu_masks[name], what))
+                kept = _kept_per_block(mask, cfg.m)
+                dense = int((kept > cfg.n).sum())
+                assert dense == int(p * kept.numel()), f"{what}: {dense} dense blocks of {kept.numel()} at p={p}"
+                assert bool((kept >= cfg.n).all()), f"{what}: a block keeps fewer than {cfg.n}"
+                compared += 1
     return {"layer_masks_compared": compared, "max_abs_diff": worst, "cases": list(_mask_cases())}
 
 
@@ -141,11 +146,11 @@ def check_masks_match_cpu(device: torch.device) -> Info:
 
 
 def _image_model(device: torch.device) -> tuple[nn.Module, tuple[int, ...]]:
-    """ResNet-50 on CUDA, a CIFAR ResNet-20 on the CPU; with the input shape to train it on."""
+    """ResNet-50 on CUDA, the small CNN on the CPU; with the input shape to train it on."""
     torch.manual_seed(0)
     if _full_size(device):
         return torchvision.models.resnet50(num_classes=10), (8, 3, 64, 64)
-    return build_model("resnet20", 3, 10), (4, 3, 16, 16)
+    return build_model("cnn_small", 3, 10), (4, 3, 16, 16)
 
 
 def check_bf16_channels_last_training(device: torch.device) -> Info:
@@ -162,7 +167,6 @@ def check_bf16_channels_last_training(device: torch.device) -> Info:
         sp = maxq.sparsify_(model, cfg)
         if progress is not None:
             sp.set_progress(progress)
-        update_masks(sp)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (shape[0],), device=device)
@@ -178,7 +182,7 @@ def check_bf16_channels_last_training(device: torch.device) -> Info:
             loss.backward()
             sp.regularize_()
             opt.step()
-            update_masks(sp)
+            sp.step()
             losses.append(float(loss.detach()))
         assert all(torch.isfinite(torch.tensor(losses))), f"{method}: losses {losses}"
         p = sp.dense_fraction
@@ -193,7 +197,7 @@ def check_bf16_channels_last_training(device: torch.device) -> Info:
             _assert_same_mask(mask, want, f"{method} {name} (channels_last vs exact)")
         if method == "maxq":
             sp.set_progress(RAMP[1])
-            update_masks(sp)
+            sp.step()
         maxq.fold_(model)
         check = maxq.check_nm(model, cfg.n, cfg.m)
         assert check.ok, f"{method}: folded model is not {cfg.n}:{cfg.m}:\n{check}"
@@ -206,7 +210,7 @@ def check_bf16_channels_last_training(device: torch.device) -> Info:
 
 def check_compiled_equals_eager(device: torch.device) -> Info:
     """Three MaxQ training steps (mid-ramp) through ``torch.compile`` give the losses, weight updates and masks of
-    eager mode. With ``Sparsifier.step()`` the model must compile as one graph (``fullgraph=True``)."""
+    eager mode, and the model compiles as one graph (``fullgraph=True``: the forward is only ``W * mask``)."""
     backend = os.environ.get("MAXQ_COMPILE_BACKEND", "inductor")
     torch.manual_seed(0)
     base = build_model("cnn_small", 3, 10)
@@ -216,14 +220,11 @@ def check_compiled_equals_eager(device: torch.device) -> Info:
     runs: dict[str, dict[str, Any]] = {}
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    fullgraph = False
     for mode in ("eager", "compiled"):
         model = copy.deepcopy(base).to(device).train()
         sp = maxq.sparsify_(model, cfg)
         sp.set_progress(1.0)
-        update_masks(sp)
-        fullgraph = has_step_api(sp)
-        fn = torch.compile(model, backend=backend, fullgraph=fullgraph) if mode == "compiled" else model
+        fn = torch.compile(model, backend=backend, fullgraph=True) if mode == "compiled" else model
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         start = {k: v.detach().clone() for k, v in model.named_parameters()}
         losses = []
@@ -233,7 +234,7 @@ def check_compiled_equals_eager(device: torch.device) -> Info:
             loss.backward()
             sp.regularize_()
             opt.step()
-            update_masks(sp)
+            sp.step()
             losses.append(loss.detach().float().cpu())
         updates = {k: (v.detach() - start[k]).cpu() for k, v in model.named_parameters()}
         runs[mode] = {"losses": torch.stack(losses), "updates": updates, "masks": dict(sp.named_masks())}
@@ -248,11 +249,9 @@ def check_compiled_equals_eager(device: torch.device) -> Info:
         agree = float(((compiled["masks"][name] != 0) == (mask != 0)).float().mean())
         assert agree > 0.999, f"{name}: compiled and eager masks agree on {agree:.4%} of weights"
     breaks = int(sum(torch._dynamo.utils.counters["graph_break"].values()))
-    if fullgraph:
-        assert breaks == 0, f"{breaks} graph break(s) with fullgraph=True"
+    assert breaks == 0, f"{breaks} graph break(s) with fullgraph=True"
     return {
         "backend": backend,
-        "fullgraph": fullgraph,
         "graph_breaks": breaks,
         "losses": eager["losses"].tolist(),
         "max_relative_update_diff": worst,
@@ -272,7 +271,7 @@ def _full_step(model: nn.Module, sp: maxq.Sparsifier | None, opt: torch.optim.Op
         sp.regularize_()
     opt.step()
     if sp is not None:
-        update_masks(sp)
+        sp.step()
 
 
 def check_training_step_has_no_host_sync(device: torch.device) -> Info:
@@ -283,7 +282,7 @@ def check_training_step_has_no_host_sync(device: torch.device) -> Info:
         torch.ones(2, device=device).sum().item()
     assert len(probe) == 1, f"the sync detector missed an .item(): {probe}"  # the detector itself works
     torch.manual_seed(0)
-    base = build_model("resnet20", 3, 10)
+    base = build_model("resnet20" if _full_size(device) else "cnn_small", 3, 10)
     shape = (32, 3, 32, 32) if _full_size(device) else (4, 3, 16, 16)
     info: Info = {}
     for method in ("dense", "srste", "maxq"):
@@ -292,8 +291,6 @@ def check_training_step_has_no_host_sync(device: torch.device) -> Info:
         if method != "dense":
             cfg = maxq.SRSTEConfig(n=2, m=4) if method == "srste" else maxq.MaxQConfig(n=2, m=4, ramp=RAMP)
             sp = maxq.sparsify_(model, cfg)
-            if not has_step_api(sp):
-                raise SkipCheck("Sparsifier.step() is not on this branch: masks are recomputed inside the forward")
             sp.fused = False  # on the CPU: the device-agnostic path, the one CUDA tensors take
             sp.set_progress(1.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

@@ -98,7 +98,8 @@ def host_syncs(device: torch.device | str, fail: bool = False) -> Iterator[list[
                 yield events
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-        events.extend(f"sync at {Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
+        syncs = [w for w in caught if "synchronizing" in str(w.message)]
+        events.extend(f"sync at {Path(w.filename).name}:{w.lineno}" for w in syncs)
         return
     with _SyncWatch(events, fail):
         yield events
