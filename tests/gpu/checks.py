@@ -191,9 +191,7 @@ def check_bf16_channels_last_training(device: torch.device) -> Info:
             w = originals[name]
             assert mask.dtype == torch.float32 and w.dtype == torch.float32, f"{method} {name}: {mask.dtype}"
             assert not torch.equal(w.detach(), before[name]), f"{method} {name}: weights did not train"
-            want = maxq.maxq_mask(
-                w.detach().contiguous(), cfg.n, cfg.m, dense_fraction=p, tau=getattr(cfg, "tau", 0.01), soft=cfg.soft
-            )
+            want = maxq.maxq_mask(w.detach().contiguous(), cfg.n, cfg.m, dense_fraction=p, tau=cfg.tau, soft=cfg.soft)
             _assert_same_mask(mask, want, f"{method} {name} (channels_last vs exact)")
         if method == "maxq":
             sp.set_progress(RAMP[1])
