@@ -90,7 +90,8 @@ def measure(name: str, shape: tuple[int, ...], dtype: torch.dtype, dry_run: bool
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also used by tests/test_gpu_check.py to check gpu_check.sh's flags)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--batch-size", type=int, help="override the batch size")
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     ap.add_argument("--dry-run", action="store_true", help="CPU rehearsal: everything but the CUDA kernels")
     ap.add_argument("--out", type=Path, default=Path("results/accelerate.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     faulthandler.register(signal.SIGTERM, chain=True)  # a timeout shows where it was
     if not args.dry_run and not torch.cuda.is_available():

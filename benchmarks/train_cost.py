@@ -347,7 +347,8 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also used by tests/test_gpu_check.py to check gpu_check.sh's flags)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a rehearsal)")
     ap.add_argument(
@@ -364,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip compiles and rounds past this")
     ap.add_argument("--threads", type=int, help="CPU threads for torch")
     ap.add_argument("--out", type=Path, default=Path("results/train_cost.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     faulthandler.register(signal.SIGTERM, chain=True)  # a timeout shows where it was
     if "dense" not in args.variants:

@@ -211,8 +211,8 @@ elif skip_unless study "$B_STUDY" torch torchvision yaml tqdm numpy ${NEEDS_CUDA
             --deadline $((B_STUDY - 20))
     else
         stage study "$B_STUDY" "$PY" benchmarks/study.py --config configs/study_gpu.yaml --device cuda \
-            --jobs 4 --threads 3 --data-dir "$DATA" --results "$OUT/results/gpu" --runs-dir "$RUNS_DIR" \
-            --deadline $((B_STUDY - 35))
+            --jobs 4 --threads 3 --data-dir "$DATA" --results "$OUT/results/gpu" --docs "$OUT/results/gpu" \
+            --runs-dir "$RUNS_DIR" --deadline $((B_STUDY - 35))
     fi
 fi
 

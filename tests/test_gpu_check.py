@@ -190,3 +190,77 @@ def test_builtin_runner_runs_checks_without_pytest(tmp_path):
     (entry,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert entry["test"].endswith("check_accelerate") and entry["outcome"] == "passed"
     assert entry["properties"]["cpu"].startswith("refused")
+
+
+# -- the GPU run's commands, rehearsed with a stand-in python (the dry run takes the other branch of each stage) --
+
+STUB = """#!/usr/bin/env bash
+# Stands in for the GPU machine's python: records every stage command, runs the bookkeeping for real.
+if [ "${1:-}" = "-c" ]; then exec "$REAL_PY" "$@"; fi
+if [ "${1:-}" = "scripts/gpu_check.py" ]; then
+    case "${2:-}" in
+        require) exit 0 ;;  # "CUDA and every package are there"
+        env | finalize) exec "$REAL_PY" "$@" ;;
+    esac
+fi
+"$REAL_PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >>"$CALLS"
+"""
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_run_commands_are_accepted_by_the_scripts_they_call(tmp_path):
+    stub, calls, data, out = tmp_path / "python", tmp_path / "calls.jsonl", tmp_path / "fm", tmp_path / "out"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    data.mkdir()
+    for name in gpu_check.FMNIST_FILES:
+        (data / name).touch()
+    env = {**os.environ, "PY": str(stub), "REAL_PY": sys.executable, "CALLS": str(calls)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert "## Stages" in proc.stdout, proc.stdout + proc.stderr
+    budgets = json.loads((out / "run.json").read_text())["budgets"]
+    assert sum(budgets.values()) <= 520  # 9 minutes with the bookkeeping and the kill grace
+    commands = {}
+    for line in calls.read_text().splitlines():
+        argv = json.loads(line)
+        key = "pytest" if argv[:2] == ["-m", "pytest"] else Path(argv[0]).stem
+        commands[key] = argv[2:] if key == "pytest" else argv[1:]
+    assert set(commands) == {"pytest", "train_cost", "accelerate", "study"}, commands
+
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", *commands["pytest"]],  # the command's -q: node ids
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stdout[-3000:]
+    for name in CHECK_NAMES:
+        assert f"tests/gpu/test_cuda.py::test_{name}" in collected.stdout
+
+    cost = _load("train_cost").parser().parse_args(commands["train_cost"])
+    assert cost.device == "cuda" and [m.name for m in cost.models] == ["resnet50", "resnet18_cifar"]
+    assert [(m.image, m.batch) for m in cost.models] == [(224, 128), (32, 256)]
+    assert cost.compile_variants == ["dense", "maxq"] and cost.budget_s < budgets["train_cost"]
+    accel = _load("accelerate").parser().parse_args(commands["accelerate"])
+    assert not accel.dry_run and accel.models == ["vit_b_16", "resnet50"]
+    study_args = commands["study"]
+    assert study_args[study_args.index("--device") + 1] == "cuda" and "--quick" not in study_args
+    assert study_args[study_args.index("--docs") + 1] == study_args[study_args.index("--results") + 1]
+    assert float(study_args[study_args.index("--deadline") + 1]) < budgets["study"]
+    study = _load("study")
+    assert study.main([*study_args, "--list"]) == 0  # the flags parse and the GPU grid plans
