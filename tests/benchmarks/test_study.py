@@ -1,6 +1,7 @@
 """The study runner's plan and statistics (the runs themselves are in docs/RESULTS.md)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -114,3 +115,47 @@ def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
     assert "old" not in text and "| maxq (3 seeds) | 90.10 ± 0.10 |" in text and "| 1:16 (3 seeds) |" in text
     assert (docs / "study_accuracy.png").stat().st_size > 10_000
+
+
+# -- the GPU study (configs/study_gpu.yaml, stage 4 of scripts/gpu_check.sh) ----------------------------------------
+
+SPEC_GPU = yaml.safe_load((ROOT / "configs" / "study_gpu.yaml").read_text())
+
+
+def test_gpu_plan_runs_both_seeds_of_1_16_first():
+    runs = study.plan(SPEC_GPU, quick=False)
+    assert [r.record["nm"] for r in runs] == ["1:16"] * 4 + ["2:4"] * 4  # grid.order: pattern
+    assert {(r.record["method"], r.record["seed"]) for r in runs[:4]} == {
+        (m, s) for m in ("srste", "maxq") for s in (0, 1)
+    }
+    for r in runs:
+        cfg = TrainConfig.from_dict(r.options)
+        assert (cfg.dataset, cfg.model) == ("fashion-mnist-32", "resnet18_cifar") and cfg.val_split > 0
+        if cfg.method == "maxq":
+            assert cfg.resolved_ramp[1] == 0.25 * cfg.epochs  # the paper's share of training
+    (quick,) = study.plan(SPEC_GPU, quick=True)  # the dry run: one tiny training
+    assert TrainConfig.from_dict(quick.options).subset <= 1000
+
+
+def test_gpu_study_keeps_its_records_apart_from_the_cpu_study():
+    assert SPEC_GPU["results"] == "results/gpu" and SPEC_GPU["docs_dir"] != "docs"
+    assert "results" not in SPEC  # the CPU study stays in results/
+    assert {r.record["variant"] for r in study.plan(SPEC_GPU, quick=False)} == {"gpu"}
+
+
+def test_command_passes_device_data_and_run_folder(tmp_path):
+    run = study.plan(SPEC_GPU, quick=False)[0]
+    ex = study.Execution(jobs=4, threads=3, device="cuda", data_dir="data/fm", runs_dir=tmp_path / "runs")
+    cmd, folder = study._command(run, tmp_path / "results", ex)
+    assert folder == tmp_path / "runs" / run.id and (tmp_path / "runs" / f"{run.id}.yaml").exists()
+    text = " ".join(cmd)
+    assert "--device cuda" in text and "--data-dir data/fm" in text and "--threads 3" in text
+    assert not (tmp_path / "results").exists()  # nothing but records and logs go there
+
+
+def test_deadline_starts_no_run_that_cannot_finish(tmp_path):
+    runs = study.plan(SPEC_GPU, quick=True)
+    missing = study.execute(runs, tmp_path, study.Execution(jobs=1, deadline_s=0.0))
+    assert missing == [runs[0].id]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["not_started"] == [runs[0].id] and status["finished"] == [] and status["planned"] == [runs[0].id]
