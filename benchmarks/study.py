@@ -53,6 +53,11 @@ def main_variant_of(spec: dict[str, Any]) -> str:
     return spec.get("name", "main")
 
 
+def _tag(spec: dict[str, Any]) -> str:
+    """The name of a study's block in RESULTS.md and of its plots: ``study`` for the main study, ``study_<name>``."""
+    return "study" if main_variant_of(spec) == "main" else f"study_{main_variant_of(spec)}"
+
+
 def _nm_tag(nm: str) -> str:
     return nm.replace(":", "-")
 
@@ -500,7 +505,8 @@ def plot(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     )
     for a in (ax, gap_ax):
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -597,13 +603,140 @@ def write_markdown(
         extra,
     ]
     block = "\n".join(lines)
-    start, end = "<!-- study:begin -->", "<!-- study:end -->"
+    start, end = f"<!-- {_tag(spec)}:begin -->", f"<!-- {_tag(spec)}:end -->"
     text = path.read_text() if path.exists() else f"# Results\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+
+
+def epoch_gaps(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """Per epoch, at the patterns in ``report.curves``: both methods' mean top-1 and the paired MaxQ − SR-STE gap
+    (test and held-out val) over the seeds both ran, from the records' learning curves."""
+    main_variant = main_variant_of(spec)
+    out: dict[str, Any] = {}
+    for nm in spec.get("report", {}).get("curves", []):
+        runs = {
+            (r["method"], r["seed"]): r["curve"]
+            for r in records
+            if r["variant"] == main_variant and r.get("n") and f"{r['n']}:{r['m']}" == nm and r.get("curve")
+        }
+        by_method = {method: {s for (m, s) in runs if m == method} for method in ("maxq", "srste")}
+        seeds = sorted(by_method["maxq"] & by_method["srste"])
+        if not seeds:
+            continue
+        epochs = min(len(runs[(method, s)]) for method in ("maxq", "srste") for s in seeds)
+        rows = []
+        for e in range(epochs):
+            row: dict[str, Any] = {"epoch": e + 1, "seeds": len(seeds)}
+            for key, label in (("test_top1", "test"), ("val_top1", "val")):
+                mq = [runs[("maxq", s)][e].get(key) for s in seeds]
+                sr = [runs[("srste", s)][e].get(key) for s in seeds]
+                if None in mq or None in sr:
+                    continue
+                row[f"maxq_{label}"] = statistics.fmean(mq)
+                row[f"srste_{label}"] = statistics.fmean(sr)
+                row[f"gap_{label}"] = paired_test(mq, sr)
+            rows.append(row)
+        out[nm] = rows
+    return out
+
+
+def _ramp_end(spec: dict[str, Any]) -> float | None:
+    ramp = spec.get("method_options", {}).get("maxq", {}).get("ramp")
+    return float(ramp[1]) if ramp else None
+
+
+def plot_curves(curves: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """Per pattern: both methods' test top-1 per epoch (left) and the paired gap per epoch, test and val (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(curves), 2, figsize=(12, 3.8 * len(curves)), squeeze=False)
+    end = _ramp_end(spec)
+    for (nm, rows), (ax, gap_ax) in zip(curves.items(), axes):
+        epochs = [r["epoch"] for r in rows]
+        for method in ("srste", "maxq"):
+            ax.plot(epochs, [r.get(f"{method}_test") for r in rows], "o-", ms=3, label=f"{method} (test)")
+        ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{nm}: mean over {rows[0]['seeds']} seeds")
+        for label, color in (("test", "C2"), ("val", "C4")):
+            gaps = [r.get(f"gap_{label}") for r in rows]
+            if None in gaps:
+                continue
+            means = [g["gap"] for g in gaps]
+            ses = [0.0 if math.isnan(g["se"]) else g["se"] for g in gaps]
+            gap_ax.errorbar(epochs, means, yerr=ses, marker="o", ms=3, capsize=2, color=color, label=label)
+        gap_ax.axhline(0, color="gray", lw=1)
+        gap_ax.set(xlabel="epoch", ylabel="MaxQ − SR-STE (points)", title=f"{nm}: paired gap per epoch (± s.e.)")
+        for a in (ax, gap_ax):
+            if end:
+                a.axvspan(0.5, end + 0.5, color="gray", alpha=0.12, label="MaxQ ramp")
+            a.grid(alpha=0.3)
+            a.legend()
+        ax.set_ylim(bottom=max(50.0, min(r.get("srste_test", 100) for r in rows) - 2))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_markdown(curves: dict[str, Any], spec: dict[str, Any], plot_path: Path) -> str:
+    end = _ramp_end(spec)
+    lines = []
+    for nm, rows in curves.items():
+        lines += [
+            f"**Gap per epoch at {nm}** (mean top-1 over {rows[0]['seeds']} paired seeds; MaxQ's ramp ends after "
+            f"epoch {end:g}):"
+            if end
+            else f"**Gap per epoch at {nm}**:",
+            "",
+            "| epoch | SR-STE test | MaxQ test | gap, test | p | SR-STE val | MaxQ val | gap, val | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [str(r["epoch"])]
+            for label in ("test", "val"):
+                g = r.get(f"gap_{label}")
+                if g is None:
+                    cells += ["—"] * 4
+                    continue
+                p = "—" if math.isnan(g["p"]) else f"{g['p']:.3f}"
+                se = "" if math.isnan(g["se"]) else f" ± {g['se']:.2f}"
+                cells += [f"{r[f'srste_{label}']:.2f}", f"{r[f'maxq_{label}']:.2f}", f"{g['gap']:+.2f}{se}", p]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![learning curves and gap per epoch]({plot_path.name})", ""]
+    return "\n".join(lines)
+
+
+def compare_gaps(summary: dict[str, Any], other: dict[str, Any], spec: dict[str, Any]) -> str:
+    """This study's MaxQ − SR-STE gaps next to another study's (``report.compare_with``: its summary.json)."""
+    label = spec.get("report", {}).get("compare_label", "other study")
+    mine = spec.get("report", {}).get("label", "this study")
+    lines = [
+        f"**MaxQ − SR-STE, {label} vs {mine}** (paired gap ± s.e., p; last epoch):",
+        "",
+        f"| pattern | test, {label} | test, {mine} | val, {label} | val, {mine} |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(g: dict[str, Any] | None) -> str:
+        if not g:
+            return "—"
+        se = "" if math.isnan(g["se"]) else f" ± {g['se']:.2f}"
+        p = "" if math.isnan(g["p"]) else f" (p {g['p']:.3f}, {g['pairs']} seeds)"
+        return f"{g['gap']:+.2f}{se}{p}"
+
+    for nm in spec["grid"]["patterns"]:
+        a, b = other.get("gaps", {}).get(nm, {}), summary["gaps"].get(nm, {})
+        lines.append(
+            f"| {nm} | {cell(a.get('top1_last'))} | {cell(b.get('top1_last'))} | {cell(a.get('val_top1_last'))} "
+            f"| {cell(b.get('val_top1_last'))} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 NOT_RECORDS = ("summary.json", "status.json")
@@ -617,16 +750,28 @@ def report(spec: dict[str, Any], results: Path, docs: Path) -> dict[str, Any]:
     summary = summarize(records, spec)
     _write_json(results / "summary.json", summary)
     docs.mkdir(parents=True, exist_ok=True)
-    plot_path = docs / "study_accuracy.png"
+    plot_path = docs / ("study_accuracy.png" if _tag(spec) == "study" else f"{_tag(spec)}_accuracy.png")
+    curves = epoch_gaps(records, spec)
+    if curves:
+        summary["epoch_gaps"] = curves
+        _write_json(results / "summary.json", summary)
     try:
         plot(summary, spec, plot_path)
+        if curves:
+            plot_curves(curves, spec, plot_path.with_name(f"{_tag(spec)}_curves.png"))
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     gpus = sorted({r["device_name"] for r in records if r.get("device_name")})
     if gpus:
         machine += f", {', '.join(gpus)}"
-    write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, f"Machine: {machine}.")
+    extra = f"Machine: {machine}."
+    compare = spec.get("report", {}).get("compare_with")
+    if compare and (ROOT / compare).is_file():
+        extra = compare_gaps(summary, json.loads((ROOT / compare).read_text()), spec) + "\n" + extra
+    if curves:
+        extra = curves_markdown(curves, spec, plot_path.with_name(f"{_tag(spec)}_curves.png")) + "\n" + extra
+    write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, extra)
     return summary
 
 
