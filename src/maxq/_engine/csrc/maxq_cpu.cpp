@@ -72,12 +72,11 @@ void check_float(const torch::Tensor& t, const char* what) {
 
 // ---- exact order statistics near a guess ------------------------------------------------------------------
 
-// What one pass over a query set gathers around a guess g: entries below g, the largest below and the smallest
-// at or above g, and every entry in the bracket [lo, hi) = [g - d, g + d).
+// What one pass over a query set gathers around a guess g: how many entries lie below g, and every entry in the
+// bracket [lo, hi) = [g - d, g + d) (the candidates: the largest entries below g and the smallest at or above it).
 struct Near {
   float g = 0.0f, lo = kInf, hi = -kInf;  // an empty bracket until a guess is set
   int64_t below = 0;
-  float max_below = -kInf, min_above = kInf;
   std::vector<float> cand;
 
   void set(float guess, float width) {
@@ -87,36 +86,33 @@ struct Near {
   }
   void merge(const Near& other) {
     below += other.below;
-    max_below = std::max(max_below, other.max_below);
-    min_above = std::min(min_above, other.min_above);
     cand.insert(cand.end(), other.cand.begin(), other.cand.end());
   }
-  // a(k), a(k+1) (k 1-indexed) if the pass covered them.
-  // `used` receives how many candidates the bracket held (to size it next time).
+  // a(k), a(k+1) (k 1-indexed) if the bracket held them; `used` receives the number of candidates (to size the
+  // bracket next time).
   bool resolve(int64_t k, float* a_k, float* a_k1, int64_t* used) {
     const int64_t offset = below - k;  // >= 0: a(k) lies below g
     *used = static_cast<int64_t>(cand.size());
-    if (offset == 0) {  // the k smallest are exactly the entries below g
-      *a_k = max_below;
-      *a_k1 = min_above;
-      return std::isfinite(*a_k) && std::isfinite(*a_k1);
-    }
-    std::vector<float> side;
-    for (float v : cand) {
-      if ((offset > 0) == (v < g)) side.push_back(v);
-    }
-    if (offset > 0) {  // a(k): the (offset+1)-th largest below g; a(k+1): the offset-th largest
-      if (static_cast<int64_t>(side.size()) < offset + 1) return false;
-      std::nth_element(side.begin(), side.begin() + offset, side.end(), std::greater<float>());
-      *a_k = side[offset];
-      *a_k1 = *std::min_element(side.begin(), side.begin() + offset);
+    // In place: the candidates below g first (largest first after nth_element), then those at or above g.
+    const auto mid = std::partition(cand.begin(), cand.end(), [this](float v) { return v < g; });
+    const int64_t n_lower = mid - cand.begin(), n_upper = cand.end() - mid;
+    if (offset >= 0) {  // a(k): the (offset+1)-th largest below g; a(k+1): the offset-th, or the smallest above
+      if (n_lower < offset + 1) return false;
+      std::nth_element(cand.begin(), cand.begin() + offset, mid, std::greater<float>());
+      *a_k = cand[offset];
+      if (offset > 0) {
+        *a_k1 = *std::min_element(cand.begin(), cand.begin() + offset);
+        return true;
+      }
+      if (n_upper == 0) return false;
+      *a_k1 = *std::min_element(mid, cand.end());
       return true;
     }
     const int64_t r = -offset;  // a(k): the r-th smallest at or above g; a(k+1): the (r+1)-th
-    if (static_cast<int64_t>(side.size()) < r + 1) return false;
-    std::nth_element(side.begin(), side.begin() + r, side.end());
-    *a_k1 = side[r];
-    *a_k = *std::max_element(side.begin(), side.begin() + r);
+    if (n_upper < r + 1) return false;
+    std::nth_element(mid, mid + r, cand.end());
+    *a_k1 = mid[r];
+    *a_k = *std::max_element(mid, mid + r);
     return true;
   }
 };
@@ -256,44 +252,33 @@ __attribute__((noinline)) void to_block_major(const float* __restrict__ row, flo
 
 // ---- branch-free row loops (separate functions with restrict pointers and scalars by value: so they vectorize)
 
-// Entries of a row against one guess g: count below, largest below, smallest at or above (accumulated), and a
-// flag per entry in the bracket [lo, hi). One long branch-free loop (short ones spend their time in the
-// vectorizer's alignment prologue); kept out of line, because inlined into the big caller the compiler loses the
-// restrict qualifiers and with them the vectorization.
+// One pass over a row (or any run of values) for the order statistics: entries below the filter guess g (one
+// per row) and below each kernel-position guess gk[idx], and a flag per entry: bit 0 in the filter bracket
+// [lo, hi), bit 1 in its kernel bracket [lk[idx], hk[idx]). One long branch-free loop (short ones spend their
+// time in the vectorizer's alignment prologue), kept out of line: inlined into the big caller, the compiler
+// loses the restrict qualifiers and with them the vectorization.
 // Abs: scan |row| (weights) or row as it is (dense-block scores, which may be negative).
-template <bool Abs>
-__attribute__((noinline)) void scan_one(const float* __restrict__ row, int64_t L, float g, float lo, float hi,
-                                        int64_t* below, float* max_below, float* min_above,
-                                        uint8_t* __restrict__ in) {
+template <bool Abs, bool F, bool Kq>
+__attribute__((noinline)) int64_t scan(const float* __restrict__ row, int64_t L, float g, float lo, float hi,
+                                       const float* __restrict__ gk, const float* __restrict__ lk,
+                                       const float* __restrict__ hk, int32_t* __restrict__ below_k,
+                                       uint8_t* __restrict__ in) {
   int32_t cnt = 0;
-  float maxb = *max_below, mina = *min_above;
-#pragma omp simd reduction(+ : cnt) reduction(max : maxb) reduction(min : mina)
+#pragma omp simd reduction(+ : cnt)
   for (int64_t idx = 0; idx < L; ++idx) {
     const float a = Abs ? std::fabs(row[idx]) : row[idx];
-    const bool lt = a < g;
-    cnt += static_cast<int32_t>(lt);
-    maxb = std::max(maxb, lt ? a : -kInf);
-    mina = std::min(mina, lt ? kInf : a);
-    in[idx] = static_cast<uint8_t>((a >= lo) & (a < hi));
+    uint8_t flag = 0;
+    if (F) {
+      cnt += static_cast<int32_t>(a < g);
+      flag = static_cast<uint8_t>((a >= lo) & (a < hi));
+    }
+    if (Kq) {
+      below_k[idx] += static_cast<int32_t>(a < gk[idx]);
+      flag = static_cast<uint8_t>(flag | (static_cast<uint8_t>((a >= lk[idx]) & (a < hk[idx])) << 1));
+    }
+    in[idx] = flag;
   }
-  *below += cnt;
-  *max_below = maxb;
-  *min_above = mina;
-}
-
-// The same against per-position guesses g[idx] (kernel sets along a row), accumulated per position.
-__attribute__((noinline)) void scan_each(const float* __restrict__ row, int64_t L, const float* __restrict__ g,
-                                         const float* __restrict__ lo, const float* __restrict__ hi,
-                                         int32_t* __restrict__ below, float* __restrict__ max_below,
-                                         float* __restrict__ min_above, uint8_t* __restrict__ in) {
-  for (int64_t idx = 0; idx < L; ++idx) {
-    const float a = std::fabs(row[idx]);
-    const bool lt = a < g[idx];
-    below[idx] += static_cast<int32_t>(lt);
-    max_below[idx] = std::max(max_below[idx], lt ? a : -kInf);
-    min_above[idx] = std::min(min_above[idx], lt ? kInf : a);
-    in[idx] = static_cast<uint8_t>((a >= lo[idx]) & (a < hi[idx]));
-  }
+  return cnt;
 }
 
 // Calls fn(idx) for every idx < L with in[idx] set, reading the flags eight at a time (most words are zero).
@@ -341,9 +326,11 @@ __attribute__((noinline)) void keep_to_row(const float* __restrict__ R, const ui
 }
 
 // mrow *= 1 + Q_f + Q_k, Q = [|w| > cut] * sigmoid((|w| - t) / tau); tk / ck hold the kernel sets' thresholds
-// along the row (or are null: no kernel query). Branch-free: the sigmoid is computed everywhere, then gated.
-__attribute__((noinline)) void soft_row(const float* __restrict__ row, float* __restrict__ mrow, int64_t L, float t, float cut,
-              const float* __restrict__ tk, const float* __restrict__ ck, float inv_tau) {
+// along the row (or are null: no kernel query). Branch-free (the sigmoid is computed everywhere, then gated), so
+// it vectorizes. (Sharing one division between the two queries measured slower.)
+__attribute__((noinline)) void soft_row(const float* __restrict__ row, float* __restrict__ mrow, int64_t L, float t,
+                                        float cut, const float* __restrict__ tk, const float* __restrict__ ck,
+                                        float inv_tau) {
   const float shift = -t * inv_tau;
   if (tk != nullptr) {
     for (int64_t idx = 0; idx < L; ++idx) {
@@ -417,7 +404,6 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
     at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
       std::vector<float> T(use_dense ? L : 0), scratch;
       std::vector<int32_t> below_k(k_guess ? L : 0, 0);
-      std::vector<float> maxb_k(k_guess ? L : 0, -kInf), mina_k(k_guess ? L : 0, kInf);
       std::vector<std::vector<float>> cand_k(k_guess ? K : 0);
       std::vector<uint8_t> in(L);
       for (int64_t o = o0; o < o1; ++o) {
@@ -428,15 +414,25 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
         }
         Near nf;
         const bool f_guess = has_f && valid(gf[o], df[o]);
-        if (f_guess) {
-          nf.set(gf[o], df[o]);
-          scan_one<true>(row, L, nf.g, nf.lo, nf.hi, &nf.below, &nf.max_below, &nf.min_above, in.data());
-          for_flagged(in.data(), L, [&](int64_t idx) { nf.cand.push_back(std::fabs(row[idx])); });
-        }
-        if (k_guess) {
-          scan_each(row, L, gk_row.data(), lk.data(), hk.data(), below_k.data(), maxb_k.data(), mina_k.data(),
-                    in.data());
-          for_flagged(in.data(), L, [&](int64_t idx) { cand_k[idx % K].push_back(std::fabs(row[idx])); });
+        if (f_guess) nf.set(gf[o], df[o]);
+        if (f_guess || k_guess) {
+          int64_t below;
+          if (f_guess && k_guess) {
+            below = scan<true, true, true>(row, L, nf.g, nf.lo, nf.hi, gk_row.data(), lk.data(), hk.data(),
+                                           below_k.data(), in.data());
+          } else if (f_guess) {
+            below = scan<true, true, false>(row, L, nf.g, nf.lo, nf.hi, nullptr, nullptr, nullptr, nullptr,
+                                            in.data());
+          } else {
+            below = scan<true, false, true>(row, L, 0.0f, 0.0f, 0.0f, gk_row.data(), lk.data(), hk.data(),
+                                            below_k.data(), in.data());
+          }
+          nf.below = below;
+          for_flagged(in.data(), L, [&](int64_t idx) {
+            const float a = std::fabs(row[idx]);
+            if (in[idx] & 1) nf.cand.push_back(a);
+            if (in[idx] & 2) cand_k[idx % K].push_back(a);
+          });
         }
         if (has_f) {  // the filter set is this row: solve it now, while the row is in cache
           float a_k, a_k1;
@@ -456,12 +452,7 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
       }
       if (k_guess) {
         std::vector<Near> local(K);
-        for (int64_t idx = 0; idx < L; ++idx) {
-          Near& s = local[idx % K];
-          s.below += below_k[idx];
-          s.max_below = std::max(s.max_below, maxb_k[idx]);
-          s.min_above = std::min(s.min_above, mina_k[idx]);
-        }
+        for (int64_t idx = 0; idx < L; ++idx) local[idx % K].below += below_k[idx];
         std::lock_guard<std::mutex> lock(merge);
         for (int64_t kk = 0; kk < K; ++kk) {
           local[kk].cand = std::move(cand_k[kk]);
@@ -529,8 +520,8 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
         Near part;
         part.set(nd.g, gd[1]);
         std::vector<uint8_t> in(g1 - g0);
-        scan_one<false>(score.data() + g0, g1 - g0, part.g, part.lo, part.hi, &part.below, &part.max_below,
-                 &part.min_above, in.data());
+        part.below = scan<false, true, false>(score.data() + g0, g1 - g0, part.g, part.lo, part.hi, nullptr,
+                                              nullptr, nullptr, nullptr, in.data());
         for_flagged(in.data(), g1 - g0, [&](int64_t j) { part.cand.push_back(score[g0 + j]); });
         std::lock_guard<std::mutex> lock(merge);
         nd.merge(part);
