@@ -225,8 +225,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="N:M compliance report of a checkpoint, state dict, compressed or ONNX file",
-        description="Exit code 0 only when every sparsified layer is N:M (1: violations, or a dense run; 2: unreadable, "
-        "corrupt or unsafe input).",
+        description="Exit code 0 only when every sparsified layer is N:M (1: violations, or a dense run; "
+        "2: unreadable, corrupt or unsafe input).",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--nm", type=_nm, metavar="N:M", help="the pattern, for files that do not record it")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..core.layout import LAYOUT_ATTR, NMLayout
 from ..core.nm import parse_nm
-from ..train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_folded, read_torch_file
+from ..train.checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, folded_model, read_torch_file
 
 __all__ = ["file_kind", "Weights", "weights_from", "model_from"]
 
@@ -137,14 +137,13 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
         return model, arch
     if kind != "torch":
         raise CheckpointError(f"{path}: cannot rebuild a PyTorch model from a {kind} file")
-    try:
-        return _model_from_checkpoint(load_checkpoint(path), force)
-    except CheckpointError as first:
-        try:
-            model, state = load_folded(path)
-        except CheckpointError:
-            raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model ({first})") from None
-        return model, state["arch"]
+    state = read_torch_file(path)  # read once: seal and safety checked here
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found == CHECKPOINT_FORMAT:
+        return _model_from_checkpoint(state, force)
+    if found == FOLDED_FORMAT:
+        return folded_model(state, path), state["arch"]
+    raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model (found {found!r})")
 
 
 def _model_from_checkpoint(state: dict[str, Any], force: bool) -> tuple[nn.Module, dict[str, Any]]:

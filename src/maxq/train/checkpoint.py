@@ -36,6 +36,7 @@ __all__ = [
     "read_torch_file",
     "load_checkpoint",
     "load_folded",
+    "folded_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,15 @@ def folded_file(state_dict: dict[str, Any], layout: Any, arch: dict[str, Any], c
 
 def load_folded(path: str | Path):
     """Rebuild a folded model file (``model_folded.pt``); returns ``(model, file)``."""
+    state = load_checkpoint(path, kind=FOLDED_FORMAT)
+    return folded_model(state, path), state
+
+
+def folded_model(state: dict[str, Any], source: str | Path = ""):
+    """The model of an already-read folded file (:data:`FOLDED_FORMAT`), with its layout attached."""
     from ..core.layout import LAYOUT_ATTR, NMLayout
     from .models import build_model
 
-    state = load_checkpoint(path, kind=FOLDED_FORMAT)
     arch = state["arch"]
     model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], arch.get("image_size"))
     if arch.get("bn_folded"):
@@ -190,7 +196,8 @@ def load_folded(path: str | Path):
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model it names ({arch['model']}): {exc}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{source} does not fit the model it names ({arch['model']}): {first}") from None
     if state.get("layout"):
-        setattr(model, LAYOUT_ATTR, NMLayout.from_dict(state["layout"], str(path)))
-    return model, state
+        setattr(model, LAYOUT_ATTR, NMLayout.from_dict(state["layout"], str(source)))
+    return model
