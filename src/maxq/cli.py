@@ -134,7 +134,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="write INT8 ONNX (QDQ; static post-training quantization calibrated on training images)",
     )
-    p.add_argument("--calib-samples", type=int, metavar="N", help="training images that calibrate --int8 (default 512)")
+    from .deploy.quantize import DEFAULT_CALIB_SAMPLES
+
+    calib_help = f"training images that calibrate --int8 (default {DEFAULT_CALIB_SAMPLES})"
+    p.add_argument("--calib-samples", type=int, metavar="N", help=calib_help)
     p.add_argument("--dataset", help="dataset of the --int8 calibration images (default: the one the run records)")
     p.add_argument("--data-dir", metavar="DIR", help="its folder (Fashion-MNIST default: Debian's package)")
     p.add_argument("--compressed", metavar="PATH", help="write the compressed N:M file (values + packed indices)")

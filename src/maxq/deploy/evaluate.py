@@ -64,7 +64,13 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
     dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
 
     def predict(x: Tensor) -> Tensor:
-        return torch.from_numpy(np.asarray(session.run(None, {feed.name: x.numpy().astype(dtype)})[0])).float()
+        try:
+            out = session.run(None, {feed.name: x.numpy().astype(dtype)})[0]
+        except Exception as exc:  # e.g. images of another size or channel count than the graph takes
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            shape = tuple(x.shape)
+            raise ValueError(f"{path}: onnxruntime failed on {shape} images ({first}); wrong --dataset?") from None
+        return torch.from_numpy(np.asarray(out)).float()
 
     return predict, arch, arch.get("precision", "fp32")
 

@@ -61,12 +61,16 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def seal(data: bytes) -> bytes:
-    """``torch.save`` output -> the same archive with the SHA-256 zip comment (see the module docstring)."""
+def seal(data: bytes | memoryview) -> list[bytes | memoryview]:
+    """``torch.save`` output -> the pieces of the same archive with the SHA-256 zip comment (see the module
+    docstring); written one after the other, so a large checkpoint is not copied in memory."""
+    data = memoryview(data)
     if len(data) < 22 or data[-22:-18] != _EOCD or data[-2:] != b"\x00\x00":
         raise ValueError("seal() expects torch.save's zip archive (no comment)")
-    head = data[:-2] + _TRAILER.to_bytes(2, "little") + _SEAL
-    return head + hashlib.sha256(head).hexdigest().encode()
+    comment = _TRAILER.to_bytes(2, "little") + _SEAL  # the comment length, then the comment up to the digest
+    digest = hashlib.sha256(data[:-2])
+    digest.update(comment)
+    return [data[:-2], comment, digest.hexdigest().encode()]
 
 
 def _check_seal(data: bytes, path: Path) -> bool:
@@ -85,15 +89,16 @@ def _check_seal(data: bytes, path: Path) -> bool:
     return False
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a temporary file in the same folder, fsync, then rename over ``path``: a crash leaves
-    either the old file or the new one, never half of one."""
+def atomic_write_bytes(data: bytes | list[bytes | memoryview], path: str | Path) -> None:
+    """Write ``data`` (or its pieces, in order) to a temporary file in the same folder, fsync, then rename over
+    ``path``: a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,7 +114,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     ``torch.load(weights_only=True)`` reads back)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(seal(buf.getvalue()), path)
+    atomic_write_bytes(seal(buf.getbuffer()), path)
 
 
 def _legacy_globals() -> list[Any]:
