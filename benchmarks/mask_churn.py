@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         losses, churns, previous = [], [], None
         for i in range(args.steps):
             losses.append(step(model, opt, sp, args.warmup + i))
-            if i % WINDOW == 0:  # the mask used by step i (computed at its forward when i % k == 0)
+            if i % WINDOW == 0:  # the mask step i used (computed after step i - 1 when i % k == 0)
                 current = kept_sets(sp)
                 if previous is not None:
                     churns.append(churn(previous, current))
                 previous = current
+            sp.step()
         # Loss change into the steps where the slowest variant updates its masks (a control for the others).
         jumps = [losses[i] - losses[i - 1] for i in range(slowest, args.steps, slowest)]
         tail = losses[-50:]

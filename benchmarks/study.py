@@ -42,6 +42,12 @@ class Run:
     after: list[str] = field(default_factory=list)  # run ids that must finish first
 
 
+def main_variant_of(spec: dict[str, Any]) -> str:
+    """The variant name of a study's main grid (``main``; a study with a ``name`` uses it, e.g. ``long``), so
+    records of different studies never pass for each other."""
+    return spec.get("name", "main")
+
+
 def _nm_tag(nm: str) -> str:
     return nm.replace(":", "-")
 
@@ -67,15 +73,17 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     epochs = base["epochs"]
     runs: list[Run] = []
     seeds, patterns = grid["seeds"], grid["patterns"]
-    for seed in seeds:
+    main_variant = main_variant_of(spec)
+    for seed in grid.get("dense_seeds", seeds):
         if "dense" in grid["methods"]:
             runs.append(
                 Run(
                     f"main_dense_s{seed}",
                     {**base, "method": "dense", "seed": seed},
-                    {"method": "dense", "nm": None, "seed": seed, "variant": "main"},
+                    {"method": "dense", "nm": None, "seed": seed, "variant": main_variant},
                 )
             )
+    for seed in seeds:
         if "oneshot" in grid["methods"]:
             pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
             runs.append(
@@ -92,8 +100,11 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     cells = [(seed, grid["methods"]) for seed in seeds] + [
         (s, extra.get("methods", [])) for s in extra.get("seeds", [])
     ]
+    by_pattern = grid.get("seeds_by_pattern") or {}  # fewer seeds for some patterns (budget)
     for seed, methods in cells:
         for nm in patterns:
+            if nm in by_pattern and seed not in by_pattern[nm]:
+                continue
             for method in methods:
                 if method == "dense":
                     continue
@@ -114,7 +125,7 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
                     Run(
                         f"main_{method}_{_nm_tag(nm)}_s{seed}",
                         options,
-                        {"method": method, "nm": nm, "seed": seed, "variant": "main"},
+                        {"method": method, "nm": nm, "seed": seed, "variant": main_variant},
                         after,
                     )
                 )
@@ -303,7 +314,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
-    main = [r for r in records if r["variant"] == "main"]
+    main_variant = main_variant_of(spec)
+    main = [r for r in records if r["variant"] == main_variant]
     patterns = spec["grid"]["patterns"]
     methods = [m for m in spec["grid"]["methods"]]
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -330,7 +342,7 @@ def summarize(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, 
     main_maxq = {(f"{r['n']}:{r['m']}", r["seed"]): r for r in main if r["method"] == "maxq"}
     ablations: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in sorted(records, key=lambda r: r["seed"]):
-        if r["variant"] == "main" or r["method"] != "maxq":
+        if r["variant"] == main_variant or r["method"] != "maxq":
             continue
         nm = f"{r['n']}:{r['m']}"
         entry = ablations.setdefault(r["variant"], {}).setdefault(
@@ -536,14 +548,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(args.config.read_text())
-    results = args.results or (ROOT / "results" / ("quick" if args.quick else ""))
+    default = ROOT / spec["results"] if spec.get("results") else ROOT / "results"
+    results = args.results or (default / "quick" if args.quick else default)
     results.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, args.quick)
     if args.only:
         keep = {
             r.id
             for r in runs
-            if (r.record["variant"] != "main") == (args.only == "ablations") or r.id.startswith("pre_")
+            if (r.record["variant"] != main_variant_of(spec)) == (args.only == "ablations") or r.id.startswith("pre_")
         }
         runs = [r for r in runs if r.id in keep]
     if args.list:

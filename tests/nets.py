@@ -49,4 +49,6 @@ def train_steps(model: nn.Module, sparsifier, steps: int = 3, lr: float = 0.1, d
         if sparsifier is not None:
             sparsifier.regularize_()
         opt.step()
+        if sparsifier is not None:
+            sparsifier.step()
     return opt

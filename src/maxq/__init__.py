@@ -11,6 +11,7 @@ Quick use::
         for x, y in loader:
             loss = criterion(model(x), y); loss.backward()
             sparsifier.regularize_(); optimizer.step(); optimizer.zero_grad()
+            sparsifier.step()                   # masks from the updated weights (outside the forward)
     maxq.fold_(model)
     assert maxq.check_nm(model, 2, 4).ok
 """

@@ -1,14 +1,22 @@
 import pytest
 import torch
 
-from maxq._engine.workspace import Workspace
-from maxq.core.masks import MaskGuess, block_l1, compute_mask, dense_blocks, hard_mask, maxq_mask
+from maxq._engine.fused import FusedState
+from maxq.core.masks import block_l1, compute_mask_, dense_blocks, dense_count, hard_mask, maxq_mask
 from maxq.core.nm import to_blocks
 from maxq.core.reference import ref_dense_blocks, ref_maxq_mask
 
 from ..conftest import PATTERNS, fused_params
 
 SHAPES = [(16, 32, 3, 3), (24, 16), (8, 48, 1, 1), (6, 16, 5, 3)]
+
+
+def compute_mask(w, n, m, *, fused=True, guess=None, **kw):
+    """The mask of ``w`` and the fused state to pass back (the thresholds of this call)."""
+    state = guess if guess is not None else FusedState()
+    out = torch.empty_like(w)
+    compute_mask_(out, w, n, m, fused=fused, state=state, **kw)
+    return out, state
 
 
 @pytest.mark.parametrize("fused", fused_params())
@@ -19,17 +27,16 @@ SHAPES = [(16, 32, 3, 3), (24, 16), (8, 48, 1, 1), (6, 16, 5, 3)]
 def test_mask_matches_reference(fused, shape, n, m, p, order):
     if shape[1] % m:
         pytest.skip("input not divisible")
-    ws = Workspace()
     w = torch.randn(shape) * 0.05
     priority = torch.randperm(w.numel() // m).float()
     kw = dict(dense_fraction=p, order=order, priority=priority)
     ref = ref_maxq_mask(w, n, m, **kw)
-    got, guess = compute_mask(w, n, m, ws=ws, fused=fused, **kw)
+    got, guess = compute_mask(w, n, m, fused=fused, **kw)
     assert torch.equal(got == 0, ref == 0)
     torch.testing.assert_close(got, ref)
     # The next step, with the thresholds of this one as guesses: still exact.
     w2 = w + 2e-3 * torch.randn_like(w)
-    got2, _ = compute_mask(w2, n, m, ws=ws, fused=fused, guess=guess, **kw)
+    got2, _ = compute_mask(w2, n, m, fused=fused, guess=guess, **kw)
     ref2 = ref_maxq_mask(w2, n, m, **kw)
     assert torch.equal(got2 == 0, ref2 == 0)
     torch.testing.assert_close(got2, ref2)
@@ -70,7 +77,7 @@ def test_result_does_not_depend_on_the_guess(fused):
     w = torch.randn(32, 32, 3, 3) * 0.05
     base, _ = compute_mask(w, 1, 4, fused=fused)
     for scale in (0.0, 0.5, 0.999, 1.2, 50.0):
-        guess = MaskGuess(torch.full((32, 1), 0.05 * scale), torch.full((1, 9), 0.05 * scale), None)
+        guess = FusedState(torch.full((32,), 0.05 * scale), torch.full((9,), 0.05 * scale))
         got, _ = compute_mask(w, 1, 4, fused=fused, guess=guess)
         torch.testing.assert_close(got, base, rtol=0, atol=1e-6)
 
@@ -85,7 +92,7 @@ def test_dense_blocks_orders_match_reference():
     prio = torch.randperm(200).float()
     for order in ("smallest", "largest", "random"):
         for p in (0.0, 0.13, 0.5, 1.0):
-            got, _ = dense_blocks(l1, p, order, prio)
+            got = dense_blocks(l1, dense_count(p, 200), order, prio)
             assert torch.equal(got, ref_dense_blocks(l1, p, order, prio))
             assert int(got.sum()) == int(p * 200)
 
@@ -94,7 +101,7 @@ def test_dense_blocks_smallest_prefers_low_norm():
     w = torch.ones(2, 8)
     w[0, :4] = 0.1  # the low-norm block stays dense first
     l1 = block_l1(w.abs(), 4)
-    dense, _ = dense_blocks(l1, 0.25, "smallest")
+    dense = dense_blocks(l1, dense_count(0.25, 4), "smallest")
     assert dense.tolist() == [True, False, False, False]
 
 

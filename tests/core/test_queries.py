@@ -14,25 +14,19 @@ def _sorted_pair(x, k, dim):
 
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("length, k", [(64, 32), (200, 150), (1000, 1), (1000, 999), (37, 20)])
-def test_kth_pair_exact_without_and_with_any_guess(dim, length, k):
+def test_kth_pair_exact(dim, length, k):
     x = torch.randn(12, length).abs() if dim == 1 else torch.randn(length, 12).abs()
     want_lo, want_hi = _sorted_pair(x, k, dim)
-    lo, hi = kth_pair(x, k, None, dim)
+    lo, hi = kth_pair(x, k, dim)
     assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
-    exact_t = (want_lo + want_hi) / 2
-    # Near, off by a few ranks, far off, below everything, above everything: same answer every time.
-    for guess in (exact_t, exact_t * 1.01, exact_t * 0.97, exact_t * 3, torch.zeros_like(exact_t), exact_t + 10):
-        lo, hi = kth_pair(x, k, guess, dim)
-        assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
 
 
 def test_kth_pair_with_ties():
     x = torch.randint(0, 5, (6, 400)).float()
     for k in (1, 100, 200, 399):
         want = _sorted_pair(x, k, 1)
-        for guess in (None, torch.full((6, 1), 2.0), torch.full((6, 1), 2.5)):
-            got = kth_pair(x, k, guess, 1)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        got = kth_pair(x, k, 1)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_kth_pair_rejects_bad_rank():
@@ -59,17 +53,14 @@ def test_axis_query_matches_full_sort_reference(n, m, ties):
 @pytest.mark.parametrize("shape", [(16, 32, 3, 3), (8, 16, 1, 1), (12, 16), (4, 32, 5, 5)])
 def test_filter_and_kernel_queries_match_reference(n, m, shape):
     a = torch.randn(shape).abs() * 0.03
-    qf, tf = filter_query(a, n, m, 0.01)
+    qf, _ = filter_query(a, n, m, 0.01)
     torch.testing.assert_close(qf, ref_filter_query(a, n, m, 0.01))
-    # A guess gives the same result.
-    torch.testing.assert_close(filter_query(a, n, m, 0.01, tf * 1.001)[0], qf)
     kq = kernel_query(a, n, m, 0.01)
     if len(shape) == 2 or shape[2] * shape[3] == 1:
         assert kq is None
         assert not ref_kernel_query(a, n, m, 0.01).any()
     else:
         torch.testing.assert_close(kq[0], ref_kernel_query(a, n, m, 0.01))
-        torch.testing.assert_close(kernel_query(a, n, m, 0.01, kq[1] * 0.999)[0], kq[0])
 
 
 def test_small_set_prunes_nothing():

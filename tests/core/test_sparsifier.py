@@ -6,6 +6,7 @@ from torch import nn
 
 import maxq
 from maxq.core.nm import to_blocks
+from maxq.core.reference import ref_maxq_mask, ref_nm_mask
 
 from ..nets import batch, mlp, small_cnn, train_steps
 
@@ -133,20 +134,20 @@ def test_progress_sets_dense_fraction_and_report():
     assert sp.set_progress(4) == 0.0 and sp.ramp_finished
 
 
-def test_masks_frozen_in_eval_and_recomputed_in_training():
+def test_forward_never_changes_masks_step_does():
     model = small_cnn()
     sp = maxq.sparsify_(model, maxq.SRSTEConfig())
     x, _ = batch(model)
     first = _masks(sp)
     with torch.no_grad():
         model[3].parametrizations.weight.original.mul_(-1).add_(torch.randn(32, 16, 3, 3))
-    model.eval()
-    with torch.no_grad():
+    for mode in (model.eval, model.train):  # neither an eval nor a training forward touches the masks
+        mode()
         model(x)
-    assert all(torch.equal(first[k], v) for k, v in _masks(sp).items())
-    model.train()
-    model(x)
+        assert all(torch.equal(first[k], v) for k, v in _masks(sp).items())
+    assert sp.step() is True
     assert not torch.equal(first["3"], _masks(sp)["3"])
+    assert torch.equal(_masks(sp)["3"], ref_nm_mask(model[3].parametrizations.weight.original, 2, 4).float())
 
 
 def test_update_every_recomputes_every_k_steps():
@@ -154,16 +155,19 @@ def test_update_every_recomputes_every_k_steps():
     sp = maxq.sparsify_(model, maxq.SRSTEConfig(update_every=3))
     x, y = batch(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    seen = []
+    seen, updated = [], []
     for _ in range(6):
+        seen.append(_masks(sp)["3"])  # the mask this step's forward uses
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        seen.append(_masks(sp)["3"])
-    # Steps 0 and 3 recompute; 1, 2 reuse step 0's mask and 4, 5 reuse step 3's.
+        updated.append(sp.step())
+    # Forwards 0, 1, 2 use the initial mask; step() after the third optimizer step recomputes for forward 3.
+    assert updated == [False, False, True, False, False, True]
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
     assert torch.equal(seen[3], seen[4]) and torch.equal(seen[4], seen[5])
-    assert sp.step == 6
+    assert not torch.equal(seen[2], seen[3])
+    assert sp.steps == 6
 
 
 @pytest.mark.parametrize(
@@ -182,6 +186,7 @@ def test_state_dict_round_trip_resumes_exactly(config):
                 nn.functional.cross_entropy(model(data[0]), data[1]).backward()
                 sp.regularize_()
                 opt.step()
+                sp.step()
 
     a = copy.deepcopy(base)
     sp_a = maxq.sparsify_(a, config)
@@ -238,3 +243,99 @@ def test_random_order_is_seeded():
 
     assert torch.equal(dense_after(1), dense_after(1))
     assert not torch.equal(dense_after(1), dense_after(2))
+
+
+def _reference_masks(sp, model):
+    cfg = sp.config
+    modules = dict(model.named_modules())
+    return {
+        name: ref_maxq_mask(
+            modules[name].parametrizations.weight.original,
+            cfg.n,
+            cfg.m,
+            dense_fraction=sp.dense_fraction,
+            order=cfg.order,
+            tau=cfg.tau,
+            soft=cfg.soft,
+        )
+        for name in sp.layers
+    }
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_per_step_progress_in_step_equals_set_progress_then_step(fused):
+    torch.manual_seed(2)
+    base = small_cnn(channels=32)
+    x, y = batch(base)
+    cfg = maxq.MaxQConfig(ramp=(0, 1), per_step=True)
+    runs = []
+    for via_step in (True, False):
+        model = copy.deepcopy(base)
+        sp = maxq.sparsify_(model, cfg)
+        sp.fused = fused
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp.set_progress(0.0)
+        for i in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            if via_step:
+                sp.step(progress=(i + 1) / 8)
+            else:
+                sp.step()
+                sp.set_progress((i + 1) / 8)
+            ref = _reference_masks(sp, model)  # every update: the masks of the current weights and p
+            for name, mask in sp.named_masks():
+                torch.testing.assert_close(mask, ref[name])
+        runs.append(_masks(sp))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_hook_optimizer_equals_explicit_calls():
+    torch.manual_seed(4)
+    base = small_cnn()
+    x, y = batch(base)
+    results = []
+    for auto in (True, False):
+        model = copy.deepcopy(base)
+        sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        handles = sp.hook_optimizer(opt) if auto else []
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if not auto:
+                sp.regularize_()
+            opt.step()
+            if not auto:
+                sp.step()
+        for h in handles:
+            h.remove()
+        assert sp.steps == 3
+        results.append((copy.deepcopy(model.state_dict()), _masks(sp)))
+    (wa, ma), (wb, mb) = results
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_loading_weights_recomputes_masks():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0)))
+    other = small_cnn()
+    maxq.sparsify_(other, maxq.MaxQConfig(ramp=(0, 0)))
+    with torch.no_grad():
+        other[3].parametrizations.weight.original.normal_()
+    model.load_state_dict(other.state_dict())
+    ref = _reference_masks(sp, model)
+    for name, mask in sp.named_masks():
+        torch.testing.assert_close(mask, ref[name])
+
+
+def test_oneshot_step_and_progress_keep_the_mask():
+    model = small_cnn()
+    sp = maxq.sparsify_(model, maxq.OneShotConfig())
+    before = _masks(sp)
+    with torch.no_grad():
+        model[3].parametrizations.weight.original.normal_()
+    assert sp.step() is False and sp.set_progress(5) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in _masks(sp).items())

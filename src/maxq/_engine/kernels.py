@@ -1,4 +1,6 @@
-"""Optional fused CPU kernels (``csrc/maxq_cpu.cpp``), compiled on first use with ``torch.utils.cpp_extension``.
+"""Optional fused CPU kernels (``csrc/maxq_cpu.cpp``), compiled on first use with ``torch.utils.cpp_extension``
+and registered as ``torch.library`` custom ops (``torch.ops.maxq.*``) with fake kernels, so ``torch.compile``
+traces through code that calls them instead of breaking the graph.
 
 Eager PyTorch needs about thirty passes over memory per layer and step for the MaxQ mask; the fused kernels
 need about five, which is what keeps CPU training overhead small. They are an accelerator only: every result is
@@ -17,7 +19,10 @@ import platform
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["cpu_kernels", "kernels_enabled"]
+import torch
+from torch import Tensor
+
+__all__ = ["cpu_kernels", "decay_", "kernels_enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +73,68 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the eager path still works
         log.warning("maxq: fused CPU kernels unavailable (%s); using the eager PyTorch path", exc)
         module = None
+    if module is not None:
+        _register_ops(module)
     _state["module"] = module
     return module
+
+
+def _register_ops(ext: ModuleType) -> None:
+    """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels)."""
+    if hasattr(torch.ops.maxq, "decay_"):
+        return  # already registered in this process
+
+    @torch.library.custom_op("maxq::nm_pass", mutates_args=("keep", "l1"), device_types="cpu")
+    def nm_pass(
+        w: Tensor, n: int, m: int, keep: Tensor, l1: Tensor | None, guess_f: Tensor | None, guess_k: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        count_f, count_k = ext.nm_pass(w, n, m, keep, l1, guess_f, guess_k)
+        return count_f, count_k
+
+    @nm_pass.register_fake
+    def _(w, n, m, keep, l1, guess_f, guess_k):
+        o, k = w.shape[0], w.numel() // (w.shape[0] * w.shape[1])
+        size_f, size_k = (o if guess_f is not None else 0), (k if guess_k is not None else 0)
+        return w.new_empty(size_f, dtype=torch.int64), w.new_empty(size_k, dtype=torch.int64)
+
+    @torch.library.custom_op("maxq::kth_select", mutates_args=(), device_types="cpu")
+    def kth_select(
+        w: Tensor, axis: int, k: int, guess: Tensor, count: Tensor, max_offset: int, width: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lo, hi, ok, used = ext.kth_select(w, axis, k, guess, count, max_offset, width)
+        return lo, hi, ok, used
+
+    @kth_select.register_fake
+    def _(w, axis, k, guess, count, max_offset, width):
+        sets = guess.numel()
+        return (w.new_empty(sets), w.new_empty(sets), w.new_empty(sets, dtype=torch.bool), w.new_empty(sets))
+
+    @torch.library.custom_op("maxq::soft_scale_", mutates_args=("mask",), device_types="cpu")
+    def soft_scale_(
+        w: Tensor, mask: Tensor, t_f: Tensor, cut_f: Tensor, t_k: Tensor | None, cut_k: Tensor | None, tau: float
+    ) -> None:
+        ext.soft_scale_(w, mask, t_f, cut_f, t_k, cut_k, tau)
+
+    @soft_scale_.register_fake
+    def _(w, mask, t_f, cut_f, t_k, cut_k, tau):
+        return None
+
+    @torch.library.custom_op("maxq::decay_", mutates_args=("grad",), device_types="cpu")
+    def decay(grad: Tensor, w: Tensor, mask: Tensor, lam: float) -> None:
+        ext.decay_(grad, w, mask, lam)
+
+    @decay.register_fake
+    def _(grad, w, mask, lam):
+        return None
+
+
+def _fusable(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def decay_(grad: Tensor, weight: Tensor, mask: Tensor, lam: float) -> bool:
+    """``grad += lam * weight * [mask == 0]`` with the fused kernel, if it applies; returns whether it ran."""
+    if not (_fusable(grad) and _fusable(weight) and _fusable(mask)) or cpu_kernels() is None:
+        return False
+    torch.ops.maxq.decay_(grad, weight.detach(), mask, lam)
+    return True

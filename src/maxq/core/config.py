@@ -1,7 +1,10 @@
-"""Method configurations: small validated dataclasses, one per method (SPEC §5).
+"""Method configurations: small validated dataclasses, one per method, each the one owner of its method's
+behaviour (which mask, which schedule, which gradient).
 
 ``dense`` needs no configuration (it is the model without :func:`maxq.sparsify_`). ``CONFIGS`` is the one place a
-method name becomes a config class.
+method name becomes a config class. The stateful layer (:class:`maxq.Sparsifier`) asks the config -- never the
+method's name -- what to do: ``frozen``, ``straight_through``, ``soft``, ``decay``, :meth:`NMConfig.dense_fraction`
+and :meth:`NMConfig.block_priority`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from .masks import BLOCK_ORDERS
 from .nm import validate_nm
-from .schedules import SCHEDULES
+from .schedules import SCHEDULES, dense_fraction
 
 __all__ = ["CONFIGS", "MaxQConfig", "NMConfig", "OneShotConfig", "SRSTEConfig", "make_config"]
 
@@ -36,10 +41,10 @@ class NMConfig:
             grouped conv, ...).
         skip_first: keep the network's first conv dense (default layer selection only).
         skip_last: keep the last classifier (last Conv2d/Linear) dense (default layer selection only).
-        update_every: recompute masks every this many training steps (forward passes of the root model in
-            training mode); 1 = every step, the paper's behaviour. A change of the ramp's dense fraction (in
-            ``set_progress``) recomputes at the next step regardless. Larger values save time but can cost
-            accuracy at high sparsity (8 cost ~3.5 top-1 points at 1:16 in docs/RESULTS.md).
+        update_every: recompute masks every this many optimizer steps (``Sparsifier.step()`` calls); 1 = every
+            step, the paper's behaviour. A change of the ramp's dense fraction (``set_progress``) recomputes at
+            once regardless. Larger values save time but can cost accuracy at high sparsity (8 cost ~3.5 top-1
+            points at 1:16 in docs/RESULTS.md).
     """
 
     method: ClassVar[str] = "nm"
@@ -55,24 +60,39 @@ class NMConfig:
         validate_nm(self.n, self.m)
         _check_number("update_every", self.update_every, low=1, integer=True)
 
-    # Behaviour switches the stateful layer reads; methods override them.
-    @property
-    def frozen(self) -> bool:
-        """Mask computed once from the starting weights and never recomputed (one-shot)."""
-        return False
-
-    @property
-    def straight_through(self) -> bool:
-        """Gradient w.r.t. ``W`` is the gradient w.r.t. ``W * Mask`` (pruned weights keep learning)."""
-        return True
+    # -- the method's behaviour (what the stateful layer asks; methods override) ------------------------------
+    #: the mask is computed once from the starting weights and never recomputed (one-shot)
+    frozen: ClassVar[bool] = False
+    #: the gradient w.r.t. ``W`` is the gradient w.r.t. ``W * Mask`` (pruned weights keep learning)
+    straight_through: ClassVar[bool] = True
 
     @property
     def soft(self) -> bool:
+        """The mask includes the axis queries ``1 + Q_f + Q_k``."""
         return False
 
     @property
     def decay(self) -> float:
+        """SR-STE decay ``lambda`` on pruned weights (0: none)."""
         return 0.0
+
+    @property
+    def tau(self) -> float:
+        """Query temperature (used only when :attr:`soft`)."""
+        return 0.01
+
+    @property
+    def order(self) -> str:
+        """Which blocks stay dense while :meth:`dense_fraction` > 0."""
+        return "smallest"
+
+    def dense_fraction(self, progress: float) -> float:
+        """Share of blocks kept dense at training progress ``progress`` (epochs): 0 without a schedule."""
+        return 0.0
+
+    def block_priority(self, layer_index: int, blocks: int) -> torch.Tensor | None:
+        """Per-block scores for the ``random`` block order of layer number ``layer_index`` (else ``None``)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -87,14 +107,8 @@ class OneShotConfig(NMConfig):
     """ASP-style: hard N:M mask from the starting weights, frozen; pruned weights stay zero."""
 
     method: ClassVar[str] = "oneshot"
-
-    @property
-    def frozen(self) -> bool:
-        return True
-
-    @property
-    def straight_through(self) -> bool:
-        return False
+    frozen: ClassVar[bool] = True
+    straight_through: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,17 @@ class MaxQConfig(SRSTEConfig):
     @property
     def soft(self) -> bool:
         return self.queries
+
+    def dense_fraction(self, progress: float) -> float:
+        start, end = self.ramp
+        return dense_fraction(self.schedule, progress, start, end, per_step=self.per_step, b=self.exp_rate)
+
+    def block_priority(self, layer_index: int, blocks: int) -> torch.Tensor | None:
+        if self.order != "random":
+            return None
+        # Seeded per layer, identical on every DDP rank and every rerun.
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + layer_index)
+        return torch.randperm(blocks, generator=gen).to(torch.float32)
 
 
 #: method name -> config class: the one lookup from a string to a method.

@@ -60,26 +60,23 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
         if nm_layout(model) is not None:
             return model  # already folded
         raise ValueError("model carries no maxq masks: nothing to fold (sparsify it with maxq.sparsify_ first)")
-    unfinished = [(name, p.dense_fraction) for name, _, p in layers if p.dense_fraction > 0 and not p.frozen]
+    sparsifiers = {id(s): s for m in model.modules() if (s := sparsifier_of(m)) is not None}
+    unfinished = [s for s in sparsifiers.values() if not s.ramp_finished]
     if unfinished and not force:
-        p = max(f for _, f in unfinished)
+        p = max(s.dense_fraction for s in unfinished)
+        count = sum(len(s.layers) for s in unfinished)
         raise RuntimeError(
-            f"the sparsity ramp is unfinished: {len(unfinished)} layer(s) still keep up to {p:.1%} of their blocks "
+            f"the sparsity ramp is unfinished: {count} layer(s) still keep up to {p:.1%} of their blocks "
             f"dense, so folding now would not give an N:M model. Train until the ramp end, or call "
             f"fold_(model, force=True) to prune the remaining dense blocks now."
         )
-    if unfinished:
-        log.warning("maxq: folding with an unfinished ramp: pruning dense blocks of %d layer(s) now", len(unfinished))
-    sparsifiers = {id(s): s for m in model.modules() if (s := sparsifier_of(m)) is not None}
+    for sparsifier in unfinished:
+        log.warning(
+            "maxq: folding with an unfinished ramp: pruning dense blocks of %d layer(s) now", len(sparsifier.layers)
+        )
+        sparsifier.finish_ramp()
     layouts = {key: s.layout for key, s in sparsifiers.items()}
-    for _, module, param in layers:
-        original = module.parametrizations.weight.original
-        if param.dense_fraction > 0 and not param.frozen:
-            param.dense_fraction = 0.0
-            param.recompute(original)
-        elif not param.computed:
-            param.recompute(original)
-        param.stale = False  # fold exactly the mask an eval forward uses
+    for _, module, _ in layers:  # each folds exactly the mask its next forward would use
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         with torch.no_grad():
             module.weight.add_(0.0)  # pruned entries W * 0 can be -0.0; make them +0.0 (same value, canonical bits)

@@ -16,13 +16,11 @@ import re
 import torch
 from torch import Tensor
 
-from .._engine.workspace import Workspace, scratch
-
 __all__ = [
+    "block_kth_largest",
     "block_major",
-    "block_top2_",
     "from_blocks",
-    "nm_keep_",
+    "nm_keep",
     "nm_mask",
     "parse_nm",
     "to_blocks",
@@ -91,96 +89,73 @@ def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return blocks.reshape(shape)
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries along the last axis; ties go to the lower index.
+def topk_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
+    """Boolean mask of the ``k`` largest entries along ``dim``; ties go to the lower index.
 
-    Exact and deterministic (unlike ``torch.topk`` indices on ties) and linear time: one k-th value
-    selection, no sort. ``k`` is clamped to ``[0, L]``.
+    Exact, deterministic (unlike ``torch.topk`` indices on ties) and free of host synchronisation: one k-th
+    value selection, then the tie rule by a cumulative count. ``k`` is clamped to ``[0, L]``.
 
     Args:
-        scores: ``[..., L]`` floating scores.
-        k: how many to keep per row.
+        scores: floating scores, ``L`` entries along ``dim``.
+        k: how many to keep per set (a Python int).
 
     Returns:
-        bool ``[..., L]`` with exactly ``k`` True per row.
+        bool tensor of ``scores``' shape with exactly ``k`` True per set.
     """
-    length = scores.shape[-1]
+    length = scores.shape[dim]
     if k >= length:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     # The k-th largest value is the (L - k + 1)-th smallest.
-    kth = scores.kthvalue(length - k + 1, dim=-1, keepdim=True).values
-    keep = scores > kth
-    ties = scores == kth
-    # Among entries equal to the k-th value, keep the first ones (lowest index) until k are kept.
-    need = k - keep.sum(-1, keepdim=True)
-    return keep | (ties & (ties.cumsum(-1) <= need))
+    kth = scores.kthvalue(length - k + 1, dim=dim, keepdim=True).values
+    return _keep_with_ties(scores, kth, k, dim)
 
 
-def block_major(a: Tensor, m: int, ws: Workspace | None = None) -> Tensor:
+def _keep_with_ties(x: Tensor, kth: Tensor, k: int, dim: int) -> Tensor:
+    """Entries above ``kth`` (the k-th largest value along ``dim``), plus as many entries equal to it, lowest
+    index first, as make ``k``: the tie rule, without a data-dependent branch."""
+    above = x > kth
+    equal = x == kth
+    need = k - above.sum(dim, keepdim=True)
+    return above | (equal & (equal.cumsum(dim) <= need))
+
+
+def block_major(a: Tensor, m: int) -> Tensor:
     """Copy of ``a`` (``[O, I]`` or ``[O, I, kh, kw]``) as ``[m, O, I // m, K]``: slice ``x`` holds channel ``x``
     of every block, so per-block work becomes ``m`` contiguous elementwise passes."""
     o, i = a.shape[0], a.shape[1]
-    v = a.reshape(o, i // m, m, -1)
-    blocks = scratch(ws, "blocks", (m, o, i // m, v.shape[-1]), a)
-    return blocks.copy_(v.permute(2, 0, 1, 3))
+    return a.reshape(o, i // m, m, -1).permute(2, 0, 1, 3).contiguous()
 
 
-def block_top2_(blocks: Tensor, n: int, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
-    """The ``n``-th and ``(n+1)``-th largest value of every block, from a :func:`block_major` copy.
-
-    Consumes ``blocks`` (its slices serve as scratch). Returns two tensors ``[O, I // m, K]``.
-    """
-    top: list[Tensor] = []  # running n+1 largest, descending: an insertion network of min/max passes
-    tmp = scratch(ws, "top0", blocks.shape[1:], blocks)
+def block_kth_largest(blocks: Tensor, n: int) -> Tensor:
+    """The ``n``-th largest value of every block, from a :func:`block_major` copy ``[m, ...]``: an insertion
+    network of min/max passes (elementwise, fast on every device). Returns ``blocks.shape[1:]``."""
+    top: list[Tensor] = []  # running n largest, descending
     for x in range(blocks.shape[0]):
         s = blocks[x]
         for j in range(len(top)):
-            torch.minimum(top[j], s, out=tmp)
-            torch.maximum(top[j], s, out=top[j])
-            s, tmp = tmp, s
-        if len(top) <= n:
+            top[j], s = torch.maximum(top[j], s), torch.minimum(top[j], s)
+        if len(top) < n:
             top.append(s)
-            tmp = scratch(ws, f"top{len(top)}", blocks.shape[1:], blocks)
-    return top[n - 1], top[n]
+    return top[n - 1]
 
 
-def nm_keep_(
-    out: Tensor,
-    a: Tensor,
-    n: int,
-    m: int,
-    dense: Tensor | None = None,
-    ws: Workspace | None = None,
-    blocks: Tensor | None = None,
-) -> Tensor:
-    """Write the hard N:M keep-mask of magnitudes ``a`` into ``out`` (1 = keep, 0 = prune).
+def nm_keep(a: Tensor, n: int, m: int, dense: Tensor | None = None) -> Tensor:
+    """Hard N:M keep-mask of magnitudes ``a`` (``[O, I]`` or ``[O, I, kh, kw]``), bool, free of host syncs.
 
     Args:
-        out: float or bool tensor of ``a``'s shape, overwritten.
-        a: ``|W|``, ``[O, I]`` or ``[O, I, kh, kw]``.
         dense: optional bool ``[G]`` in native block order ``(o, i // m, kh, kw)``: blocks kept whole.
-        ws: scratch buffers.
-        blocks: ``block_major(a, m, ws)`` if already made (it is consumed).
 
     Returns:
-        ``out``. Ties at the cut go to the lower input channel.
+        bool tensor of ``a``'s shape; ties at the cut go to the lower input channel.
     """
     o, i = a.shape[0], a.shape[1]
     v = a.reshape(o, i // m, m, -1)
-    thr, nxt = block_top2_(block_major(a, m, ws) if blocks is None else blocks, n, ws)
+    keep = _keep_with_ties(v, block_kth_largest(block_major(a, m), n).unsqueeze(2), n, 2)
     if dense is not None:
-        thr.masked_fill_(dense.view(thr.shape), float("-inf"))
-    torch.ge(v, thr.unsqueeze(2), out=out.view(v.shape))
-    # A tie at the cut (n-th largest == (n+1)-th largest) keeps too many; redo those blocks with the index rule.
-    ties = thr == nxt
-    if bool(ties.any()):
-        where = ties.nonzero()
-        vals = v[where[:, 0], where[:, 1], :, where[:, 2]]  # [T, m]
-        fixed = topk_mask(vals, n).to(out.dtype)
-        out.view(v.shape)[where[:, 0], where[:, 1], :, where[:, 2]] = fixed
-    return out
+        keep |= dense.view(o, i // m, 1, -1)
+    return keep.view(a.shape)
 
 
 def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
@@ -196,4 +171,4 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     _check_layout(weight.shape, m)
     with torch.no_grad():
         a = weight.detach().abs()
-        return nm_keep_(torch.empty_like(a, dtype=torch.bool), a, n, m)
+        return nm_keep(a, n, m)

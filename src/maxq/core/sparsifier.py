@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._engine.kernels import cpu_kernels
-from .._engine.workspace import Workspace
-from .config import CONFIGS, MaxQConfig, NMConfig
+from .._engine.fused import FusedState
+from .._engine.kernels import decay_
+from .config import CONFIGS, NMConfig
 from .layers import FilterFn, LayerChoice, select_layers
 from .layout import NMLayout
+from .masks import compute_mask_
 from .nm import to_blocks
 from .parametrization import NMMask
-from .schedules import dense_fraction
 
 __all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "maxq.sparsifier/1"
+STATE_FORMAT = "maxq.sparsifier/2"
+_STATE_FORMAT_V1 = "maxq.sparsifier/1"  # maxq 0.1: masks were recomputed inside the training forward
 _ATTR = "_maxq_sparsifier"
 
 
@@ -84,107 +85,152 @@ class Report:
         return f"method={self.method} progress={self.progress}\n" + "\n".join(lines)
 
 
+@dataclass
+class _Layer:
+    """One sparsified layer: its module, its parametrization, and what its mask updates need."""
+
+    module: nn.Module
+    param: NMMask
+    priority: Tensor | None  # per-block scores of the random block order
+    state: FusedState = field(default_factory=FusedState)  # the fused kernels' thresholds (speed only)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.parametrizations.weight.original
+
+
 class Sparsifier:
     """Handle on a model whose layers carry N:M masks; created by :func:`sparsify_`.
 
-    Training loop contract (one forward of the root model per step)::
+    The masks are updated only by explicit calls, never inside a forward (torch.ao's idiom)::
 
-        sparsifier.set_progress(epoch)          # each epoch (or each step for a per-step ramp)
-        loss = criterion(model(x), y)           # training forward recomputes the masks
-        loss.backward()
-        scaler.unscale_(optimizer)              # with AMP
-        sparsifier.regularize_()                # SR-STE decay on pruned weights
-        optimizer.step()
+        for epoch in range(epochs):
+            sparsifier.set_progress(epoch)      # ramp: recomputes the masks at once if the dense fraction changes
+            for x, y in loader:
+                loss = criterion(model(x), y)   # forward: W * mask, nothing else
+                optimizer.zero_grad(); loss.backward()
+                scaler.unscale_(optimizer)      # with AMP
+                sparsifier.regularize_()        # SR-STE decay on pruned weights
+                optimizer.step()
+                sparsifier.step()               # masks from the updated weights (every update_every steps)
+
+    :meth:`hook_optimizer` makes the two calls around ``optimizer.step()`` automatic.
     """
+
+    #: compute masks with the fused CPU kernels where they apply (False: the device-agnostic path, same masks)
+    fused: bool = True
 
     def __init__(self, model: nn.Module, config: NMConfig, choices: list[LayerChoice]) -> None:
         self.model = model
         self.config = config
         self.choices = choices
         self.progress: float | None = None
-        self.step = 0  # training forwards seen (mask updates happen when step % update_every == 0)
-        self.workspace = Workspace()
+        self.steps = 0  # optimizer steps seen by step(); masks are recomputed when steps % update_every == 0
+        self._fraction = config.dense_fraction(0.0)
         self.folded = False
-        self._layers: dict[str, tuple[nn.Module, NMMask]] = {}
-        self._hook = model.register_forward_pre_hook(self._on_forward)
+        self._layers: dict[str, _Layer] = {}
+        self._load_hook = model.register_load_state_dict_post_hook(self._after_load)
         setattr(model, _ATTR, self)
 
     # -- attaching -------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         cfg = self.config
         modules = dict(self.model.named_modules())
-        initial_p = self._fraction(0.0)
         for index, choice in enumerate(c for c in self.choices if c.selected):
             module = modules[choice.name]
             weight = module.weight
-            priority = None
-            if isinstance(cfg, MaxQConfig) and cfg.order == "random":
-                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + index)
-                priority = torch.randperm(weight.numel() // cfg.m, generator=gen).to(weight.device, torch.float32)
-            param = NMMask(
-                weight.shape,
+            param = NMMask(weight.shape, cfg.n, cfg.m, straight_through=cfg.straight_through)
+            param.to(device=weight.device, dtype=weight.dtype)
+            parametrize.register_parametrization(module, "weight", param)
+            self._layers[choice.name] = _Layer(module, param, cfg.block_priority(index, weight.numel() // cfg.m))
+        self.update_masks()
+        if cfg.frozen:  # one-shot hands the optimizer dense weights with zeros; masked gradients keep them zero
+            with torch.no_grad():
+                for layer in self._layers.values():
+                    layer.weight.mul_(layer.param.mask)
+
+    # -- mask updates (explicit, outside the forward) -----------------------------------------------------------
+    def update_masks(self) -> None:
+        """Recompute every layer's mask from its current weight now (no gradient, autocast off)."""
+        self._check_attached()
+        cfg = self.config
+        for layer in self._layers.values():
+            weight = layer.weight
+            if layer.priority is not None and layer.priority.device != weight.device:
+                layer.priority = layer.priority.to(weight.device)
+            compute_mask_(
+                layer.param.mask,
+                weight,
                 cfg.n,
                 cfg.m,
+                dense_fraction=self._fraction,
+                order=cfg.order,
+                priority=layer.priority,
+                tau=cfg.tau,
                 soft=cfg.soft,
-                tau=getattr(cfg, "tau", 0.01),
-                order=getattr(cfg, "order", "smallest"),
-                straight_through=cfg.straight_through,
-                frozen=cfg.frozen,
-                dense_fraction=initial_p,
-                priority=priority,
-                workspace=self.workspace,
-            ).to(weight.device)
-            # Registration evaluates the parametrization once: that computes the first mask.
-            parametrize.register_parametrization(module, "weight", param)
-            if cfg.frozen:  # one-shot hands the optimizer dense weights with zeros; masked gradients keep them zero
-                with torch.no_grad():
-                    module.parametrizations.weight.original.mul_(param.mask)
-            self._layers[choice.name] = (module, param)
+                state=layer.state,
+                fused=self.fused,
+            )
 
-    # -- training hooks --------------------------------------------------------------------------------------
-    def _on_forward(self, module: nn.Module, args: Any) -> None:
-        if not module.training:
-            return
-        if self.step % self.config.update_every == 0:
-            self._mark_stale()
-        self.step += 1
+    def step(self, progress: float | None = None) -> bool:
+        """Count one optimizer step; call it once right after every ``optimizer.step()``.
 
-    def _mark_stale(self) -> None:
-        for _, param in self._layers.values():
-            param.stale = True
+        Every ``update_every`` steps the masks are recomputed from the updated weights, so the next forward uses
+        the masks of the weights it sees (the paper's per-step update). A frozen (one-shot) mask never changes.
 
-    def _fraction(self, epoch: float) -> float:
-        cfg = self.config
-        if not isinstance(cfg, MaxQConfig):
-            return 0.0
-        start, end = cfg.ramp
-        return dense_fraction(cfg.schedule, epoch, start, end, per_step=cfg.per_step, b=cfg.exp_rate)
+        Args:
+            progress: optional training progress in epochs for the step to come (a per-step ramp): the same as
+                calling :meth:`set_progress` first, but the masks are computed once, not twice.
+
+        Returns:
+            whether the masks were recomputed.
+        """
+        self._check_attached()
+        changed = self._set_fraction(progress) if progress is not None else False
+        self.steps += 1
+        if self.config.frozen or not (changed or self.steps % self.config.update_every == 0):
+            return False
+        self.update_masks()
+        return True
 
     def set_progress(self, epoch: float) -> float:
         """Set training progress (in epochs, fractional allowed) and return the dense fraction ``p`` it implies.
 
         Call it at the start of every epoch (paper staircase) or every step with ``epoch + i / steps`` (per-step
-        ramp). Masks pick the new ``p`` up at the next training forward.
+        ramp; or pass the progress to :meth:`step`). If ``p`` changes, the masks are recomputed at once.
         """
         self._check_attached()
-        self.progress = float(epoch)
-        p = self._fraction(self.progress)
-        if self.config.frozen:
-            return 0.0
-        for _, param in self._layers.values():
-            if param.dense_fraction != p:
-                param.dense_fraction = p
-                param.stale = True
-        return p
+        if self._set_fraction(epoch) and not self.config.frozen:
+            self.update_masks()
+        return self._fraction
+
+    def _set_fraction(self, progress: float) -> bool:
+        """Record ``progress``; True if the dense fraction it implies differs from the current one."""
+        self.progress = float(progress)
+        fraction = self.config.dense_fraction(self.progress)
+        changed = fraction != self._fraction
+        self._fraction = fraction
+        return changed
+
+    def _after_load(self, module: nn.Module, incompatible: Any) -> None:
+        """New weights were loaded into the model: their masks replace the old ones (a one-shot mask stays)."""
+        if not self.folded and not self.config.frozen:
+            self.update_masks()
 
     @property
     def dense_fraction(self) -> float:
         """Current ``p`` (share of blocks kept dense)."""
-        return max((param.dense_fraction for _, param in self._layers.values()), default=0.0)
+        return self._fraction
 
     @property
     def ramp_finished(self) -> bool:
-        return self.dense_fraction == 0.0
+        return self._fraction == 0.0
+
+    def finish_ramp(self) -> None:
+        """Prune the blocks the ramp still keeps dense, now (``p = 0``, masks recomputed)."""
+        if not self.ramp_finished:
+            self._fraction = 0.0
+            self.update_masks()
 
     def regularize_(self) -> None:
         """SR-STE decay on pruned weights: ``grad += lambda * (1 - clamp(Mask, 0, 1)) * W``.
@@ -195,19 +241,26 @@ class Sparsifier:
         lam = self.config.decay
         if lam == 0.0:
             return
-        ext = cpu_kernels()
-        for module, param in self._layers.values():
-            weight = module.parametrizations.weight.original
-            grad = weight.grad
-            if grad is None:
-                continue
-            # Mask is 0 exactly on pruned weights (kept ones are >= 1), so 1 - clamp(Mask, 0, 1) = [Mask == 0].
-            if ext is not None and all(_fusable(t) for t in (grad, weight, param.mask)):
-                ext.decay_(grad, weight.detach(), param.mask, lam)
-                continue
-            pruned = self.workspace.get("pruned", weight.shape, weight.dtype, weight.device)
-            torch.eq(param.mask, 0, out=pruned)
-            grad.addcmul_(weight.detach(), pruned, value=lam)
+        with torch.no_grad():
+            for layer in self._layers.values():
+                weight, mask = layer.weight, layer.param.mask
+                grad = weight.grad
+                if grad is None:
+                    continue
+                # Mask is 0 exactly on pruned weights (kept ones are >= 1), so 1 - clamp(Mask, 0, 1) = [Mask == 0].
+                if not decay_(grad, weight, mask, lam):
+                    grad.add_(weight.masked_fill(mask != 0, 0.0), alpha=lam)
+
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> list[Any]:
+        """Automatic mode: :meth:`regularize_` before and :meth:`step` after every ``optimizer.step()``.
+
+        With ``GradScaler``, ``scaler.step(optimizer)`` unscales before calling ``optimizer.step()``, so the decay
+        sees true gradients; a step the scaler skips (inf/NaN gradients) is not counted. Returns the hook handles
+        (``.remove()`` them to go back to explicit calls).
+        """
+        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.regularize_())
+        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        return [pre, post]
 
     # -- introspection ---------------------------------------------------------------------------------------
     @property
@@ -221,9 +274,9 @@ class Sparsifier:
         return NMLayout(self.config.n, self.config.m, tuple(self._layers), self.config.method)
 
     def named_masks(self) -> Iterator[tuple[str, Tensor]]:
-        """``(name, mask)`` of every sparsified layer (the mask the next eval forward uses)."""
-        for name, (_, param) in self._layers.items():
-            yield name, param.mask
+        """``(name, mask)`` of every sparsified layer (the mask the next forward uses)."""
+        for name, layer in self._layers.items():
+            yield name, layer.param.mask
 
     def report(self) -> Report:
         """Per-layer table: shape, n:m, dense-block fraction, mean soft scale, and why skipped layers are dense."""
@@ -232,7 +285,7 @@ class Sparsifier:
             if choice.name not in self._layers:
                 rows.append(LayerReport(choice.name, choice.kind, choice.shape, "dense", skipped=choice.reason))
                 continue
-            _, param = self._layers[choice.name]
+            param = self._layers[choice.name].param
             with torch.no_grad():
                 mask = param.mask
                 kept_per_block = _blocks_nonzero(mask, param.m)
@@ -249,20 +302,18 @@ class Sparsifier:
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "progress": self.progress,
-            "step": self.step,
+            "step": self.steps,
+            "dense_fraction": self._fraction,
             "layers": {
-                name: {
-                    "mask": param.mask.detach().clone(),
-                    "dense_fraction": param.dense_fraction,
-                    "computed": param.computed,
-                }
-                for name, (_, param) in self._layers.items()
+                name: {"mask": layer.param.mask.detach().clone(), "dense_fraction": self._fraction}
+                for name, layer in self._layers.items()
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` naming the mismatch if it is for another setup."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        """Restore :meth:`state_dict` (load the model's weights first); raises ``ValueError`` naming the mismatch
+        if it is for another setup."""
+        if not isinstance(state, dict) or state.get("format") not in (STATE_FORMAT, _STATE_FORMAT_V1):
             raise ValueError(f"not a maxq sparsifier state (expected format {STATE_FORMAT!r})")
         saved = state["config"]
         mine = self.config.to_dict()
@@ -279,18 +330,22 @@ class Sparsifier:
             missing, extra = sorted(set(self._layers) - set(layers)), sorted(set(layers) - set(self._layers))
             raise ValueError(f"sparsifier state has other layers: missing {missing}, unexpected {extra}")
         for name, entry in layers.items():
-            _, param = self._layers[name]
-            saved_shape, shape = tuple(entry["mask"].shape), tuple(param.mask.shape)
+            saved_shape, shape = tuple(entry["mask"].shape), tuple(self._layers[name].param.mask.shape)
             if saved_shape != shape:
                 raise ValueError(f"sparsifier state: mask of {name} has shape {saved_shape}, the layer has {shape}")
         for name, entry in layers.items():
-            _, param = self._layers[name]
-            param.mask.copy_(entry["mask"])
-            param.dense_fraction = float(entry["dense_fraction"])
-            param.computed = bool(entry.get("computed", True))
-            param.stale = False
+            self._layers[name].param.mask.copy_(entry["mask"])
+        fractions = [float(e["dense_fraction"]) for e in layers.values()]
+        self._fraction = float(state.get("dense_fraction", max(fractions, default=0.0)))
         self.progress = state["progress"]
-        self.step = int(state["step"])
+        self.steps = int(state["step"])
+        if (
+            state["format"] == _STATE_FORMAT_V1
+            and not self.config.frozen
+            and self.steps % self.config.update_every == 0
+        ):
+            # maxq 0.1 recomputed masks at the next training forward when its counter said so; do it now.
+            self.update_masks()
 
     # -- folding ---------------------------------------------------------------------------------------------
     def fold_(self, force: bool = False) -> nn.Module:
@@ -305,21 +360,16 @@ class Sparsifier:
 
     def _detach(self) -> None:
         """Forget the model (after folding)."""
-        self._hook.remove()
+        self._load_hook.remove()
         self._layers.clear()
         self.folded = True
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
-        self.workspace.clear()
 
 
 def sparsifier_of(model: nn.Module) -> Sparsifier | None:
     """The :class:`Sparsifier` attached to ``model`` (its root module), or ``None``."""
     return getattr(model, _ATTR, None)
-
-
-def _fusable(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def _blocks_nonzero(mask: Tensor, m: int) -> Tensor:

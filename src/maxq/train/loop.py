@@ -355,8 +355,6 @@ def train(
             disable=not (procs.main and cfg.progress and sys.stderr.isatty()),
         )
         for i, (x, y) in enumerate(bar):
-            if sparsifier is not None and cfg.per_step:
-                p = sparsifier.set_progress(epoch + i / steps_per_epoch)
             x, y = _prepare(x, info, device, gen), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 logits = net(x)
@@ -369,11 +367,14 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if sparsifier is not None:  # masks for the next step, from the updated weights
+                sparsifier.step(epoch + (i + 1) / steps_per_epoch if cfg.per_step else None)
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{p:.2f}")
+            if i % 20 == 0 and not bar.disable:  # .item() waits for the device: only when someone watches
+                now = sparsifier.dense_fraction if sparsifier is not None else 0.0
+                bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{now:.2f}")
 
         stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]).double()
         if procs.distributed:
@@ -388,7 +389,7 @@ def train(
             "test_top1": test["top1"],
             "test_top5": test["top5"],
             "lr": optimizer.param_groups[0]["lr"],
-            "dense_fraction": p,
+            "dense_fraction": p,  # at the epoch's start
             "epoch_time_s": time.time() - epoch_start,
             "elapsed_s": elapsed_before + time.time() - started,
         }
