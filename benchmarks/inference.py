@@ -15,6 +15,7 @@ import argparse
 import copy
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "load_avg_1m_at_start": os.getloadavg()[0],  # other processes on the machine skew absolute times
         "command": "python benchmarks/inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "models": {},
     }

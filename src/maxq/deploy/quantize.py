@@ -6,8 +6,10 @@
   initializer and the N:M pattern survives (checked here, and by ``maxq verify`` on the int8 initializers).
 * Activations: uint8, per tensor, asymmetric, MinMax-calibrated. On x86 onnxruntime's int8 kernels multiply
   unsigned activations by signed weights (AVX2 / AVX-512 VNNI ``u8 x s8`` dot products), so U8S8 is its native
-  path; it measured faster than S8S8 here (``benchmarks/inference.py``), and activations after ReLU are
-  non-negative, which uint8 covers without wasting a sign bit.
+  path: ResNet-18 (2:4, batch 8 x 224 x 224, 2 threads, onnxruntime 1.32, Xeon with AVX-512 VNNI) ran in 128 ms
+  with uint8 activations and 371 ms with int8 ones (cnn_small: 70 vs 75 ms). Activations after ReLU are
+  non-negative, which uint8 covers without wasting a sign bit. (CPUs without VNNI can saturate in ``u8 x s8``;
+  onnxruntime's ``reduce_range`` is the remedy there, not needed on this machine.)
 * Calibration: training images only (never test images), a seeded random sample, normalized exactly as training
   does (:func:`maxq.train.data.normalize`).
 """
