@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from maxq.core.masks import maxq_mask
+from maxq.core.nm import parse_nm
 from maxq.core.queries import filter_query, kernel_query
 from maxq.train.checkpoint import load_checkpoint
 
@@ -55,7 +56,7 @@ def layer_stats(w: torch.Tensor, n: int, m: int, tau: float) -> dict[str, float]
 def analyse(run: Path, taus: list[float]) -> list[dict[str, object]]:
     ckpt = load_checkpoint(run / "checkpoint.pt")
     cfg = ckpt["config"]
-    n, m = int(cfg["nm"].split(":")[0]), int(cfg["nm"].split(":")[1])
+    n, m = parse_nm(cfg["nm"])
     rows = []
     for key, w in ckpt["model"].items():
         if not key.endswith(SUFFIX):

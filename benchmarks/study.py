@@ -9,6 +9,11 @@ hand). A run whose record ``<results>/<id>.json`` exists is skipped; an interrup
 checkpoint; so the study can be stopped and continued across sessions. ``--jobs`` runs that many trainings at
 once, each with ``--threads`` CPU threads (small models use two cores better as two one-thread runs).
 
+A spec may name its own folders (``results``, ``docs_dir``; default ``results/`` and ``docs/``): the GPU study
+(``configs/study_gpu.yaml``, run with ``--device cuda``) keeps its records in ``results/gpu/`` and its report there
+too, apart from the CPU study's. ``--deadline`` starts no run that would not finish in time, judged by the longest
+finished run; the progress of the runs is kept in ``<results>/status.json`` as they start and end.
+
 ``oneshot`` is ASP-style within the same epoch budget: a dense run for ``oneshot.dense_epochs`` epochs
 (shared by all patterns of a seed), then prune once and fine-tune for the remaining epochs.
 """
@@ -46,6 +51,11 @@ def main_variant_of(spec: dict[str, Any]) -> str:
     """The variant name of a study's main grid (``main``; a study with a ``name`` uses it, e.g. ``long``), so
     records of different studies never pass for each other."""
     return spec.get("name", "main")
+
+
+def _tag(spec: dict[str, Any]) -> str:
+    """The name of a study's block in RESULTS.md and of its plots: ``study`` for the main study, ``study_<name>``."""
+    return "study" if main_variant_of(spec) == "main" else f"study_{main_variant_of(spec)}"
 
 
 def _nm_tag(nm: str) -> str:
@@ -101,34 +111,38 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
         (s, extra.get("methods", [])) for s in extra.get("seeds", [])
     ]
     by_pattern = grid.get("seeds_by_pattern") or {}  # fewer seeds for some patterns (budget)
-    for seed, methods in cells:
-        for nm in patterns:
-            if nm in by_pattern and seed not in by_pattern[nm]:
+    # Default order: seed by seed. `order: pattern` runs every seed of the first pattern first (the contrast that
+    # matters most finishes first when time is short).
+    order = [(seed, methods, nm) for seed, methods in cells for nm in patterns]
+    if grid.get("order") == "pattern":
+        order = [(seed, methods, nm) for nm in patterns for seed, methods in cells]
+    for seed, methods, nm in order:
+        if nm in by_pattern and seed not in by_pattern[nm]:
+            continue
+        for method in methods:
+            if method == "dense":
                 continue
-            for method in methods:
-                if method == "dense":
-                    continue
-                options = {
-                    **base,
-                    "method": method,
-                    "nm": nm,
-                    "seed": seed,
-                    **spec.get("method_options", {}).get(method, {}),
-                }
-                after = []
-                if method == "oneshot":
-                    pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
-                    options["epochs"] = epochs - pre
-                    options["init"] = f"@pre_dense{pre}_s{seed}"
-                    after = [f"pre_dense{pre}_s{seed}"]
-                runs.append(
-                    Run(
-                        f"main_{method}_{_nm_tag(nm)}_s{seed}",
-                        options,
-                        {"method": method, "nm": nm, "seed": seed, "variant": main_variant},
-                        after,
-                    )
+            options = {
+                **base,
+                "method": method,
+                "nm": nm,
+                "seed": seed,
+                **spec.get("method_options", {}).get(method, {}),
+            }
+            after = []
+            if method == "oneshot":
+                pre = spec["oneshot"]["dense_epochs"] if not quick else max(1, epochs // 2)
+                options["epochs"] = epochs - pre
+                options["init"] = f"@pre_dense{pre}_s{seed}"
+                after = [f"pre_dense{pre}_s{seed}"]
+            runs.append(
+                Run(
+                    f"main_{method}_{_nm_tag(nm)}_s{seed}",
+                    options,
+                    {"method": method, "nm": nm, "seed": seed, "variant": main_variant},
+                    after,
                 )
+            )
     for ab in spec.get("ablations", []):
         for nm in ab["patterns"]:
             # The first pattern gets every listed seed, the others the first seed only (budget).
@@ -151,27 +165,45 @@ def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     return runs
 
 
+@dataclass
+class Execution:
+    """How the runs are carried out; none of it changes what a run trains."""
+
+    jobs: int = 2  # trainings at once
+    threads: int = 1  # CPU threads per training
+    device: str | None = None  # `maxq train --device` (default: its own, auto)
+    data_dir: str | None = None  # `maxq train --data-dir`
+    runs_dir: Path | None = None  # run folders (default <results>/runs)
+    deadline_s: float | None = None  # start no run that would not finish by then (seconds from the start)
+    device_name: str | None = None  # the GPU's name, for the records
+
+
 def _record_path(results: Path, run: Run) -> Path:
     return results / f"{run.id}.json"
 
 
-def _command(run: Run, results: Path, threads: int) -> tuple[list[str], Path]:
-    folder = results / "runs" / run.id
+def _command(run: Run, results: Path, ex: Execution) -> tuple[list[str], Path]:
+    runs_dir = ex.runs_dir or results / "runs"
+    folder = runs_dir / run.id
     options = dict(run.options)
     if str(options.get("init", "")).startswith("@"):
-        options["init"] = str(results / "runs" / options["init"][1:] / "checkpoint.pt")
+        options["init"] = str(runs_dir / options["init"][1:] / "checkpoint.pt")
     options["variant"] = run.record["variant"]
-    recipe = results / "runs" / f"{run.id}.yaml"
+    recipe = runs_dir / f"{run.id}.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump({k: v for k, v in options.items() if k != "variant"}, sort_keys=False))
     cmd = [sys.executable, "-m", "maxq", "train", "--config", str(recipe), "--out", str(folder)]
-    cmd += ["--threads", str(threads), "--no-progress", "--variant", run.record["variant"]]
+    cmd += ["--threads", str(ex.threads), "--no-progress", "--variant", run.record["variant"]]
+    if ex.device:
+        cmd += ["--device", ex.device]
+    if ex.data_dir:
+        cmd += ["--data-dir", str(ex.data_dir)]
     if (folder / "checkpoint.pt").exists() and not (folder / "report.json").exists():
         cmd.append("--resume")
     return cmd, folder
 
 
-def _write_record(run: Run, folder: Path, results: Path, command: list[str]) -> dict[str, Any]:
+def _write_record(run: Run, folder: Path, results: Path, command: list[str], ex: Execution) -> dict[str, Any]:
     report = json.loads((folder / "report.json").read_text())
     n, m = (int(x) for x in run.record["nm"].split(":")) if run.record["nm"] else (None, None)
     record = {
@@ -184,68 +216,125 @@ def _write_record(run: Run, folder: Path, results: Path, command: list[str]) -> 
     }
     record.update({k: report.get(k) for k in RECORD_KEYS})
     record.update(epochs=report["epochs"], model=report["model"], dataset=report["dataset"])
+    record.update(device=ex.device or "auto", device_name=ex.device_name)
     record.update(command=" ".join(command), options=run.options)
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     record["curve"] = [
-        {"epoch": h["epoch"], "test_top1": h["test_top1"], "val_top1": h.get("val_top1")} for h in history
+        {"epoch": h["epoch"], "test_top1": h["test_top1"], "val_top1": h.get("val_top1"), "time_s": h["epoch_time_s"]}
+        for h in history
     ]
-    path = _record_path(results, run)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    _write_json(_record_path(results, run), record)
     return record
 
 
-def execute(runs: list[Run], results: Path, jobs: int, threads: int) -> None:
-    """Run what is not finished yet, ``jobs`` at a time, respecting dependencies."""
-    from tqdm import tqdm
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
+
+class _Progress:
+    """A tqdm bar where tqdm is installed, one line per finished run where it is not."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar, self.done, self.total = None, initial, total
+        else:
+            self.bar = tqdm(total=total, initial=initial, desc="study runs", unit="run")
+
+    def update(self, note: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(note)
+            self.bar.update(1)
+            return
+        self.done += 1
+        print(f"study runs {self.done}/{self.total}: {note}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(runs: list[Run], results: Path, ex: Execution) -> list[str]:
+    """Run what is not finished yet, ``ex.jobs`` at a time, respecting dependencies; return the failed run ids.
+
+    ``<results>/status.json`` says at every start and end which runs are finished, running, failed or were not
+    started (past ``ex.deadline_s``), with the wall time of each finished one."""
     todo = [r for r in runs if not _record_path(results, r).exists()]
     done_ids = {r.id for r in runs if _record_path(results, r).exists()}
-    running: dict[str, tuple[subprocess.Popen, Run, list[str], Path, Any]] = {}
+    running: dict[str, tuple[subprocess.Popen, Run, list[str], Path, Any, float]] = {}
     failed: list[str] = []
-    bar = tqdm(total=len(runs), initial=len(done_ids), desc="study runs", unit="run")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    not_started: list[str] = []
+    durations: dict[str, float] = {}
+    started = time.time()
+    progress = _Progress(len(runs), len(done_ids))
+    env = {**os.environ, "OMP_NUM_THREADS": str(ex.threads)}
     (results / "logs").mkdir(parents=True, exist_ok=True)
+
+    def status() -> None:
+        _write_json(
+            results / "status.json",
+            {
+                "planned": [r.id for r in runs],
+                "finished": sorted(done_ids),
+                "running": sorted(running),
+                "failed": failed,
+                "not_started": not_started,
+                "durations_s": durations,
+                "elapsed_s": round(time.time() - started, 1),
+                "device": ex.device or "auto",
+                "device_name": ex.device_name,
+                "jobs": ex.jobs,
+                "deadline_s": ex.deadline_s,
+            },
+        )
+
+    status()
     while todo or running:
         for run in list(todo):
-            if len(running) >= jobs:
+            if len(running) >= ex.jobs:
                 break
-            if any(dep in failed for dep in run.after):
+            if any(dep in failed or dep in not_started for dep in run.after):
                 todo.remove(run)
-                failed.append(run.id)
+                (not_started if any(dep in not_started for dep in run.after) else failed).append(run.id)
+                continue
+            expected = max(durations.values(), default=0.0)
+            if ex.deadline_s is not None and time.time() - started + expected > ex.deadline_s:
+                todo.remove(run)
+                not_started.append(run.id)
+                print(f"run {run.id} not started: it would not finish within --deadline", file=sys.stderr)
+                status()
                 continue
             if all(dep in done_ids for dep in run.after):
-                cmd, folder = _command(run, results, threads)
+                cmd, folder = _command(run, results, ex)
                 log = open(results / "logs" / f"{run.id}.log", "a")  # noqa: SIM115 - closed when the run ends
-                running[run.id] = (
-                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                    run,
-                    cmd,
-                    folder,
-                    log,
-                )
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running[run.id] = (proc, run, cmd, folder, log, time.time())
                 todo.remove(run)
+                status()
         time.sleep(1.0)
-        for run_id, (proc, run, cmd, folder, log) in list(running.items()):
+        for run_id, (proc, run, cmd, folder, log, t0) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[run_id]
             if proc.returncode == 0:
-                record = _write_record(run, folder, results, cmd)
+                durations[run_id] = round(time.time() - t0, 1)
+                record = _write_record(run, folder, results, cmd, ex)
                 done_ids.add(run_id)
-                bar.set_postfix_str(f"{run_id}: {record['top1_last']:.2f}%")
+                progress.update(f"{run_id}: {record['top1_last']:.2f}%")
             else:
                 failed.append(run_id)
                 print(
                     f"\nrun {run_id} failed (exit {proc.returncode}); see {results / 'logs' / (run_id + '.log')}",
                     file=sys.stderr,
                 )
-            bar.update(1)
-    bar.close()
-    if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+                progress.update(f"{run_id}: failed")
+            status()
+    progress.close()
+    return failed + not_started
 
 
 # -- statistics -----------------------------------------------------------------------------------------------
@@ -416,7 +505,8 @@ def plot(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     )
     for a in (ax, gap_ax):
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -513,7 +603,7 @@ def write_markdown(
         extra,
     ]
     block = "\n".join(lines)
-    start, end = "<!-- study:begin -->", "<!-- study:end -->"
+    start, end = f"<!-- {_tag(spec)}:begin -->", f"<!-- {_tag(spec)}:end -->"
     text = path.read_text() if path.exists() else f"# Results\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"
@@ -522,34 +612,191 @@ def write_markdown(
     path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
 
 
+def epoch_gaps(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """Per epoch, at the patterns in ``report.curves``: both methods' mean top-1 and the paired MaxQ − SR-STE gap
+    (test and held-out val) over the seeds both ran, from the records' learning curves."""
+    main_variant = main_variant_of(spec)
+    out: dict[str, Any] = {}
+    for nm in spec.get("report", {}).get("curves", []):
+        runs = {
+            (r["method"], r["seed"]): r["curve"]
+            for r in records
+            if r["variant"] == main_variant and r.get("n") and f"{r['n']}:{r['m']}" == nm and r.get("curve")
+        }
+        by_method = {method: {s for (m, s) in runs if m == method} for method in ("maxq", "srste")}
+        seeds = sorted(by_method["maxq"] & by_method["srste"])
+        if not seeds:
+            continue
+        epochs = min(len(runs[(method, s)]) for method in ("maxq", "srste") for s in seeds)
+        rows = []
+        for e in range(epochs):
+            row: dict[str, Any] = {"epoch": e + 1, "seeds": len(seeds)}
+            for key, label in (("test_top1", "test"), ("val_top1", "val")):
+                mq = [runs[("maxq", s)][e].get(key) for s in seeds]
+                sr = [runs[("srste", s)][e].get(key) for s in seeds]
+                if None in mq or None in sr:
+                    continue
+                row[f"maxq_{label}"] = statistics.fmean(mq)
+                row[f"srste_{label}"] = statistics.fmean(sr)
+                row[f"gap_{label}"] = paired_test(mq, sr)
+            rows.append(row)
+        out[nm] = rows
+    return out
+
+
+def _ramp_end(spec: dict[str, Any]) -> float | None:
+    ramp = spec.get("method_options", {}).get("maxq", {}).get("ramp")
+    return float(ramp[1]) if ramp else None
+
+
+def plot_curves(curves: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """Per pattern: both methods' test top-1 per epoch (left) and the paired gap per epoch, test and val (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(curves), 2, figsize=(12, 3.8 * len(curves)), squeeze=False)
+    end = _ramp_end(spec)
+    for (nm, rows), (ax, gap_ax) in zip(curves.items(), axes):
+        epochs = [r["epoch"] for r in rows]
+        for method in ("srste", "maxq"):
+            ax.plot(epochs, [r.get(f"{method}_test") for r in rows], "o-", ms=3, label=f"{method} (test)")
+        ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{nm}: mean over {rows[0]['seeds']} seeds")
+        for label, color in (("test", "C2"), ("val", "C4")):
+            gaps = [r.get(f"gap_{label}") for r in rows]
+            if None in gaps:
+                continue
+            means = [g["gap"] for g in gaps]
+            ses = [0.0 if math.isnan(g["se"]) else g["se"] for g in gaps]
+            gap_ax.errorbar(epochs, means, yerr=ses, marker="o", ms=3, capsize=2, color=color, label=label)
+        gap_ax.axhline(0, color="gray", lw=1)
+        gap_ax.set(xlabel="epoch", ylabel="MaxQ − SR-STE (points)", title=f"{nm}: paired gap per epoch (± s.e.)")
+        for a in (ax, gap_ax):
+            if end:
+                a.axvspan(0.5, end + 0.5, color="gray", alpha=0.12, label="MaxQ ramp")
+            a.grid(alpha=0.3)
+            a.legend()
+        ax.set_ylim(bottom=max(50.0, min(r.get("srste_test", 100) for r in rows) - 2))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_markdown(curves: dict[str, Any], spec: dict[str, Any], plot_path: Path) -> str:
+    end = _ramp_end(spec)
+    lines = []
+    for nm, rows in curves.items():
+        lines += [
+            f"**Gap per epoch at {nm}** (mean top-1 over {rows[0]['seeds']} paired seeds; MaxQ's ramp ends after "
+            f"epoch {end:g}):"
+            if end
+            else f"**Gap per epoch at {nm}**:",
+            "",
+            "| epoch | SR-STE test | MaxQ test | gap, test | p | SR-STE val | MaxQ val | gap, val | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [str(r["epoch"])]
+            for label in ("test", "val"):
+                g = r.get(f"gap_{label}")
+                if g is None:
+                    cells += ["—"] * 4
+                    continue
+                p = "—" if math.isnan(g["p"]) else f"{g['p']:.3f}"
+                se = "" if math.isnan(g["se"]) else f" ± {g['se']:.2f}"
+                cells += [f"{r[f'srste_{label}']:.2f}", f"{r[f'maxq_{label}']:.2f}", f"{g['gap']:+.2f}{se}", p]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"![learning curves and gap per epoch]({plot_path.name})", ""]
+    return "\n".join(lines)
+
+
+def compare_gaps(summary: dict[str, Any], other: dict[str, Any], spec: dict[str, Any]) -> str:
+    """This study's MaxQ − SR-STE gaps next to another study's (``report.compare_with``: its summary.json)."""
+    label = spec.get("report", {}).get("compare_label", "other study")
+    mine = spec.get("report", {}).get("label", "this study")
+    lines = [
+        f"**MaxQ − SR-STE, {label} vs {mine}** (paired gap ± s.e., p; last epoch):",
+        "",
+        f"| pattern | test, {label} | test, {mine} | val, {label} | val, {mine} |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(g: dict[str, Any] | None) -> str:
+        if not g:
+            return "—"
+        se = "" if math.isnan(g["se"]) else f" ± {g['se']:.2f}"
+        p = "" if math.isnan(g["p"]) else f" (p {g['p']:.3f}, {g['pairs']} seeds)"
+        return f"{g['gap']:+.2f}{se}{p}"
+
+    for nm in spec["grid"]["patterns"]:
+        a, b = other.get("gaps", {}).get(nm, {}), summary["gaps"].get(nm, {})
+        lines.append(
+            f"| {nm} | {cell(a.get('top1_last'))} | {cell(b.get('top1_last'))} | {cell(a.get('val_top1_last'))} "
+            f"| {cell(b.get('val_top1_last'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+NOT_RECORDS = ("summary.json", "status.json")
+
+
 def report(spec: dict[str, Any], results: Path, docs: Path) -> dict[str, Any]:
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name != "summary.json"]
+    """Aggregate the records in ``results`` into ``summary.json``, the tables in ``docs/RESULTS.md`` and the plot
+    (left out, with a note, where matplotlib is not installed)."""
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name not in NOT_RECORDS]
     records = [r for r in records if "variant" in r and not r["variant"].startswith("dense_")]
     summary = summarize(records, spec)
-    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(results / "summary.json", summary)
     docs.mkdir(parents=True, exist_ok=True)
-    plot_path = docs / "study_accuracy.png"
-    plot(summary, spec, plot_path)
+    plot_path = docs / ("study_accuracy.png" if _tag(spec) == "study" else f"{_tag(spec)}_accuracy.png")
+    curves = epoch_gaps(records, spec)
+    if curves:
+        summary["epoch_gaps"] = curves
+        _write_json(results / "summary.json", summary)
+    try:
+        plot(summary, spec, plot_path)
+        if curves:
+            plot_curves(curves, spec, plot_path.with_name(f"{_tag(spec)}_curves.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, f"Machine: {machine}.")
+    gpus = sorted({r["device_name"] for r in records if r.get("device_name")})
+    if gpus:
+        machine += f", {', '.join(gpus)}"
+    extra = f"Machine: {machine}."
+    compare = spec.get("report", {}).get("compare_with")
+    if compare and (ROOT / compare).is_file():
+        extra = compare_gaps(summary, json.loads((ROOT / compare).read_text()), spec) + "\n" + extra
+    if curves:
+        extra = curves_markdown(curves, spec, plot_path.with_name(f"{_tag(spec)}_curves.png")) + "\n" + extra
+    write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, extra)
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def _folder(spec: dict[str, Any], key: str, default: str) -> Path:
+    return ROOT / spec.get(key, default)
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "study.yaml")
-    ap.add_argument("--quick", action="store_true", help="tiny grid for smoke tests (results/quick)")
-    ap.add_argument("--results", type=Path, help="where records go (default results/, or results/quick)")
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--quick", action="store_true", help="tiny grid for smoke tests (<results>/quick)")
+    ap.add_argument("--results", type=Path, help="where records go (default: the spec's results, or results/)")
+    ap.add_argument("--runs-dir", type=Path, help="run folders: checkpoints, models (default <results>/runs)")
+    ap.add_argument("--docs", type=Path, help="where --report writes RESULTS.md (default: the spec's docs_dir, docs/)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings at once")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per training")
+    ap.add_argument("--device", help="maxq train --device for every run (e.g. cuda; several jobs share one GPU)")
+    ap.add_argument("--data-dir", help="maxq train --data-dir for every run")
+    ap.add_argument("--deadline", type=float, metavar="S", help="start no run that would not finish within S seconds")
     ap.add_argument("--only", choices=["main", "ablations"], help="run only this part")
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and the plot")
     ap.add_argument("--list", action="store_true", help="print the planned runs and exit")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(args.config.read_text())
-    default = ROOT / spec["results"] if spec.get("results") else ROOT / "results"
-    results = args.results or (default / "quick" if args.quick else default)
+    results = args.results or _folder(spec, "results", "results") / ("quick" if args.quick else "")
     results.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, args.quick)
     if args.only:
@@ -562,13 +809,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         for r in runs:
             print(r.id, json.dumps(r.options))
-        return
+        return 0
+    missing: list[str] = []
     if not args.report:
-        execute(runs, results, args.jobs, args.threads)
+        ex = Execution(args.jobs, args.threads, args.device, args.data_dir, args.runs_dir, args.deadline)
+        if args.device and args.device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                ex.device_name = torch.cuda.get_device_name(torch.device(args.device))
+        missing = execute(runs, results, ex)
     # A quick study reports next to its records, never into the real docs.
-    summary = report(effective(spec, args.quick), results, results if args.quick else args.docs)
+    docs = results if args.quick else (args.docs or _folder(spec, "docs_dir", "docs"))
+    summary = report(effective(spec, args.quick), results, docs)
     print(json.dumps(summary["gaps"], indent=1))
+    if missing:
+        print(f"{len(missing)} run(s) failed or not started: {missing}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

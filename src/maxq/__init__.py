@@ -1,6 +1,6 @@
 """maxq: N:M sparse training with MaxQ (Xiang et al., CVPR 2024) and its baselines, for unmodified PyTorch models.
 
-Convention: **N:M keeps N of every M** weights, in blocks of M consecutive input channels (SPEC §1).
+Convention: **N:M keeps N of every M** weights, in blocks of M consecutive input channels (METHOD.md §1).
 
 Quick use::
 

@@ -61,6 +61,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
+    g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], help="autocast dtype with --amp (default float16)")
+    g.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="model and inputs in channels_last format"
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training forward (no graph breaks; masks are updated outside it)",
+    )
     g = p.add_argument_group("sparsity")
     g.add_argument("--ramp", type=float, nargs=2, metavar=("START", "END"), help="epochs (default: first 25%%)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES))

@@ -1,6 +1,7 @@
 """The study runner's plan and statistics (the runs themselves are in docs/RESULTS.md)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -114,3 +115,122 @@ def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
     assert "old" not in text and "| maxq (3 seeds) | 90.10 ± 0.10 |" in text and "| 1:16 (3 seeds) |" in text
     assert (docs / "study_accuracy.png").stat().st_size > 10_000
+
+
+# -- the GPU study (configs/study_gpu.yaml, stage 4 of scripts/gpu_check.sh) ----------------------------------------
+
+SPEC_GPU = yaml.safe_load((ROOT / "configs" / "study_gpu.yaml").read_text())
+
+
+def test_gpu_plan_runs_both_seeds_of_1_16_first():
+    runs = study.plan(SPEC_GPU, quick=False)
+    assert [r.record["nm"] for r in runs] == ["1:16"] * 4 + ["2:4"] * 4  # grid.order: pattern
+    assert {(r.record["method"], r.record["seed"]) for r in runs[:4]} == {
+        (m, s) for m in ("srste", "maxq") for s in (0, 1)
+    }
+    for r in runs:
+        cfg = TrainConfig.from_dict(r.options)
+        assert (cfg.dataset, cfg.model) == ("fashion-mnist-32", "resnet18_cifar") and cfg.val_split > 0
+        if cfg.method == "maxq":
+            assert cfg.resolved_ramp[1] == 0.25 * cfg.epochs  # the paper's share of training
+    (quick,) = study.plan(SPEC_GPU, quick=True)  # the dry run: one tiny training
+    assert TrainConfig.from_dict(quick.options).subset <= 1000
+
+
+def test_gpu_study_keeps_its_records_apart_from_the_cpu_study():
+    assert SPEC_GPU["results"] == "results/gpu" and SPEC_GPU["docs_dir"] != "docs"
+    assert "results" not in SPEC  # the CPU study stays in results/
+    assert {r.record["variant"] for r in study.plan(SPEC_GPU, quick=False)} == {"gpu"}
+
+
+def test_command_passes_device_data_and_run_folder(tmp_path):
+    run = study.plan(SPEC_GPU, quick=False)[0]
+    ex = study.Execution(jobs=4, threads=3, device="cuda", data_dir="data/fm", runs_dir=tmp_path / "runs")
+    cmd, folder = study._command(run, tmp_path / "results", ex)
+    assert folder == tmp_path / "runs" / run.id and (tmp_path / "runs" / f"{run.id}.yaml").exists()
+    text = " ".join(cmd)
+    assert "--device cuda" in text and "--data-dir data/fm" in text and "--threads 3" in text
+    assert not (tmp_path / "results").exists()  # nothing but records and logs go there
+
+
+def test_deadline_starts_no_run_that_cannot_finish(tmp_path):
+    runs = study.plan(SPEC_GPU, quick=True)
+    missing = study.execute(runs, tmp_path, study.Execution(jobs=1, deadline_s=0.0))
+    assert missing == [runs[0].id]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["not_started"] == [runs[0].id] and status["finished"] == [] and status["planned"] == [runs[0].id]
+
+
+# -- the long-schedule study (configs/study_long.yaml) -----------------------------------------------------------
+
+SPEC_LONG = yaml.safe_load((ROOT / "configs" / "study_long.yaml").read_text())
+
+
+def test_long_plan_matches_the_issue():
+    runs = study.plan(SPEC_LONG, quick=False)
+    cells = sorted((r.record["method"], r.record["nm"], r.record["variant"], r.record["seed"]) for r in runs)
+    count = {}
+    for method, nm, variant, _ in cells:
+        count[(method, nm, variant)] = count.get((method, nm, variant), 0) + 1
+    assert count == {
+        ("dense", None, "long"): 1,
+        ("srste", "1:16", "long"): 3,
+        ("maxq", "1:16", "long"): 3,
+        ("srste", "2:4", "long"): 2,
+        ("maxq", "2:4", "long"): 2,
+        ("maxq", "1:16", "long_order_random"): 3,
+        ("maxq", "1:16", "long_ramp_75"): 3,
+    }
+    for r in runs:
+        cfg = TrainConfig.from_dict(r.options)
+        assert cfg.epochs == 20 and cfg.val_split == 0.1 and not cfg.per_step
+        if r.record["method"] == "maxq":
+            assert cfg.resolved_ramp == ((0.0, 15.0) if r.record["variant"] == "long_ramp_75" else (0.0, 5.0))
+
+
+def _curve_record(method, seed, tops, vals):
+    return {
+        "method": method,
+        "n": 1,
+        "m": 16,
+        "seed": seed,
+        "variant": "long",
+        "top1_last": tops[-1],
+        "top1_best": max(tops),
+        "val_top1_last": vals[-1],
+        "val_top1_best": max(vals),
+        "curve": [{"epoch": e + 1, "test_top1": t, "val_top1": v} for e, (t, v) in enumerate(zip(tops, vals))],
+    }
+
+
+def test_epoch_gaps_are_paired_per_epoch_and_reported(tmp_path):
+    records = [
+        _curve_record("srste", 0, [80.0, 85.0], [81.0, 86.0]),
+        _curve_record("srste", 1, [81.0, 85.5], [82.0, 86.0]),
+        _curve_record("maxq", 0, [79.0, 86.0], [80.0, 87.0]),
+        _curve_record("maxq", 1, [81.5, 86.5], [82.0, 86.5]),
+        _curve_record("maxq", 2, [90.0, 90.0], [90.0, 90.0]),  # no SR-STE partner: left out of the pairs
+    ]
+    spec = {**SPEC_LONG, "grid": {**SPEC_LONG["grid"], "patterns": ["1:16"]}, "report": {"curves": ["1:16"]}}
+    rows = study.epoch_gaps(records, spec)["1:16"]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["seeds"] == 2
+    assert rows[0]["gap_test"]["gap"] == pytest.approx(((79 - 80) + (81.5 - 81)) / 2)
+    assert rows[1]["maxq_val"] == pytest.approx((87.0 + 86.5) / 2)
+    assert rows[1]["gap_test"]["t"] == pytest.approx(study.paired_test([86.0, 86.5], [85.0, 85.5])["t"])
+
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# R\n<!-- study:begin -->\nkeep\n<!-- study:end -->\n")
+    for i, r in enumerate(records):
+        (results / f"r{i}.json").write_text(json.dumps(r))
+    other = tmp_path / "summary.json"
+    other.write_text(json.dumps({"gaps": {"1:16": {"top1_last": study.paired_test([87.0, 88.0], [86.5, 87.7])}}}))
+    spec["report"] = {"curves": ["1:16"], "compare_with": str(other), "compare_label": "4 epochs", "label": "long"}
+    study.report(spec, results, docs)
+    text = (docs / "RESULTS.md").read_text()
+    assert "<!-- study:begin -->\nkeep\n<!-- study:end -->" in text  # the 4-epoch block is left alone
+    assert "<!-- study_long:begin -->" in text and "**Gap per epoch at 1:16**" in text
+    assert "| 2 | 85.25 | 86.25 | +1.00 ± 0.00 |" in text
+    assert "**MaxQ − SR-STE, 4 epochs vs long**" in text and "+0.40 ± 0.10" in text
+    assert (docs / "study_long_curves.png").stat().st_size > 10_000

@@ -1,13 +1,20 @@
-"""The fused CPU kernels against plain PyTorch (the mask-level equivalence is in test_masks.py)."""
+"""The fused CPU kernel against the full-sort reference, whatever its remembered thresholds say (the mask-level
+equivalence over every shape and pattern is in tests/core/test_masks.py)."""
 
 import pytest
 import torch
 
+from maxq._engine.fused import FusedState
 from maxq._engine.kernels import cpu_kernels, kernels_enabled
-from maxq.core.queries import pruned_count
+from maxq.core.masks import compute_mask_, dense_count
+from maxq.core.reference import ref_maxq_mask
+
+from ..conftest import PATTERNS
 
 ext = cpu_kernels()
 pytestmark = pytest.mark.skipif(ext is None, reason="fused CPU kernels unavailable (no compiler or disabled)")
+
+SHAPES = [(32, 64, 3, 3), (48, 32), (16, 32, 1, 1), (8, 16, 5, 5)]
 
 
 def test_enabled_flag(monkeypatch):
@@ -17,50 +24,125 @@ def test_enabled_flag(monkeypatch):
     assert kernels_enabled()
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_kth_select_exact_for_any_offset(axis):
-    w = torch.randn(64, 32, 3, 3) * 0.05
-    sets = w.abs().reshape(64, -1) if axis == 1 else w.abs().reshape(-1, 9).t()
-    k = pruned_count(sets.shape[1], 1, 4)
-    s = sets.sort(dim=1).values
-    want_lo, want_hi = s[:, k - 1], s[:, k]
-    for shift in (-40, -3, 0, 1, 25):  # guess this many ranks off
-        guess = s[:, k - 1 + shift].contiguous()
-        count = (sets < guess[:, None]).sum(1)
-        lo, hi, ok, width = ext.kth_select(w, axis, k, guess, count, 4096, None)
-        assert bool(ok.all())
-        assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
-        lo2, hi2, _, _ = ext.kth_select(w, axis, k, guess, count, 4096, width)  # with the width hint
-        assert torch.equal(lo2, want_lo) and torch.equal(hi2, want_hi)
-    # Too far off: left to the caller.
-    guess = s[:, 0].contiguous()
-    count = (sets < guess[:, None]).sum(1)
-    assert not bool(ext.kth_select(w, axis, k, guess, count, 5, None)[2].any())
+def _fused(w, n, m, state, **kw):
+    out = torch.empty_like(w)
+    compute_mask_(out, w, n, m, state=state, fused=True, **kw)
+    return out
+
+
+def _check(got, w, n, m, **kw):
+    ref = ref_maxq_mask(w, n, m, **kw)
+    assert torch.equal(got == 0, ref == 0)  # the same surviving weights
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n, m", PATTERNS)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_consecutive_updates_use_the_guess_and_stay_exact(shape, n, m, p):
+    if shape[1] % m:
+        pytest.skip("input not divisible")
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.05
+    priority = torch.randperm(w.numel() // m).float()
+    state = FusedState()
+    kw = dict(dense_fraction=p, order="smallest", priority=priority)
+    _check(_fused(w, n, m, state, **kw), w, n, m, **kw)  # first update: no guess, exact selection
+    missed = 0
+    for _ in range(6):  # training-like drift: the thresholds move a little
+        w = w + 1e-3 * torch.randn_like(w)
+        _check(_fused(w, n, m, state, **kw), w, n, m, **kw)
+        missed += int(state.fallbacks.sum())
+    # Once the brackets have adapted, every set is solved around its guess (the exact path is the exception).
+    assert state.fallbacks.tolist() == [0, 0, 0]
+    assert missed <= shape[0] // 4
+
+
+@pytest.mark.parametrize("order", ["smallest", "largest", "random"])
+def test_dense_orders_with_guess(order):
+    torch.manual_seed(1)
+    w = torch.randn(32, 64, 3, 3) * 0.05
+    priority = torch.randperm(w.numel() // 4).float()
+    state = FusedState()
+    for p in (0.8, 0.8, 0.6, 0.25, 0.25):
+        kw = dict(dense_fraction=p, order=order, priority=priority)
+        got = _fused(w, 2, 4, state, **kw)
+        _check(got, w, 2, 4, **kw)
+        assert int(((got != 0).view(32, 16, 4, 9).sum(2) > 2).sum()) == dense_count(p, w.numel() // 4)
+        w = w + 1e-3 * torch.randn_like(w)
+
+
+@pytest.mark.parametrize("kind", ["zero", "huge", "negative", "nan", "tiny width", "huge width", "shifted"])
+def test_any_remembered_state_gives_the_exact_mask(kind):
+    torch.manual_seed(2)
+    w = torch.randn(24, 32, 3, 3) * 0.05
+    kw = dict(dense_fraction=0.3, order="smallest")
+    state = FusedState()
+    _fused(w, 1, 4, state, **kw)
+    t = state.tensor
+    o, k = 24, 9
+    guesses = torch.cat([t[:o], t[2 * o : 2 * o + k], t[-2:-1]])
+    widths = torch.cat([t[o : 2 * o], t[2 * o + k : 2 * o + 2 * k], t[-1:]])
+    if kind == "zero":
+        guesses.zero_()
+    elif kind == "huge":
+        guesses.fill_(1e30)
+    elif kind == "negative":
+        guesses.fill_(-1.0)
+    elif kind == "nan":
+        guesses.fill_(float("nan"))
+    elif kind == "tiny width":
+        widths.fill_(1e-30)
+    elif kind == "huge width":
+        widths.fill_(1e30)
+    else:
+        guesses.mul_(1.05)
+    t[:o], t[2 * o : 2 * o + k], t[-2] = guesses[:o], guesses[o : o + k], guesses[-1]
+    t[o : 2 * o], t[2 * o + k : 2 * o + 2 * k], t[-1] = widths[:o], widths[o : o + k], widths[-1]
+    _check(_fused(w, 1, 4, state, **kw), w, 1, 4, **kw)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_ties_follow_the_index_rule(p):
+    w = torch.randint(-3, 4, (16, 32, 3, 3)).float() * 0.01  # many equal magnitudes: ties at every cut
+    state = FusedState()
+    kw = dict(dense_fraction=p, order="smallest")
+    for _ in range(2):  # without and with a guess
+        _check(_fused(w, 2, 4, state, **kw), w, 2, 4, **kw)
+
+
+def test_channels_last_weight():
+    w = torch.randn(16, 32, 3, 3).to(memory_format=torch.channels_last) * 0.05
+    out = torch.empty_like(w)
+    assert not out.is_contiguous()
+    compute_mask_(out, w, 2, 4, state=FusedState())
+    _check(out, w, 2, 4)
 
 
 def test_decay_touches_pruned_only():
     w, grad = torch.randn(8, 16), torch.randn(8, 16)
     mask = (torch.rand(8, 16) > 0.5).float() * 2
     expected = grad + 0.1 * w * (mask == 0)
-    ext.decay_(grad, w, mask, 0.1)
+    torch.ops.maxq.decay_(grad, w, mask, 0.1)
     torch.testing.assert_close(grad, expected)
 
 
-def test_soft_scale_matches_torch():
-    w = torch.randn(4, 8, 3, 3) * 0.05
-    a = w.abs()
-    mask = (torch.rand_like(w) > 0.5).float()
-    tf, cf = torch.rand(4) * 0.05, torch.rand(4) * 0.04
-    tk, ck = torch.rand(9) * 0.05, torch.rand(9) * 0.04
-    expected = mask * (
-        1
-        + (a > cf.view(4, 1, 1, 1)) * torch.sigmoid((a - tf.view(4, 1, 1, 1)) / 0.01)
-        + (a > ck.view(1, 1, 3, 3)) * torch.sigmoid((a - tk.view(1, 1, 3, 3)) / 0.01)
-    )
-    ext.soft_scale_(w, mask, tf, cf, tk, ck, 0.01)
-    torch.testing.assert_close(mask, expected)
+def test_ops_trace_under_compile():
+    w = torch.randn(16, 32, 3, 3) * 0.05
+    state = torch.full((2 * 16 + 2 * 9 + 2,), float("nan"))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def update(w, mask, state):
+        torch.ops.maxq.mask_(w, mask, state, 2, 4, True, 0.01, 0, 0, None)
+        return mask.sum()
+
+    mask = torch.empty_like(w)
+    update(w, mask, state)
+    _check(mask, w, 2, 4)
 
 
 def test_rejects_wrong_inputs():
     with pytest.raises(RuntimeError, match="float32"):
-        ext.decay_(torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), 0.1)
+        torch.ops.maxq.decay_(torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), 0.1)
+    with pytest.raises(RuntimeError, match="state"):
+        torch.ops.maxq.mask_(torch.randn(4, 8), torch.empty(4, 8), torch.empty(3), 2, 4, True, 0.01, 0, 0, None)

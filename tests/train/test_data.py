@@ -27,6 +27,24 @@ def test_fashion_mnist_idx_folder(tmp_path):
     assert x.shape == (1, 28, 28) and x.dtype == torch.uint8 and 0 <= int(y) < 10
 
 
+def test_fashion_mnist_32_pads_every_image_centred(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("t10k", 4)):
+        _idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(1, 255, (n, 28, 28)))  # no zero pixels
+        _idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    plain = load_dataset("fashion-mnist", tmp_path, val_split=0.2)
+    padded = load_dataset("fashion-mnist-32", tmp_path, val_split=0.2)
+    assert padded.info.image_size == 32 and padded.info.channels == 1
+    assert (len(padded.train), len(padded.val), len(padded.test)) == (8, 2, 4)
+    for split in ("train", "val", "test"):
+        (x28, y28), (x32, y32) = getattr(plain, split)[1], getattr(padded, split)[1]
+        assert x32.shape == (1, 32, 32) and int(y28) == int(y32)
+        assert torch.equal(x32[:, 2:30, 2:30], x28)  # the image, centred
+        assert int(x32.sum()) == int(x28.sum())  # and a zero border of 2 pixels around it
+    z = normalize(torch.stack([padded.train[i][0] for i in range(8)]), padded.info)
+    assert z.shape == (8, 1, 32, 32)
+
+
 def test_truncated_idx_is_reported(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "t10k"):

@@ -4,7 +4,9 @@ import pytest
 
 from maxq.train.recipe import TrainConfig, load_yaml
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml") if p.stem != "study")
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml") if not p.stem.startswith("study")
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

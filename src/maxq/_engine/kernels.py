@@ -27,7 +27,7 @@ __all__ = ["cpu_kernels", "decay_", "kernels_enabled"]
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "maxq_cpu.cpp"
-_VERSION = 1
+_VERSION = 2
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -84,40 +84,24 @@ def _register_ops(ext: ModuleType) -> None:
     if hasattr(torch.ops.maxq, "decay_"):
         return  # already registered in this process
 
-    @torch.library.custom_op("maxq::nm_pass", mutates_args=("keep", "l1"), device_types="cpu")
-    def nm_pass(
-        w: Tensor, n: int, m: int, keep: Tensor, l1: Tensor | None, guess_f: Tensor | None, guess_k: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        count_f, count_k = ext.nm_pass(w, n, m, keep, l1, guess_f, guess_k)
-        return count_f, count_k
+    @torch.library.custom_op("maxq::mask_", mutates_args=("mask", "state"), device_types="cpu")
+    def mask_(
+        w: Tensor,
+        mask: Tensor,
+        state: Tensor,
+        n: int,
+        m: int,
+        soft: bool,
+        tau: float,
+        dense_count: int,
+        order: int,
+        priority: Tensor | None,
+    ) -> Tensor:
+        return ext.mask_(w, mask, state, n, m, soft, tau, dense_count, order, priority)
 
-    @nm_pass.register_fake
-    def _(w, n, m, keep, l1, guess_f, guess_k):
-        o, k = w.shape[0], w.numel() // (w.shape[0] * w.shape[1])
-        size_f, size_k = (o if guess_f is not None else 0), (k if guess_k is not None else 0)
-        return w.new_empty(size_f, dtype=torch.int64), w.new_empty(size_k, dtype=torch.int64)
-
-    @torch.library.custom_op("maxq::kth_select", mutates_args=(), device_types="cpu")
-    def kth_select(
-        w: Tensor, axis: int, k: int, guess: Tensor, count: Tensor, max_offset: int, width: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        lo, hi, ok, used = ext.kth_select(w, axis, k, guess, count, max_offset, width)
-        return lo, hi, ok, used
-
-    @kth_select.register_fake
-    def _(w, axis, k, guess, count, max_offset, width):
-        sets = guess.numel()
-        return (w.new_empty(sets), w.new_empty(sets), w.new_empty(sets, dtype=torch.bool), w.new_empty(sets))
-
-    @torch.library.custom_op("maxq::soft_scale_", mutates_args=("mask",), device_types="cpu")
-    def soft_scale_(
-        w: Tensor, mask: Tensor, t_f: Tensor, cut_f: Tensor, t_k: Tensor | None, cut_k: Tensor | None, tau: float
-    ) -> None:
-        ext.soft_scale_(w, mask, t_f, cut_f, t_k, cut_k, tau)
-
-    @soft_scale_.register_fake
-    def _(w, mask, t_f, cut_f, t_k, cut_k, tau):
-        return None
+    @mask_.register_fake
+    def _(w, mask, state, n, m, soft, tau, dense_count, order, priority):
+        return w.new_empty(3, dtype=torch.int64)
 
     @torch.library.custom_op("maxq::decay_", mutates_args=("grad",), device_types="cpu")
     def decay(grad: Tensor, w: Tensor, mask: Tensor, lam: float) -> None:

@@ -1,4 +1,4 @@
-"""N:M compliance check for any model or state dict (SPEC §6 "Verify")."""
+"""N:M compliance check for any model or state dict (METHOD.md §6 "Verify")."""
 
 from __future__ import annotations
 

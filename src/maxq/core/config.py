@@ -20,7 +20,7 @@ from .masks import BLOCK_ORDERS
 from .nm import validate_nm
 from .schedules import SCHEDULES, dense_fraction
 
-__all__ = ["CONFIGS", "MaxQConfig", "NMConfig", "OneShotConfig", "SRSTEConfig", "make_config"]
+__all__ = ["CONFIGS", "MaxQConfig", "NMConfig", "OneShotConfig", "SRSTEConfig", "config_options", "make_config"]
 
 
 def _check_number(name: str, value: Any, *, low: float | None = None, integer: bool = False) -> None:
@@ -199,6 +199,14 @@ class MaxQConfig(SRSTEConfig):
 
 #: method name -> config class: the one lookup from a string to a method.
 CONFIGS: dict[str, type[NMConfig]] = {c.method: c for c in (MaxQConfig, SRSTEConfig, OneShotConfig)}
+
+
+def config_options(method: str) -> list[str]:
+    """The option names ``method``'s config class takes (``ValueError`` for an unknown method)."""
+    try:
+        return [f.name for f in dataclasses.fields(CONFIGS[method])]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(CONFIGS)} (or 'dense')") from None
 
 
 def make_config(method: str, **options: Any) -> NMConfig:

@@ -1,4 +1,4 @@
-"""Fold the masks into plain weights: ``W <- W * Mask`` and no masking machinery left (SPEC §6)."""
+"""Fold the masks into plain weights: ``W <- W * Mask`` and no masking machinery left (METHOD.md §6)."""
 
 from __future__ import annotations
 

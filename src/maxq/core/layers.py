@@ -1,4 +1,4 @@
-"""Which layers of a model get N:M masks (SPEC §1), as a pure query over the model.
+"""Which layers of a model get N:M masks (METHOD.md §1), as a pure query over the model.
 
 Eligible: ``nn.Conv2d`` with ``groups == 1`` and ``nn.Linear`` (subclasses included) whose input size is
 divisible by ``m``. By default the network's first conv and its last classifier (the last Conv2d/Linear in

@@ -1,6 +1,6 @@
 """N:M conventions and the hard N:M mask (pure functions, no module state).
 
-Convention (SPEC §1): **N:M keeps N of every M** weights, ``1 <= N < M``. Blocks run along the *input* axis:
+Convention (METHOD.md §1): **N:M keeps N of every M** weights, ``1 <= N < M``. Blocks run along the *input* axis:
 
 * ``Linear`` weight ``W[O, I]``: blocks are ``M`` consecutive inputs of one row.
 * ``Conv2d`` weight ``W[O, I, kh, kw]``: blocks are ``M`` consecutive input channels at a fixed

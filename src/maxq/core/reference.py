@@ -1,6 +1,6 @@
 """Plain reference implementation of every mask, written with full sorts for clarity, not speed.
 
-It restates SPEC §2-3 as directly as possible. The tests hold the fast implementation to it, and
+It restates METHOD.md §2-3 as directly as possible. The tests hold the fast implementation to it, and
 ``benchmarks/mask_overhead.py`` times it as the naive baseline. Tie rule everywhere: a stable sort in descending
 order puts the lower index first, i.e. the lower index counts as larger.
 """
@@ -31,7 +31,7 @@ def ref_nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
 
 
 def ref_query(rows: Tensor, n: int, m: int, tau: float) -> tuple[Tensor, Tensor]:
-    """Query of every row: ``(Q, t)`` per SPEC §2, by sorting each row."""
+    """Query of every row: ``(Q, t)`` per METHOD.md §2, by sorting each row."""
     length = rows.shape[-1]
     k = ((m - n) * length) // m
     ascending = torch.sort(rows, dim=-1).values

@@ -1,4 +1,4 @@
-"""Incremental-sparsity schedules (SPEC §3): the fraction ``p`` of blocks kept dense at training progress ``t``.
+"""Incremental-sparsity schedules (METHOD.md §3): the fraction ``p`` of blocks kept dense at training progress ``t``.
 
 Every schedule is a pure function of an explicit progress value ``t`` in **epochs** (fractional epochs allowed).
 ``p`` falls from 1 at ``start`` to 0 at ``end``, with ``u = clip((t - start) / (end - start), 0, 1)``.

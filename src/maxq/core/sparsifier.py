@@ -384,7 +384,7 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
         model: any ``nn.Module`` (torchvision, timm, your own); its classes are not changed.
         config: :class:`MaxQConfig`, :class:`SRSTEConfig` or :class:`OneShotConfig`.
         filter_fn: ``(module, qualified_name) -> bool`` choosing layers; default: every eligible Conv2d/Linear
-            except the first conv and the last classifier (SPEC §1).
+            except the first conv and the last classifier (METHOD.md §1).
 
     Raises:
         TypeError: ``config`` is not a maxq config, or a selected layer has non-floating-point weights.

@@ -1,4 +1,4 @@
-"""2:4 acceleration on CUDA with ``torch.sparse.to_sparse_semi_structured`` (SPEC §6), measured per layer.
+"""2:4 acceleration on CUDA with ``torch.sparse.to_sparse_semi_structured`` (METHOD.md §6), measured per layer.
 
 2:4 is the only pattern with hardware support (sparse tensor cores, compute capability >= 8.0). Eligible:
 ``nn.Linear`` layers, and 1x1 ``nn.Conv2d`` layers (stride 1, no padding, groups 1) lowered to a Linear over the

@@ -1,4 +1,4 @@
-"""Fold eval-mode BatchNorm into the convolution that feeds it (SPEC §6): ``W' = W * gamma / sqrt(var + eps)``
+"""Fold eval-mode BatchNorm into the convolution that feeds it (METHOD.md §6): ``W' = W * gamma / sqrt(var + eps)``
 per output filter, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
 
 Scaling whole filters keeps every zero where it was, so an N:M conv stays N:M. Pairs are found by tracing the

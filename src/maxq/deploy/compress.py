@@ -1,4 +1,4 @@
-"""Compressed N:M checkpoints (SPEC §6): N values per block plus packed ``ceil(log2 M)``-bit indices.
+"""Compressed N:M checkpoints (METHOD.md §6): N values per block plus packed ``ceil(log2 M)``-bit indices.
 
 File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ file:
 
@@ -82,7 +82,7 @@ class CompressedInfo:
 
     file_bytes: int
     sparse_bytes: int  # values + indices of the sparse layers
-    sparse_bound_bytes: float  # SPEC §6 bound for the same layers
+    sparse_bound_bytes: float  # METHOD.md §6 bound for the same layers
     dense_equivalent_bytes: int  # the same tensors stored dense
     other_bytes: int  # tensors stored as they are
 

@@ -2,6 +2,7 @@
 
 * ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``)
   or any folder with the same four ``*-ubyte.gz`` (or uncompressed) files.
+* ``fashion-mnist-32``: the same images zero-padded to 32x32 (2 pixels a side), for CIFAR-size models.
 * ``cifar10`` / ``cifar100``: the standard python-pickle folders (``cifar-10-batches-py``, ``cifar-100-python``).
 * ``imagefolder``: an ImageNet-style ``train/`` and ``val/`` tree of class folders (decoded on the fly).
 * ``synthetic``: a small random, learnable set for smoke tests.
@@ -99,6 +100,18 @@ def _fashion_mnist(data_dir: Path | None) -> tuple[TensorDataset, TensorDataset]
     return TensorDataset(as_images(xtr), as_labels(ytr)), TensorDataset(as_images(xte), as_labels(yte))
 
 
+def _pad_to(sets: tuple[TensorDataset, ...], size: int) -> tuple[TensorDataset, ...]:
+    """Zero-pad the ``[N, C, H, W]`` images of in-memory sets to ``size x size``, centred (labels unchanged)."""
+    padded = []
+    for ds in sets:
+        x, y = ds.tensors
+        dh, dw = size - x.shape[2], size - x.shape[3]
+        if dh < 0 or dw < 0:
+            raise ValueError(f"cannot pad {x.shape[2]}x{x.shape[3]} images to {size}x{size}")
+        padded.append(TensorDataset(torch.nn.functional.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)), y))
+    return tuple(padded)
+
+
 # -- CIFAR (python pickle) ------------------------------------------------------------------------------------
 
 
@@ -186,6 +199,7 @@ def _synthetic(size: int = 1024, classes: int = 10, image: int = 16) -> tuple[Te
 
 _INFO = {
     "fashion-mnist": DataInfo("fashion-mnist", 1, 10, 28, (0.2860,), (0.3530,), pad=2, flip=True),
+    "fashion-mnist-32": DataInfo("fashion-mnist-32", 1, 10, 32, (0.2190,), (0.3318,), pad=2, flip=True),
     "cifar10": DataInfo("cifar10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), pad=4, flip=True),
     "cifar100": DataInfo("cifar100", 3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), pad=4, flip=True),
     "synthetic": DataInfo("synthetic", 1, 10, 16, (0.5,), (0.25,), pad=1, flip=False),
@@ -194,6 +208,7 @@ _INFO = {
 #: dataset name -> loader ``(data_dir, image_size) -> (train, test[, classes])``: the one lookup.
 DATASETS: dict[str, Callable] = {
     "fashion-mnist": lambda d, s: _fashion_mnist(d),
+    "fashion-mnist-32": lambda d, s: _pad_to(_fashion_mnist(d), 32),
     "cifar10": lambda d, s: _cifar(d, 10),
     "cifar100": lambda d, s: _cifar(d, 100),
     "imagefolder": _imagefolder,

@@ -35,7 +35,7 @@ from ..core.sparsifier import Sparsifier, sparsify_
 from .checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, atomic_save, folded_file, load_checkpoint
 from .data import DataInfo, augment, load_dataset, normalize
 from .models import build_model
-from .recipe import RESUMABLE_OVERRIDES, TrainConfig
+from .recipe import AMP_DTYPES, RESUMABLE_OVERRIDES, TrainConfig
 
 __all__ = ["train", "RunExists", "lr_factor"]
 
@@ -285,18 +285,21 @@ def train(
         _init_weights(model, cfg.init)
     elif cfg.method == "oneshot" and not saved:
         log.warning("oneshot without --init prunes the random initialization; pass --init DENSE_RUN/checkpoint.pt")
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     sparse_cfg = cfg.sparsity_config()
     sparsifier: Sparsifier | None = sparsify_(model, sparse_cfg) if sparse_cfg is not None else None
     net: nn.Module = model
     if procs.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the training forward only: W * mask needs no graph break; masks change outside it
+        net = torch.compile(net)
 
     # Optimizer and schedule (per optimizer step)
     optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp_dtype])
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)  # bf16 needs no scaling
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     history: list[dict[str, Any]] = []
@@ -356,7 +359,9 @@ def train(
         )
         for i, (x, y) in enumerate(bar):
             x, y = _prepare(x, info, device, gen), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = net(x)
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)

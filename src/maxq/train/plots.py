@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 __all__ = ["plot_run"]
 
+log = logging.getLogger(__name__)
 
-def plot_run(history: list[dict[str, Any]], cfg: Any, path: str | Path) -> None:
-    """Three panels: train/test loss, test (and validation) top-1, and the dense-block fraction ``p``."""
-    import matplotlib
+
+def plot_run(history: list[dict[str, Any]], cfg: Any, path: str | Path) -> bool:
+    """Three panels: train/test loss, test (and validation) top-1, and the dense-block fraction ``p``.
+
+    Returns ``False`` (and writes nothing) where matplotlib is not installed: a plot never fails a run.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written to %s", path)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -43,3 +53,4 @@ def plot_run(history: list[dict[str, Any]], cfg: Any, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..core.config import NMConfig, make_config
+from ..core.config import NMConfig, config_options, make_config
 from ..core.nm import parse_nm
 
 __all__ = ["TrainConfig", "METHODS", "load_yaml", "RESUMABLE_OVERRIDES"]
@@ -22,8 +22,13 @@ __all__ = ["TrainConfig", "METHODS", "load_yaml", "RESUMABLE_OVERRIDES"]
 #: every method ``maxq train`` runs (``dense`` has no sparsifier).
 METHODS = ("maxq", "srste", "oneshot", "dense")
 
+#: ``--amp-dtype`` values and the autocast dtype each means.
+AMP_DTYPES = {"float16": "float16", "bfloat16": "bfloat16"}
+
 #: options that may differ between a checkpoint and the command resuming it.
-RESUMABLE_OVERRIDES = frozenset({"epochs", "out", "resume", "device", "workers", "threads", "progress", "config"})
+RESUMABLE_OVERRIDES = frozenset(
+    {"epochs", "out", "resume", "device", "workers", "threads", "progress", "config", "compile", "channels_last"}
+)
 
 
 @dataclass
@@ -50,7 +55,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
     amp: bool | None = None  # default: on for CUDA
-    # sparsity (SPEC defaults; the ramp defaults to the paper's share, 25% of training)
+    amp_dtype: str = "float16"  # autocast dtype with --amp: float16 (with loss scaling) or bfloat16
+    channels_last: bool = False  # model and inputs in channels_last memory format
+    compile: bool = False  # torch.compile the training forward (masks are updated outside it)
+    # sparsity (paper defaults, docs/METHOD.md; the ramp defaults to the paper's share, 25% of training)
     ramp: tuple[float, float] | None = None
     schedule: str = "linear"
     per_step: bool = False
@@ -100,6 +108,8 @@ class TrainConfig:
             if len(self.ramp) != 2:
                 raise ValueError(f"--ramp takes START END (epochs), got {self.ramp!r}")
             self.ramp = (float(self.ramp[0]), float(self.ramp[1]))
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"--amp-dtype must be one of {sorted(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.sparsity_config()  # validates ramp, schedule, tau, order, ... with the library's own messages
@@ -114,24 +124,13 @@ class TrainConfig:
         return self.ramp if self.ramp is not None else (0.0, round(0.25 * self.epochs, 3))
 
     def sparsity_config(self) -> NMConfig | None:
-        """The library config for ``method`` (``None`` for dense)."""
+        """The library config for ``method`` (``None`` for dense): every option the method's config class takes,
+        from this run's settings (the config class, not this function, knows which options a method has)."""
         if self.method == "dense":
             return None
         n, m = self.n_m
-        options: dict[str, Any] = {"n": n, "m": m, "update_every": self.update_every}
-        if self.method in ("maxq", "srste"):
-            options["decay_lambda"] = self.decay_lambda
-        if self.method == "maxq":
-            options.update(
-                tau=self.tau,
-                queries=self.queries,
-                schedule=self.schedule,
-                ramp=self.resolved_ramp,
-                per_step=self.per_step,
-                order=self.order,
-                seed=self.seed,
-            )
-        return make_config(self.method, **options)
+        settings = {**self.to_dict(), "n": n, "m": m, "ramp": self.resolved_ramp}
+        return make_config(self.method, **{k: settings[k] for k in config_options(self.method) if k in settings})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,11 +1,18 @@
-// Fused CPU kernels for the MaxQ mask (SPEC §2): the hard N:M mask, the exact order statistics of the axis
-// queries given a guessed threshold, the soft-mask combination, and the SR-STE decay.
+// Fused CPU kernels for the MaxQ mask: B_t * (1 + Q_f + Q_k) of one layer in two passes over its weight, and
+// the SR-STE decay. The device-agnostic definition is maxq/core/masks.py; the tests hold both to the full-sort
+// reference in maxq/core/reference.py (same surviving weights, same thresholds, values to float rounding).
 //
-// Each kernel streams the weight once; the eager PyTorch path (maxq/masks.py) needs about thirty passes over
-// memory for the same result. The tests hold both to the full-sort reference in maxq/reference.py.
+// Layout: a weight is viewed as [O, I, K] (K = kh * kw; 1 for Linear), one row of L = I * K per output filter.
+// N:M blocks are m consecutive input channels at fixed (o, k). Filter-axis query sets are the rows o;
+// kernel-axis query sets are the columns k (all O * I weights at kernel position k).
 //
-// Layout: a weight is viewed as [O, I, K] (K = kh * kw; 1 for Linear). N:M blocks are m consecutive input
-// channels at fixed (o, k). Filter-axis query sets are the rows o; kernel-axis sets are the columns k.
+// mask_(): pass A reads the weight once and gathers what the order statistics need -- per query set, how many
+// entries lie below a guessed threshold (last update's), the largest below and the smallest above it, and every
+// entry within a small bracket around it -- and, mid-ramp, the block L1 norms. The exact k-th and (k+1)-th
+// smallest of each set follow from those (a set the bracket did not cover is solved exactly with nth_element).
+// The dense blocks are chosen the same way. Pass B reads the weight again and writes the mask: the N:M rank of
+// every entry in its block, the dense blocks, and the soft scale 1 + Q_f + Q_k. Memory traffic: two reads of
+// the weight and one write of the mask.
 //
 // Built with -fno-trapping-math so that the compiler may if-convert and vectorize the branch-free loops below.
 
@@ -13,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -62,55 +70,138 @@ void check_float(const torch::Tensor& t, const char* what) {
               " must be a contiguous float32 CPU tensor");
 }
 
-struct Shape {
-  int64_t O, I, K, L;
-  explicit Shape(const torch::Tensor& w) {
-    TORCH_CHECK(w.dim() >= 2 && w.numel() > 0, "weight must be [O, I, ...] and not empty");
-    O = w.size(0);
-    I = w.size(1);
-    K = w.numel() / (O * I);
-    L = I * K;
+// ---- exact order statistics near a guess ------------------------------------------------------------------
+
+// What one pass over a query set gathers around a guess g: how many entries lie below g, and every entry in the
+// bracket [lo, hi) = [g - d, g + d) (the candidates: the largest entries below g and the smallest at or above it).
+struct Near {
+  float g = 0.0f, lo = kInf, hi = -kInf;  // an empty bracket until a guess is set
+  int64_t below = 0;
+  std::vector<float> cand;
+
+  void set(float guess, float width) {
+    g = guess;
+    lo = guess - width;
+    hi = guess + width;
+  }
+  void merge(const Near& other) {
+    below += other.below;
+    cand.insert(cand.end(), other.cand.begin(), other.cand.end());
+  }
+  // a(k), a(k+1) (k 1-indexed) if the bracket held them; `used` receives the number of candidates (to size the
+  // bracket next time).
+  bool resolve(int64_t k, float* a_k, float* a_k1, int64_t* used) {
+    const int64_t offset = below - k;  // >= 0: a(k) lies below g
+    *used = static_cast<int64_t>(cand.size());
+    // In place: the candidates below g first (largest first after nth_element), then those at or above g.
+    const auto mid = std::partition(cand.begin(), cand.end(), [this](float v) { return v < g; });
+    const int64_t n_lower = mid - cand.begin(), n_upper = cand.end() - mid;
+    if (offset >= 0) {  // a(k): the (offset+1)-th largest below g; a(k+1): the offset-th, or the smallest above
+      if (n_lower < offset + 1) return false;
+      std::nth_element(cand.begin(), cand.begin() + offset, mid, std::greater<float>());
+      *a_k = cand[offset];
+      if (offset > 0) {
+        *a_k1 = *std::min_element(cand.begin(), cand.begin() + offset);
+        return true;
+      }
+      if (n_upper == 0) return false;
+      *a_k1 = *std::min_element(mid, cand.end());
+      return true;
+    }
+    const int64_t r = -offset;  // a(k): the r-th smallest at or above g; a(k+1): the (r+1)-th
+    if (n_upper < r + 1) return false;
+    std::nth_element(mid, mid + r, cand.end());
+    *a_k1 = mid[r];
+    *a_k = *std::max_element(mid, mid + r);
+    return true;
   }
 };
 
-// `values` repeated along a row of length L (position idx holds values[idx % K]), so per-column work on a row
-// runs as one contiguous, vectorizable loop.
-std::vector<float> along_row(const torch::Tensor& values, int64_t K, int64_t L) {
-  auto v = values.contiguous();
-  TORCH_CHECK(v.numel() == K, "expected one value per kernel position");
-  const float* pv = v.data_ptr<float>();
-  std::vector<float> out(L);
-  for (int64_t idx = 0; idx < L; ++idx) out[idx] = pv[idx % K];
-  return out;
+// Exact a(k), a(k+1) of `values` (consumed as scratch).
+void exact_pair(std::vector<float>& values, int64_t k, float* a_k, float* a_k1) {
+  std::nth_element(values.begin(), values.begin() + (k - 1), values.end());
+  *a_k = values[k - 1];
+  *a_k1 = *std::min_element(values.begin() + k, values.end());
 }
 
-// ---- pass 1: hard N:M mask, block L1, counts below the guesses -------------------------------------------
+// Guess and bracket half-width for the next update, from this one's threshold t: widen the bracket when it
+// missed, or when it held so few entries that the next drift would miss; narrow it when it held far more than
+// needed (each candidate costs a scalar insert). `needed`: how many ranks the threshold moved, plus one.
+void next_guess(float* guess, float* width, float t, float a_k, float a_k1, bool had_guess, bool hit,
+                int64_t used, int64_t needed) {
+  float w = *width;
+  const float floor_w = std::max(std::fabs(t) * 1e-7f, 1e-30f);
+  if (!had_guess || !std::isfinite(w)) {
+    w = std::max({(a_k1 - a_k) * 16.0f, std::fabs(t) * 1e-2f, floor_w});
+  } else if (!hit) {
+    w = std::max({w * 4.0f, std::fabs(t - *guess) * 2.0f, floor_w});
+  } else if (used < 2 * needed + 16) {
+    w = w * 2.0f;
+  } else if (used > 8 * needed + 256) {
+    w = std::max(w * 0.75f, floor_w);
+  }
+  *guess = t;
+  *width = w;
+}
 
-// One row: T is scratch for M * B * K floats. The row is first transposed to block-major order
-// (T[j][q], q = b * K + k) so that the rank loop runs over all blocks of the row at once and vectorizes.
+inline bool valid(float guess, float width) { return std::isfinite(guess) && std::isfinite(width) && width > 0; }
+
+// ---- N:M rank within a block -------------------------------------------------------------------------------
+
+// Keep flags (0/1) of one row, block-major: T holds |row| as T[j * Q + q] (j: channel in block, q = b * K + k),
+// R receives the flags in the same order. In every block the n largest stay, ties to the lower channel: find the
+// n-th largest value thr with an insertion network (n * m min/max passes over Q), then keep what is above thr
+// and, of the entries equal to it, the first ones in channel order. Every pass runs over all Q blocks of the row
+// at once, so it vectorizes; `top` is scratch for (n + 2) * Q floats.
+__attribute__((noinline)) void nm_keep_rows(const float* __restrict__ T, float* __restrict__ R, int64_t Q, int n,
+                                            int m, float* __restrict__ top) {
+  float* __restrict__ s = top + n * Q;    // the value being inserted
+  float* __restrict__ aux = s + Q;        // count above thr, then equal entries seen
+  for (int j = 0; j < m; ++j) {
+    const float* __restrict__ tj = T + j * Q;
+    for (int64_t q = 0; q < Q; ++q) s[q] = tj[q];
+    const int depth = std::min(j, n);
+    for (int t = 0; t < depth; ++t) {
+      float* __restrict__ tt = top + t * Q;
+      for (int64_t q = 0; q < Q; ++q) {
+        const float hi = std::max(tt[q], s[q]), lo = std::min(tt[q], s[q]);
+        tt[q] = hi;
+        s[q] = lo;
+      }
+    }
+    if (j < n) {
+      float* __restrict__ tj_top = top + j * Q;
+      for (int64_t q = 0; q < Q; ++q) tj_top[q] = s[q];
+    }
+  }
+  const float* __restrict__ thr = top + (n - 1) * Q;
+  for (int64_t q = 0; q < Q; ++q) aux[q] = 0.0f;
+  for (int j = 0; j < m; ++j) {  // aux = entries strictly above thr
+    const float* __restrict__ tj = T + j * Q;
+    for (int64_t q = 0; q < Q; ++q) aux[q] += static_cast<float>(tj[q] > thr[q]);
+  }
+  for (int64_t q = 0; q < Q; ++q) aux[q] = static_cast<float>(n) - aux[q];  // equal entries that still stay
+  for (int j = 0; j < m; ++j) {
+    const float* __restrict__ tj = T + j * Q;
+    float* __restrict__ rj = R + j * Q;
+    for (int64_t q = 0; q < Q; ++q) {  // arithmetic, not && / ||: branch-free, so it vectorizes
+      const float above = tj[q] > thr[q] ? 1.0f : 0.0f;
+      const float take = (tj[q] == thr[q]) & (aux[q] > 0.0f) ? 1.0f : 0.0f;
+      aux[q] -= take;
+      rj[q] = above + take;
+    }
+  }
+}
+
+// The same flags by rank: entry j of a block is kept if fewer than n entries beat it (larger, or equal with a
+// lower channel). m * m compares per block: cheaper than the network above for small blocks (2:4, 1:8, ...).
 template <int M>
-void nm_row(const float* __restrict__ row, float* __restrict__ keep, float* __restrict__ l1, int64_t B, int64_t K,
-            int n, float* __restrict__ T) {
-  const int64_t Q = B * K;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int j = 0; j < M; ++j) {
-      const float* src = row + (b * M + j) * K;
-      float* dst = T + j * Q + b * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = std::fabs(src[k]);
-    }
-  }
-  if (l1 != nullptr) {  // summed in channel order, as maxq.masks.block_l1
-    for (int64_t q = 0; q < Q; ++q) l1[q] = T[q];
-    for (int j = 1; j < M; ++j) {
-      for (int64_t q = 0; q < Q; ++q) l1[q] += T[j * Q + q];
-    }
-  }
-  float* R = T + M * Q;  // keep flags, block-major
+void nm_rank(const float* __restrict__ T, float* __restrict__ R, int64_t Q, int n) {
   for (int j = 0; j < M; ++j) {
     const float* aj = T + j * Q;
     float* rj = R + j * Q;
     for (int64_t q = 0; q < Q; ++q) {
-      int rank = 0;  // entries that beat entry j of block q: larger, or equal with a lower channel
+      int rank = 0;
 #pragma GCC unroll 32
       for (int i = 0; i < M; ++i) {
         const float ai = T[i * Q + q];
@@ -119,169 +210,133 @@ void nm_row(const float* __restrict__ row, float* __restrict__ keep, float* __re
       rj[q] = static_cast<float>(rank < n);
     }
   }
-  for (int64_t b = 0; b < B; ++b) {
-    for (int j = 0; j < M; ++j) {
-      const float* src = R + j * Q + b * K;
-      float* dst = keep + (b * M + j) * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+}
+
+void nm_rank_generic(const float* T, float* R, int64_t Q, int n, int m) {
+  for (int j = 0; j < m; ++j) {
+    for (int64_t q = 0; q < Q; ++q) {
+      int rank = 0;
+      for (int i = 0; i < m; ++i) {
+        const float ai = T[i * Q + q], aj = T[j * Q + q];
+        rank += static_cast<int>(i < j ? ai >= aj : (i > j && ai > aj));
+      }
+      R[j * Q + q] = static_cast<float>(rank < n);
     }
   }
 }
 
-void nm_row_generic(const float* row, float* keep, float* l1, int64_t B, int64_t K, int n, int m) {
-  std::vector<float> a(m);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < K; ++k) {
-      for (int j = 0; j < m; ++j) a[j] = std::fabs(row[(b * m + j) * K + k]);
-      if (l1 != nullptr) {
-        float s = a[0];
-        for (int j = 1; j < m; ++j) s += a[j];
-        l1[b * K + k] = s;
-      }
-      for (int j = 0; j < m; ++j) {
-        int rank = 0;
-        for (int i = 0; i < m; ++i) rank += static_cast<int>(i < j ? a[i] >= a[j] : (i > j && a[i] > a[j]));
-        keep[(b * m + j) * K + k] = static_cast<float>(rank < n);
-      }
-    }
-  }
-}
-
-void nm_row_any(const float* row, float* keep, float* l1, int64_t B, int64_t K, int n, int m, float* T) {
+__attribute__((noinline)) __attribute__((noinline)) void nm_rank_any(const float* T, float* R, int64_t Q, int n, int m) {
   switch (m) {
-    case 2: return nm_row<2>(row, keep, l1, B, K, n, T);
-    case 4: return nm_row<4>(row, keep, l1, B, K, n, T);
-    case 8: return nm_row<8>(row, keep, l1, B, K, n, T);
-    case 16: return nm_row<16>(row, keep, l1, B, K, n, T);
-    case 32: return nm_row<32>(row, keep, l1, B, K, n, T);
-    default: return nm_row_generic(row, keep, l1, B, K, n, m);
+    case 2: return nm_rank<2>(T, R, Q, n);
+    case 4: return nm_rank<4>(T, R, Q, n);
+    case 8: return nm_rank<8>(T, R, Q, n);
+    case 16: return nm_rank<16>(T, R, Q, n);
+    case 32: return nm_rank<32>(T, R, Q, n);
+    default: return nm_rank_generic(T, R, Q, n, m);
   }
 }
 
-int32_t count_below(const float* __restrict__ row, int64_t L, float g) {
-  int32_t c = 0;
-  for (int64_t idx = 0; idx < L; ++idx) c += static_cast<int32_t>(std::fabs(row[idx]) < g);
-  return c;
-}
-
-void count_below_each(const float* __restrict__ row, int64_t L, const float* __restrict__ g, int32_t* __restrict__ c) {
-  for (int64_t idx = 0; idx < L; ++idx) c[idx] += static_cast<int32_t>(std::fabs(row[idx]) < g[idx]);
-}
-
-// ---- pass 2: exact order statistics near a guess -----------------------------------------------------------
-
-// The `size` best entries of one query set on one side of the guess g: below it (largest first) or at or above
-// it (smallest first); with offset 0 also the smallest entry at or above g.
-struct Side {
-  bool below;
-  int64_t size;
-  bool want_min_above;
-  float g;
-  float lo, hi;  // an entry enters `best` iff lo <= v < hi (narrows as `best` fills)
-  float min_above = kInf;
-  std::vector<float> best;  // sorted best first
-
-  Side(int64_t offset, float guess)
-      : below(offset >= 0), size((offset >= 0 ? offset : -offset) + 1), want_min_above(offset == 0), g(guess) {
-    lo = below ? -kInf : guess;
-    hi = below ? guess : kInf;
-    best.reserve(size + 1);
-  }
-
-  void offer(float v) {
-    if (v >= lo && v < hi) insert(v);
-  }
-
-  void insert(float v) {
-    auto pos = below ? std::upper_bound(best.begin(), best.end(), v, std::greater<float>())
-                     : std::upper_bound(best.begin(), best.end(), v);
-    best.insert(pos, v);
-    if (static_cast<int64_t>(best.size()) > size) best.pop_back();
-    if (static_cast<int64_t>(best.size()) == size) {
-      // Full: a newcomer must now beat the worst kept entry.
-      if (below) lo = std::nextafter(best.back(), kInf);
-      else hi = best.back();
+// |row| (L = B * m * K) to block-major T[j * Q + b * K + k], Q = B * K.
+__attribute__((noinline)) void to_block_major(const float* __restrict__ row, float* __restrict__ T, int64_t B, int m, int64_t K) {
+  const int64_t Q = B * K;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int j = 0; j < m; ++j) {
+      const float* src = row + (b * m + j) * K;
+      float* dst = T + j * Q + b * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = std::fabs(src[k]);
     }
   }
+}
 
-  void merge(const Side& other) {
-    min_above = std::min(min_above, other.min_above);
-    for (float v : other.best) offer(v);
-  }
+// ---- pass A: counts, extremes and candidates around the guesses ----------------------------------------------
 
-  // a(k), a(k+1); false if the counts did not add up (e.g. NaN weights).
-  bool resolve(int64_t offset, float* a_k, float* a_k1) const {
-    if (static_cast<int64_t>(best.size()) != size) return false;
-    if (offset >= 0) {
-      *a_k = best[size - 1];  // the (offset+1)-th largest below the guess
-      *a_k1 = offset >= 1 ? best[size - 2] : min_above;
-      return std::isfinite(*a_k1);
+// ---- branch-free row loops (separate functions with restrict pointers and scalars by value: so they vectorize)
+
+// One pass over a row (or any run of values) for the order statistics: entries below the filter guess g (one
+// per row) and below each kernel-position guess gk[idx], and a flag per entry: bit 0 in the filter bracket
+// [lo, hi), bit 1 in its kernel bracket [lk[idx], hk[idx]). One long branch-free loop (short ones spend their
+// time in the vectorizer's alignment prologue), kept out of line: inlined into the big caller, the compiler
+// loses the restrict qualifiers and with them the vectorization.
+// Abs: scan |row| (weights) or row as it is (dense-block scores, which may be negative).
+template <bool Abs, bool F, bool Kq>
+__attribute__((noinline)) int64_t scan(const float* __restrict__ row, int64_t L, float g, float lo, float hi,
+                                       const float* __restrict__ gk, const float* __restrict__ lk,
+                                       const float* __restrict__ hk, int32_t* __restrict__ below_k,
+                                       uint8_t* __restrict__ in) {
+  int32_t cnt = 0;
+#pragma omp simd reduction(+ : cnt)
+  for (int64_t idx = 0; idx < L; ++idx) {
+    const float a = Abs ? std::fabs(row[idx]) : row[idx];
+    uint8_t flag = 0;
+    if (F) {
+      cnt += static_cast<int32_t>(a < g);
+      flag = static_cast<uint8_t>((a >= lo) & (a < hi));
     }
-    *a_k = best[size - 2];  // the (-offset)-th smallest at or above the guess
-    *a_k1 = best[size - 1];
-    return true;
+    if (Kq) {
+      below_k[idx] += static_cast<int32_t>(a < gk[idx]);
+      flag = static_cast<uint8_t>(flag | (static_cast<uint8_t>((a >= lk[idx]) & (a < hk[idx])) << 1));
+    }
+    in[idx] = flag;
   }
-};
-
-// How many of row[0..len) fall in [lo, hi) -- usually none, which keeps the scalar insertion path cold.
-int32_t count_in(const float* __restrict__ row, int64_t len, float lo, float hi) {
-  int32_t c = 0;
-  for (int64_t idx = 0; idx < len; ++idx) {
-    const float v = std::fabs(row[idx]);
-    c += static_cast<int32_t>(v >= lo) & static_cast<int32_t>(v < hi);
-  }
-  return c;
+  return cnt;
 }
 
-float min_at_or_above(const float* __restrict__ row, int64_t len, float g) {
-  float best = kInf;
-#pragma omp simd reduction(min : best)
-  for (int64_t idx = 0; idx < len; ++idx) {
-    const float v = std::fabs(row[idx]);
-    best = std::min(best, v >= g ? v : kInf);
+// Calls fn(idx) for every idx < L with in[idx] set, reading the flags eight at a time (most words are zero).
+template <typename Fn>
+void for_flagged(const uint8_t* in, int64_t L, Fn fn) {
+  int64_t idx = 0;
+  for (; idx + 8 <= L; idx += 8) {
+    uint64_t word;
+    std::memcpy(&word, in + idx, 8);
+    if (word == 0) continue;
+    for (int64_t j = idx; j < idx + 8; ++j) {
+      if (in[j]) fn(j);
+    }
   }
-  return best;
-}
-
-void min_at_or_above_each(const float* __restrict__ row, int64_t L, const float* __restrict__ g, float* __restrict__ best) {
-  for (int64_t idx = 0; idx < L; ++idx) {
-    const float v = std::fabs(row[idx]);
-    const float c = v >= g[idx] ? v : kInf;
-    best[idx] = c < best[idx] ? c : best[idx];
+  for (; idx < L; ++idx) {
+    if (in[idx]) fn(idx);
   }
 }
 
-int32_t count_in_each(const float* __restrict__ row, int64_t L, const float* __restrict__ lo, const float* __restrict__ hi) {
-  int32_t c = 0;
-  for (int64_t idx = 0; idx < L; ++idx) {
-    const float v = std::fabs(row[idx]);
-    c += static_cast<int32_t>(v >= lo[idx]) & static_cast<int32_t>(v < hi[idx]);
-  }
-  return c;
-}
-
-void count_in_each_acc(const float* __restrict__ row, int64_t L, const float* __restrict__ lo,
-                       const float* __restrict__ hi, int32_t* __restrict__ cnt) {
-  for (int64_t idx = 0; idx < L; ++idx) {
-    const float v = std::fabs(row[idx]);
-    cnt[idx] += static_cast<int32_t>(v >= lo[idx]) & static_cast<int32_t>(v < hi[idx]);
+// Block L1 of one row from its block-major copy T (summed in channel order).
+__attribute__((noinline)) void block_l1_row(const float* __restrict__ T, float* __restrict__ out, int64_t Q, int m) {
+  for (int64_t q = 0; q < Q; ++q) out[q] = T[q];
+  for (int j = 1; j < m; ++j) {
+    const float* tj = T + j * Q;
+    for (int64_t q = 0; q < Q; ++q) out[q] += tj[q];
   }
 }
 
-constexpr int64_t kChunk = 32;  // entries per pre-screened chunk of the scalar insertion scan
+// Keep flags from block-major R back to the row's order; whole blocks where dense[q].
+__attribute__((noinline)) void keep_to_row(const float* __restrict__ R, const uint8_t* __restrict__ dense, float* __restrict__ mrow,
+                 int64_t B, int m, int64_t K) {
+  const int64_t Q = B * K;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int j = 0; j < m; ++j) {
+      const float* src = R + j * Q + b * K;
+      float* dst = mrow + (b * m + j) * K;
+      if (dense != nullptr) {
+        const uint8_t* d = dense + b * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = d[k] ? 1.0f : src[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+      }
+    }
+  }
+}
 
-// ---- pass 3: soft scale -------------------------------------------------------------------------------------
-
-// mrow *= 1 + Q_f + Q_k for one filter row; tkp / lkp hold the kernel thresholds along the row (or are null).
-// Branch-free (the sigmoid is computed everywhere, then gated) so the loop vectorizes.
-void soft_row(const float* __restrict__ row, float* __restrict__ mrow, int64_t L, float t, float cut,
-              const float* __restrict__ tkp, const float* __restrict__ lkp, float inv_tau) {
+// mrow *= 1 + Q_f + Q_k, Q = [|w| > cut] * sigmoid((|w| - t) / tau); tk / ck hold the kernel sets' thresholds
+// along the row (or are null: no kernel query). Branch-free (the sigmoid is computed everywhere, then gated), so
+// it vectorizes. (Sharing one division between the two queries measured slower.)
+__attribute__((noinline)) void soft_row(const float* __restrict__ row, float* __restrict__ mrow, int64_t L, float t,
+                                        float cut, const float* __restrict__ tk, const float* __restrict__ ck,
+                                        float inv_tau) {
   const float shift = -t * inv_tau;
-  if (tkp != nullptr) {
+  if (tk != nullptr) {
     for (int64_t idx = 0; idx < L; ++idx) {
       const float a = std::fabs(row[idx]);
       const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
-      const float qk = static_cast<float>(a > lkp[idx]) * sigmoid_approx((a - tkp[idx]) * inv_tau);
+      const float qk = static_cast<float>(a > ck[idx]) * sigmoid_approx((a - tk[idx]) * inv_tau);
       mrow[idx] = mrow[idx] * (1.0f + qf + qk);
     }
   } else {
@@ -293,252 +348,264 @@ void soft_row(const float* __restrict__ row, float* __restrict__ mrow, int64_t L
   }
 }
 
-void decay_range(float* __restrict__ g, const float* __restrict__ w, const float* __restrict__ m, int64_t len, float lam) {
-  for (int64_t i = 0; i < len; ++i) g[i] += static_cast<float>(m[i] == 0.0f) * (lam * w[i]);
-}
-
 }  // namespace
 
-// Pass 1: the hard N:M mask into `keep` (0/1 floats of w's shape), block L1 norms into `l1` ([O, I/m, K], when
-// given), and how many entries have |w| < guess in every filter row (guess_f [O]) and kernel column
-// (guess_k [K]). Returns {count_f [O], count_k [K]} (int64; empty where no guess was given).
-std::vector<torch::Tensor> nm_pass(torch::Tensor w, int64_t n, int64_t m, torch::Tensor keep,
-                                   c10::optional<torch::Tensor> l1, c10::optional<torch::Tensor> guess_f,
-                                   c10::optional<torch::Tensor> guess_k) {
-  check_float(w, "weight");
-  check_float(keep, "keep");
-  const Shape s(w);
-  TORCH_CHECK(m >= 2 && n >= 1 && n < m && s.I % m == 0, "bad N:M pattern for this weight");
-  TORCH_CHECK(keep.numel() == w.numel(), "keep must have the weight's shape");
-  const int64_t B = s.I / m;
-  const float* pw = w.data_ptr<float>();
-  float* pk = keep.data_ptr<float>();
-  float* pl = nullptr;
-  if (l1.has_value()) {
-    check_float(*l1, "l1");
-    TORCH_CHECK(l1->numel() == s.O * B * s.K, "l1 must have O * I/m * K entries");
-    pl = l1->data_ptr<float>();
-  }
-  const bool has_f = guess_f.has_value(), has_k = guess_k.has_value();
-  auto count_f = torch::zeros({has_f ? s.O : 0}, torch::kLong);
-  auto count_k = torch::zeros({has_k ? s.K : 0}, torch::kLong);
-  torch::Tensor gf;
-  if (has_f) {
-    gf = guess_f->contiguous();
-    check_float(gf, "guess_f");
-    TORCH_CHECK(gf.numel() == s.O, "guess_f needs one entry per filter");
-  }
-  const std::vector<float> gk = has_k ? along_row(*guess_k, s.K, s.L) : std::vector<float>();
-  int64_t* cf = count_f.data_ptr<int64_t>();
-  int64_t* ck = count_k.data_ptr<int64_t>();
-  std::mutex merge;
-  at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<int32_t> ck_local(has_k ? s.L : 0, 0);
-    std::vector<float> scratch(2 * s.L);
-    for (int64_t o = o0; o < o1; ++o) {
-      const float* row = pw + o * s.L;
-      if (has_f) cf[o] = count_below(row, s.L, gf.data_ptr<float>()[o]);
-      if (has_k) count_below_each(row, s.L, gk.data(), ck_local.data());
-      nm_row_any(row, pk + o * s.L, pl == nullptr ? nullptr : pl + o * B * s.K, B, s.K, static_cast<int>(n),
-                 static_cast<int>(m), scratch.data());
-    }
-    if (has_k) {
-      std::lock_guard<std::mutex> lock(merge);
-      for (int64_t idx = 0; idx < s.L; ++idx) ck[idx % s.K] += ck_local[idx];
-    }
-  });
-  return {count_f, count_k};
-}
-
-// Pass 2: the exact k-th and (k+1)-th smallest |w| of every query set, given the guesses and the counts of
-// pass 1 (offset = count - k says on which side of the guess they lie and how far). axis = 1: the sets are
-// the filter rows [O]; axis = 0: the kernel columns [K]. Sets more than `max_offset` ranks off are left
-// unresolved (ok = false) for the caller's exact path. `width` (optional, one per set) is where the search
-// bracket around the guess starts; pass back the returned width next time. Returns {a_k, a_k1, ok, width}.
-std::vector<torch::Tensor> kth_select(torch::Tensor w, int64_t axis, int64_t k, torch::Tensor guess,
-                                      torch::Tensor count, int64_t max_offset, c10::optional<torch::Tensor> width) {
-  check_float(w, "weight");
-  const Shape s(w);
-  const int64_t S = axis == 1 ? s.O : s.K;
-  auto g = guess.contiguous();
-  auto c = count.contiguous();
-  check_float(g, "guess");
-  TORCH_CHECK(g.numel() == S && c.numel() == S && c.scalar_type() == torch::kLong, "one guess and count per set");
-  const float* pg = g.data_ptr<float>();
-  const int64_t* pc = c.data_ptr<int64_t>();
-  const float* pw = w.data_ptr<float>();
-  auto lo = torch::empty({S}, torch::kFloat);
-  auto hi = torch::empty({S}, torch::kFloat);
-  auto ok = torch::zeros({S}, torch::kBool);
-  auto used_width = torch::empty({S}, torch::kFloat);
-  float* plo = lo.data_ptr<float>();
-  float* phi = hi.data_ptr<float>();
-  bool* pok = ok.data_ptr<bool>();
-  float* pwidth = used_width.data_ptr<float>();
-  torch::Tensor hint;
-  if (width.has_value()) {
-    hint = width->contiguous();
-    check_float(hint, "width");
-    TORCH_CHECK(hint.numel() == S, "one bracket width per set");
-  }
-  // First bracket half-width: last call's (it worked then), else a small share of the guess.
-  auto first_width = [&](int64_t set, float g) {
-    const float tiny = std::max(g, 1e-30f) * (1.0f / 4096.0f);
-    return hint.defined() ? std::max(hint.data_ptr<float>()[set], tiny * (1.0f / 256.0f)) : tiny;
-  };
-  auto usable = [&](int64_t offset) { return offset <= max_offset && -offset <= max_offset; };
-
-  if (axis == 1) {
-    at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t offset = pc[o] - k;
-        if (!usable(offset)) continue;
-        Side side(offset, pg[o]);
-        const float* row = pw + o * s.L;
-        if (side.want_min_above) side.min_above = min_at_or_above(row, s.L, side.g);
-        // Bracket: widen [g - delta, g) (or [g, g + delta)) until it holds the `size` entries we need, so that
-        // the scan below only inserts entries of the answer's neighbourhood.
-        pwidth[o] = kInf;
-        for (float delta = first_width(o, side.g); delta < kInf; delta *= 4.0f) {
-          const float blo = side.below ? side.g - delta : side.g;
-          const float bhi = side.below ? side.g : side.g + delta;
-          if (count_in(row, s.L, blo, bhi) >= side.size) {
-            side.lo = blo;
-            side.hi = bhi;
-            pwidth[o] = delta;
-            break;
-          }
-          if (side.below ? blo <= 0.0f : bhi > 3.0e38f) break;
-        }
-        for (int64_t c0 = 0; c0 < s.L; c0 += kChunk) {
-          const int64_t len = std::min(kChunk, s.L - c0);
-          if (count_in(row + c0, len, side.lo, side.hi) == 0) continue;
-          for (int64_t idx = c0; idx < c0 + len; ++idx) side.offer(std::fabs(row[idx]));
-        }
-        pok[o] = side.resolve(offset, plo + o, phi + o);
-      }
-    });
-    return {lo, hi, ok, used_width};
-  }
-
-  // Kernel axis: every set spans all rows. Same bracketing, one pass over the weight per widening round for
-  // all columns at once, then a scan that inserts only in-bracket entries.
-  std::vector<int64_t> offsets(s.K);
-  std::vector<Side> total;
-  for (int64_t kk = 0; kk < s.K; ++kk) {
-    offsets[kk] = pc[kk] - k;
-    total.emplace_back(offsets[kk], pg[kk]);
-  }
-  std::vector<float> delta(s.K), blo(s.L), bhi(s.L);
-  std::vector<char> done(s.K, 0);
-  for (int64_t kk = 0; kk < s.K; ++kk) {
-    delta[kk] = first_width(kk, pg[kk]);
-    pwidth[kk] = kInf;
-    done[kk] = !usable(offsets[kk]);
-  }
-  for (int round = 0; round < 64; ++round) {
-    bool all_done = true;
-    for (int64_t kk = 0; kk < s.K; ++kk) all_done = all_done && done[kk];
-    if (all_done) break;
-    for (int64_t idx = 0; idx < s.L; ++idx) {
-      const Side& sd = total[idx % s.K];
-      const float d = delta[idx % s.K];
-      blo[idx] = sd.below ? sd.g - d : sd.g;
-      bhi[idx] = sd.below ? sd.g : sd.g + d;
-    }
-    std::vector<int64_t> in_bracket(s.K, 0);
-    std::mutex merge;
-    at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
-      std::vector<int32_t> cnt(s.L, 0);
-      for (int64_t o = o0; o < o1; ++o) count_in_each_acc(pw + o * s.L, s.L, blo.data(), bhi.data(), cnt.data());
-      std::lock_guard<std::mutex> lock(merge);
-      for (int64_t idx = 0; idx < s.L; ++idx) in_bracket[idx % s.K] += cnt[idx];
-    });
-    for (int64_t kk = 0; kk < s.K; ++kk) {
-      if (done[kk]) continue;
-      Side& sd = total[kk];
-      const float b_lo = sd.below ? sd.g - delta[kk] : sd.g;
-      const float b_hi = sd.below ? sd.g : sd.g + delta[kk];
-      if (in_bracket[kk] >= sd.size) {
-        sd.lo = b_lo;
-        sd.hi = b_hi;
-        pwidth[kk] = delta[kk];
-        done[kk] = 1;
-      } else if (sd.below ? b_lo <= 0.0f : b_hi > 3.0e38f) {
-        done[kk] = 1;  // the bracket covers the whole side: keep the open bounds
-      } else {
-        delta[kk] *= 4.0f;
-      }
-    }
-  }
-  for (int64_t idx = 0; idx < s.L; ++idx) {
-    const int64_t kk = idx % s.K;
-    const bool skip = !usable(offsets[kk]);
-    blo[idx] = skip ? kInf : total[kk].lo;
-    bhi[idx] = skip ? -kInf : total[kk].hi;
-  }
-  const std::vector<float> gk = along_row(g, s.K, s.L);
-  std::mutex merge;
-  at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<Side> local;
-    for (int64_t kk = 0; kk < s.K; ++kk) {
-      local.emplace_back(offsets[kk], pg[kk]);
-      local[kk].lo = total[kk].lo;
-      local[kk].hi = total[kk].hi;
-    }
-    std::vector<float> min_row(s.L, kInf);
-    for (int64_t o = o0; o < o1; ++o) {
-      const float* row = pw + o * s.L;
-      min_at_or_above_each(row, s.L, gk.data(), min_row.data());
-      for (int64_t c0 = 0; c0 < s.L; c0 += kChunk) {
-        const int64_t len = std::min(kChunk, s.L - c0);
-        if (count_in_each(row + c0, len, blo.data() + c0, bhi.data() + c0) == 0) continue;
-        for (int64_t idx = c0; idx < c0 + len; ++idx) {
-          const int64_t kk = idx % s.K;
-          if (usable(offsets[kk])) local[kk].offer(std::fabs(row[idx]));
-        }
-      }
-    }
-    for (int64_t idx = 0; idx < s.L; ++idx) {
-      Side& sd = local[idx % s.K];
-      sd.min_above = std::min(sd.min_above, min_row[idx]);
-    }
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t kk = 0; kk < s.K; ++kk) total[kk].merge(local[kk]);
-  });
-  for (int64_t kk = 0; kk < s.K; ++kk) {
-    if (usable(offsets[kk])) pok[kk] = total[kk].resolve(offsets[kk], plo + kk, phi + kk);
-  }
-  return {lo, hi, ok, used_width};
-}
-
-// Pass 3: mask <- mask * (1 + Q_f + Q_k), with Q = [|w| > a(k)] * sigmoid((|w| - t) / tau), in place.
-// t_f, cut_f: [O]; t_k, cut_k: [K] or absent (no kernel query).
-void soft_scale_(torch::Tensor w, torch::Tensor mask, torch::Tensor t_f, torch::Tensor cut_f,
-                 c10::optional<torch::Tensor> t_k, c10::optional<torch::Tensor> cut_k, double tau) {
+// The MaxQ mask of w into `mask` (both [O, I, ...] float32, contiguous), in place.
+//   state: float32 [2*O + 2*K + 2]: per filter set (guess, bracket half-width), per kernel set (guess, width),
+//          then the dense-block cut (guess, width); NaN = no guess. Updated for the next call.
+//   soft: multiply by 1 + Q_f + Q_k (Q_k only for K > 1); tau: the query temperature.
+//   dense_count: how many blocks stay whole (the ramp); order: 0 smallest L1, 1 largest L1, 2 largest priority.
+// Returns int64 [3]: query sets solved by the exact fallback (filter, kernel) and whether the dense cut was.
+torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, int64_t n, int64_t m, bool soft,
+                    double tau, int64_t dense_count, int64_t order, c10::optional<torch::Tensor> priority) {
   check_float(w, "weight");
   check_float(mask, "mask");
-  const Shape s(w);
+  check_float(state, "state");
+  TORCH_CHECK(w.dim() >= 2 && w.numel() > 0, "weight must be [O, I, ...] and not empty");
+  const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K;
+  TORCH_CHECK(m >= 2 && n >= 1 && n < m && I % m == 0, "bad N:M pattern for this weight");
   TORCH_CHECK(mask.numel() == w.numel(), "mask must have the weight's shape");
-  auto tf = t_f.contiguous();
-  auto cf = cut_f.contiguous();
-  check_float(tf, "t_f");
-  check_float(cf, "cut_f");
-  TORCH_CHECK(tf.numel() == s.O && cf.numel() == s.O, "one filter threshold per output filter");
-  const bool has_k = t_k.has_value() && cut_k.has_value();
-  const std::vector<float> tk = has_k ? along_row(*t_k, s.K, s.L) : std::vector<float>();
-  const std::vector<float> lk = has_k ? along_row(*cut_k, s.K, s.L) : std::vector<float>();
-  const float inv_tau = static_cast<float>(1.0 / tau);
+  TORCH_CHECK(state.numel() == 2 * O + 2 * K + 2, "state must hold 2 * O + 2 * K + 2 floats");
+  const int64_t B = I / m, Q = B * K, G = O * Q;
+  const bool has_f = soft, has_k = soft && K > 1;
+  const bool all_dense = dense_count >= G, use_dense = dense_count > 0 && !all_dense;
+  const int64_t k_f = (m - n) * L / m, k_k = (m - n) * O * I / m;  // both >= 1 since L, O * I >= m
   const float* pw = w.data_ptr<float>();
   float* pm = mask.data_ptr<float>();
-  const float* ptf = tf.data_ptr<float>();
-  const float* pcf = cf.data_ptr<float>();
-  at::parallel_for(0, s.O, 1, [&](int64_t o0, int64_t o1) {
+  float* st = state.data_ptr<float>();
+  float* gf = st;            // [O] filter guesses
+  float* df = st + O;        // [O] filter widths
+  float* gk = st + 2 * O;    // [K] kernel guesses
+  float* dk = gk + K;        // [K] kernel widths
+  float* gd = dk + K;        // dense cut guess, width: gd[0], gd[1]
+  auto fallbacks = torch::zeros({3}, torch::kLong);
+  int64_t* fb = fallbacks.data_ptr<int64_t>();
+
+  std::vector<float> t_f(has_f ? O : 0), cut_f(has_f ? O : 0), t_k(has_k ? K : 0), cut_k(has_k ? K : 0);
+  std::vector<char> tie_f(has_f ? O : 0, 0), tie_k(has_k ? K : 0, 0);
+  std::vector<float> l1(use_dense ? G : 0);
+
+  // ---- pass A ----
+  bool k_guess = has_k;
+  for (int64_t kk = 0; kk < K && k_guess; ++kk) k_guess = valid(gk[kk], dk[kk]);
+  std::vector<Near> near_k(has_k ? K : 0);
+  std::vector<float> lk(has_k && k_guess ? L : 0), hk(has_k && k_guess ? L : 0), gk_row(has_k && k_guess ? L : 0);
+  if (has_k && k_guess) {
+    for (int64_t kk = 0; kk < K; ++kk) near_k[kk].set(gk[kk], dk[kk]);
+    for (int64_t idx = 0; idx < L; ++idx) {
+      gk_row[idx] = gk[idx % K];
+      lk[idx] = near_k[idx % K].lo;
+      hk[idx] = near_k[idx % K].hi;
+    }
+  }
+  std::atomic<int64_t> fb_f{0};
+  if (has_f || use_dense || (has_k && k_guess)) {
+    std::mutex merge;
+    at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+      std::vector<float> T(use_dense ? L : 0), scratch;
+      std::vector<int32_t> below_k(k_guess ? L : 0, 0);
+      std::vector<std::vector<float>> cand_k(k_guess ? K : 0);
+      std::vector<uint8_t> in(L);
+      for (int64_t o = o0; o < o1; ++o) {
+        const float* row = pw + o * L;
+        if (use_dense) {  // block L1, summed in channel order (as maxq.core.masks.block_l1)
+          to_block_major(row, T.data(), B, static_cast<int>(m), K);
+          block_l1_row(T.data(), l1.data() + o * Q, Q, static_cast<int>(m));
+        }
+        Near nf;
+        const bool f_guess = has_f && valid(gf[o], df[o]);
+        if (f_guess) nf.set(gf[o], df[o]);
+        if (f_guess || k_guess) {
+          int64_t below;
+          if (f_guess && k_guess) {
+            below = scan<true, true, true>(row, L, nf.g, nf.lo, nf.hi, gk_row.data(), lk.data(), hk.data(),
+                                           below_k.data(), in.data());
+          } else if (f_guess) {
+            below = scan<true, true, false>(row, L, nf.g, nf.lo, nf.hi, nullptr, nullptr, nullptr, nullptr,
+                                            in.data());
+          } else {
+            below = scan<true, false, true>(row, L, 0.0f, 0.0f, 0.0f, gk_row.data(), lk.data(), hk.data(),
+                                            below_k.data(), in.data());
+          }
+          nf.below = below;
+          for_flagged(in.data(), L, [&](int64_t idx) {
+            const float a = std::fabs(row[idx]);
+            if (in[idx] & 1) nf.cand.push_back(a);
+            if (in[idx] & 2) cand_k[idx % K].push_back(a);
+          });
+        }
+        if (has_f) {  // the filter set is this row: solve it now, while the row is in cache
+          float a_k, a_k1;
+          int64_t used = 0;
+          const bool hit = f_guess && nf.resolve(k_f, &a_k, &a_k1, &used);
+          if (!hit) {
+            scratch.resize(L);
+            for (int64_t idx = 0; idx < L; ++idx) scratch[idx] = std::fabs(row[idx]);
+            exact_pair(scratch, k_f, &a_k, &a_k1);
+            if (f_guess) fb_f.fetch_add(1, std::memory_order_relaxed);
+          }
+          t_f[o] = (a_k + a_k1) / 2;
+          cut_f[o] = a_k;
+          tie_f[o] = a_k == a_k1;
+          next_guess(gf + o, df + o, t_f[o], a_k, a_k1, f_guess, hit, used, std::llabs(nf.below - k_f) + 1);
+        }
+      }
+      if (k_guess) {
+        std::vector<Near> local(K);
+        for (int64_t idx = 0; idx < L; ++idx) local[idx % K].below += below_k[idx];
+        std::lock_guard<std::mutex> lock(merge);
+        for (int64_t kk = 0; kk < K; ++kk) {
+          local[kk].cand = std::move(cand_k[kk]);
+          near_k[kk].merge(local[kk]);
+        }
+      }
+    });
+  }
+  fb[0] = fb_f.load();
+
+  // ---- kernel sets ----
+  if (has_k) {
+    std::vector<char> solved(K, 0);
+    for (int64_t kk = 0; kk < K; ++kk) {
+      float a_k, a_k1;
+      int64_t used = 0;
+      const bool hit = k_guess && near_k[kk].resolve(k_k, &a_k, &a_k1, &used);
+      if (hit) {
+        t_k[kk] = (a_k + a_k1) / 2;
+        cut_k[kk] = a_k;
+        tie_k[kk] = a_k == a_k1;
+        next_guess(gk + kk, dk + kk, t_k[kk], a_k, a_k1, true, true, used,
+                   std::llabs(near_k[kk].below - k_k) + 1);
+        solved[kk] = 1;
+      }
+    }
+    // Exact fallback: one column at a time (O * I strided entries).
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<float> col;
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        if (solved[kk]) continue;
+        col.resize(O * I);
+        for (int64_t r = 0; r < O * I; ++r) col[r] = std::fabs(pw[r * K + kk]);
+        float a_k, a_k1;
+        exact_pair(col, k_k, &a_k, &a_k1);
+        t_k[kk] = (a_k + a_k1) / 2;
+        cut_k[kk] = a_k;
+        tie_k[kk] = a_k == a_k1;
+        next_guess(gk + kk, dk + kk, t_k[kk], a_k, a_k1, k_guess, false, 0, 1);
+      }
+    });
+    for (int64_t kk = 0; kk < K; ++kk) fb[1] += k_guess && !solved[kk];
+  }
+
+  // ---- dense blocks (ramp): the dense_count smallest scores, ties to the lower block index ----
+  std::vector<uint8_t> dense(use_dense ? G : 0, 0);
+  if (use_dense) {
+    std::vector<float> score(G);
+    const float* pp = nullptr;
+    if (order == 2) {
+      TORCH_CHECK(priority.has_value() && priority->numel() == G, "order 2 (random) needs one priority per block");
+      check_float(*priority, "priority");
+      pp = priority->data_ptr<float>();
+    }
+    // Scores to select the `dense_count` smallest of: L1 (smallest), -L1 (largest), -priority (random).
+    at::parallel_for(0, G, 1 << 14, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) score[g] = order == 0 ? l1[g] : (order == 1 ? -l1[g] : -pp[g]);
+    });
+    Near nd;
+    const bool d_guess = valid(gd[0], gd[1]);
+    if (d_guess) {
+      nd.set(gd[0], gd[1]);
+      std::mutex merge;
+      at::parallel_for(0, G, 1 << 14, [&](int64_t g0, int64_t g1) {
+        Near part;
+        part.set(nd.g, gd[1]);
+        std::vector<uint8_t> in(g1 - g0);
+        part.below = scan<false, true, false>(score.data() + g0, g1 - g0, part.g, part.lo, part.hi, nullptr,
+                                              nullptr, nullptr, nullptr, in.data());
+        for_flagged(in.data(), g1 - g0, [&](int64_t j) { part.cand.push_back(score[g0 + j]); });
+        std::lock_guard<std::mutex> lock(merge);
+        nd.merge(part);
+      });
+    }
+    float a_k, a_k1;
+    int64_t used = 0;
+    const bool hit = d_guess && nd.resolve(dense_count, &a_k, &a_k1, &used);
+    if (!hit) {
+      std::vector<float> copy(score);
+      exact_pair(copy, dense_count, &a_k, &a_k1);
+      fb[2] = d_guess;
+    }
+    next_guess(gd, gd + 1, (a_k + a_k1) / 2, a_k, a_k1, d_guess, hit, used, std::llabs(nd.below - dense_count) + 1);
+    if (a_k < a_k1) {  // exactly dense_count scores are <= a(count)
+      at::parallel_for(0, G, 1 << 14, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) dense[g] = score[g] <= a_k;
+      });
+    } else {  // a tie at the cut: every score below it, then equal ones by block index
+      int64_t need = dense_count;
+      for (int64_t g = 0; g < G; ++g) need -= score[g] < a_k;
+      for (int64_t g = 0; g < G; ++g) {
+        const bool eq = score[g] == a_k && need > 0;
+        need -= eq;
+        dense[g] = score[g] < a_k || eq;
+      }
+    }
+  }
+
+  // ---- pass B: N:M rank, dense blocks, soft scale ----
+  const float inv_tau = static_cast<float>(1.0 / tau);
+  std::vector<float> tk_row(has_k ? L : 0), ck_row(has_k ? L : 0);
+  for (int64_t idx = 0; has_k && idx < L; ++idx) {
+    tk_row[idx] = t_k[idx % K];
+    ck_row[idx] = cut_k[idx % K];
+  }
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<float> T(L), R(L), top((n + 2) * Q);
     for (int64_t o = o0; o < o1; ++o) {
-      soft_row(pw + o * s.L, pm + o * s.L, s.L, ptf[o], pcf[o], has_k ? tk.data() : nullptr,
-               has_k ? lk.data() : nullptr, inv_tau);
+      const float* row = pw + o * L;
+      float* mrow = pm + o * L;
+      if (all_dense) {
+        std::fill(mrow, mrow + L, 1.0f);
+      } else {
+        to_block_major(row, T.data(), B, static_cast<int>(m), K);
+        if (m <= 2 * (n + 3)) {  // whichever costs fewer passes (m * m compares vs about (n + 3) * m)
+          nm_rank_any(T.data(), R.data(), Q, static_cast<int>(n), static_cast<int>(m));
+        } else {
+          nm_keep_rows(T.data(), R.data(), Q, static_cast<int>(n), static_cast<int>(m), top.data());
+        }
+        keep_to_row(R.data(), use_dense ? dense.data() + o * Q : nullptr, mrow, B, static_cast<int>(m), K);
+      }
+      if (has_f) {
+        soft_row(row, mrow, L, t_f[o], cut_f[o], has_k ? tk_row.data() : nullptr, has_k ? ck_row.data() : nullptr,
+                 inv_tau);
+      }
     }
   });
+
+  // ---- ties at a query cut (a(k) == a(k+1)): pass B gated with |w| > a(k), dropping every tied entry; by the
+  // index rule the lowest-index ones among them stay, each with Q = sigmoid(0) = 0.5 (where B keeps them) ----
+  auto fix = [&](auto at, int64_t length, int64_t k, float v) {
+    int64_t below = 0, equal = 0;
+    for (int64_t r = 0; r < length; ++r) {
+      const float a = std::fabs(pw[at(r)]);
+      below += a < v;
+      equal += a == v;
+    }
+    int64_t stay = equal - (k - below);
+    for (int64_t r = 0; r < length && stay > 0; ++r) {
+      const int64_t e = at(r);
+      if (std::fabs(pw[e]) == v) {
+        pm[e] += pm[e] != 0.0f ? 0.5f : 0.0f;
+        --stay;
+      }
+    }
+  };
+  for (int64_t o = 0; has_f && o < O; ++o) {
+    if (tie_f[o]) fix([&](int64_t r) { return o * L + r; }, L, k_f, cut_f[o]);
+  }
+  for (int64_t kk = 0; has_k && kk < K; ++kk) {
+    if (tie_k[kk]) fix([&](int64_t r) { return r * K + kk; }, O * I, k_k, cut_k[kk]);
+  }
+  return fallbacks;
 }
 
 // SR-STE decay: grad += lam * w * [mask == 0], in place.
@@ -551,12 +618,12 @@ void decay_(torch::Tensor grad, torch::Tensor w, torch::Tensor mask, double lam)
   const float* pw = w.data_ptr<float>();
   const float* pm = mask.data_ptr<float>();
   const float l = static_cast<float>(lam);
-  at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t b, int64_t e) { decay_range(pg + b, pw + b, pm + b, e - b, l); });
+  at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) pg[i] += static_cast<float>(pm[i] == 0.0f) * (l * pw[i]);
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("nm_pass", &nm_pass, "hard N:M mask, block L1 and counts below the guesses");
-  mod.def("kth_select", &kth_select, "exact k-th / (k+1)-th smallest per query set, given a guess");
-  mod.def("soft_scale_", &soft_scale_, "mask *= 1 + Q_f + Q_k");
+  mod.def("mask_", &mask_, "MaxQ mask of one layer in two passes (see the file header)");
   mod.def("decay_", &decay_, "SR-STE decay on pruned weights");
 }
