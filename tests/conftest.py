@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -50,3 +51,31 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     }
     with open(path, "a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run faster on one torch thread, and stay fast on a busy machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished MaxQ 2:4 ``maxq train`` run on the synthetic set (cnn_small, 2 epochs, ~3 s on one thread,
+    ~99 % test top-1). Shared: read it, or copy it before changing anything."""
+    from maxq.train.loop import train
+    from maxq.train.recipe import TrainConfig
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = TrainConfig(
+        dataset="synthetic", model="cnn_small", epochs=2, batch_size=32, ramp=(0, 0.5), per_step=True,
+        out=str(out), progress=False, threads=1,
+    )  # fmt: skip
+    with one_thread():  # train() sets the thread count process-wide: restored after
+        train(cfg)
+    return out

@@ -1,4 +1,5 @@
-"""Command line: ``maxq train | export | verify`` (also ``python -m maxq ...``; ``torchrun -m maxq train``: DDP)."""
+"""Command line: ``maxq train | export | verify | eval`` (also ``python -m maxq ...``; ``torchrun -m maxq train``:
+DDP)."""
 
 from __future__ import annotations
 
@@ -176,15 +177,35 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="fold, verify and write deployable artifacts",
-        description="Fold the masks of a run (folder, checkpoint.pt or model_folded.pt), optionally fold BatchNorm, "
-        "verify N:M compliance, and write the requested artifacts. Nothing is written unless the model verifies.",
+        description="Fold the masks of a run (folder, checkpoint.pt, model_folded.pt or compressed file), optionally "
+        "fold BatchNorm, verify N:M compliance, and write the requested artifacts. Nothing is written unless the "
+        "model verifies, and existing files are not replaced unless --overwrite.",
     )
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("--bn-fold", action="store_true", help="fold BatchNorm into the preceding convs (pattern kept)")
-    p.add_argument("--onnx", metavar="PATH", help="write ONNX and check it against PyTorch with onnxruntime")
+    p.add_argument("--onnx", metavar="PATH", help="write FP32 ONNX and check it against PyTorch with onnxruntime")
+    p.add_argument("--fp16", metavar="PATH", help="write FP16 ONNX (fp32 inputs/outputs; what TensorRT builds from)")
+    p.add_argument(
+        "--int8",
+        metavar="PATH",
+        help="write INT8 ONNX (QDQ; static post-training quantization calibrated on training images)",
+    )
+    from .deploy.quantize import DEFAULT_CALIB_SAMPLES
+
+    calib_help = f"training images that calibrate --int8 (default {DEFAULT_CALIB_SAMPLES})"
+    p.add_argument("--calib-samples", type=int, metavar="N", help=calib_help)
+    p.add_argument("--dataset", help="dataset of the --int8 calibration images (default: the one the run records)")
+    p.add_argument("--data-dir", metavar="DIR", help="its folder (Fashion-MNIST default: Debian's package)")
     p.add_argument("--compressed", metavar="PATH", help="write the compressed N:M file (values + packed indices)")
     p.add_argument("--folded", metavar="PATH", help="write the folded PyTorch model file")
-    p.add_argument("--force", action="store_true", help="fold a checkpoint whose ramp is unfinished (prunes now)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="fold a checkpoint whose ramp is unfinished (prunes now); it does not replace files: see --overwrite",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output files that exist (default: refuse, before writing)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the export summary as JSON")
     p.set_defaults(func=_run_export)
 
@@ -193,10 +214,12 @@ def _run_export(args: argparse.Namespace) -> int:
     import json
 
     from .deploy.artifacts import model_from
-    from .deploy.export import export_model
+    from .deploy.export import check_outputs, export_model
 
-    if not (args.onnx or args.compressed or args.folded):
-        raise ValueError("nothing to write: pass --onnx, --compressed and/or --folded")
+    outputs = (args.folded, args.compressed, args.onnx, args.fp16, args.int8)
+    if not any(outputs):
+        raise ValueError("nothing to write: pass --onnx, --fp16, --int8, --compressed and/or --folded")
+    check_outputs((*outputs, args.json), args.overwrite)  # before reading or writing anything
     model, arch = model_from(args.source, force=args.force)
     result = export_model(
         model,
@@ -206,6 +229,12 @@ def _run_export(args: argparse.Namespace) -> int:
         folded=args.folded,
         compressed=args.compressed,
         onnx=args.onnx,
+        fp16=args.fp16,
+        int8=args.int8,
+        calib_samples=args.calib_samples,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        overwrite=args.overwrite,
     )
     summary = result.summary
     if args.bn_fold:
@@ -226,6 +255,22 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e} "
               f"over batch sizes {sorted(o['max_abs_diff'])}; {o['sparse_initializers']} N:M initializers, "
               f"verify {verdict}")  # fmt: skip
+    if "fp16" in summary:
+        o = summary["fp16"]
+        print(f"fp16: {args.fp16}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e}; "
+              f"{o['sparse_initializers']} N:M initializers, verify {'OK' if o['nm_ok'] else 'FAILED'}")  # fmt: skip
+    if "int8" in summary:
+        o = summary["int8"]
+        agree = (
+            f"; top-1 agrees with FP32 on {o['top1_agreement_with_fp32']:.1%} of {o['agreement_samples']} "
+            f"held-out training images"
+            if "top1_agreement_with_fp32" in o
+            else ""
+        )
+        print(f"int8: {args.int8}: calibrated on {o['calibration']['samples']} {o['calibration']['dataset']} training "
+              f"images; {len(o['sparse_initializers'])} N:M int8 initializers, pruned weights all 0, "
+              f"{o['kept_rounded_to_zero']} of {o['kept_total']:,} kept weights rounded to 0; "
+              f"verify {'OK' if o['nm_ok'] else 'FAILED'}{agree}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
@@ -239,7 +284,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="N:M compliance report of a checkpoint, state dict, compressed or ONNX file",
-        description="Exit code 0 only when every sparsified layer is N:M (1: violations, 2: unreadable input).",
+        description="Exit code 0 only when every sparsified layer is N:M (1: violations, or a dense run; "
+        "2: unreadable, corrupt or unsafe input).",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--nm", type=_nm, metavar="N:M", help="the pattern, for files that do not record it")
@@ -250,15 +296,55 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _run_verify(args: argparse.Namespace) -> int:
     import json
 
-    from .deploy.verify import verify_file
+    from .deploy.verify import DENSE_NOTE, verify_file
 
     check, kind, note = verify_file(args.file, args.nm)
+    if note == DENSE_NOTE:  # nothing in the file is N:M: say so, exit 1 (not an N:M model)
+        if args.json:
+            print(json.dumps({"file": args.file, "kind": kind, "note": note, "dense": True, "ok": False, "layers": []}))
+        else:
+            print(f"{args.file} ({kind}): {note}")
+        return 1
     if args.json:
         print(json.dumps({"file": args.file, "kind": kind, "note": note, **check.to_dict()}, indent=2))
     else:
         print(f"{args.file} ({kind}{'; ' + note if note else ''})")
         print(check)
     return 0 if check.ok else 1
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="test-set top-1 / top-5 of any artifact (run folder, checkpoint, folded, compressed, ONNX)",
+        description="Evaluate a file maxq wrote on its dataset's test split: PyTorch files on CPU, ONNX files (FP32, "
+        "FP16, INT8) with onnxruntime on CPU. Exit code 2 if the file is unreadable or corrupt.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--dataset", help="default: the dataset the file records")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset folder (Fashion-MNIST default: Debian's package)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, help="CPU threads (torch and onnxruntime)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .deploy.evaluate import evaluate_file
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = evaluate_file(args.file, args.dataset, args.data_dir, batch_size=args.batch_size, threads=args.threads)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        print(f"{r.file} ({r.kind}, {r.precision}): top-1 {r.top1:.2f}%, top-5 {r.top5:.2f}%, loss {r.loss:.4f} "
+              f"on the {r.dataset} test split ({r.samples:,} images, {r.seconds:.1f} s)")  # fmt: skip
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_verify(sub)
+    _add_eval(sub)
     for command in sub.choices.values():  # -v also after the command (maxq train ... -v)
         command.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging and tracebacks"

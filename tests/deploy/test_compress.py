@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import pytest
@@ -60,10 +61,15 @@ def test_refuses_non_nm_layers(tmp_path):
 
 
 def _rewrite(path, header_fn=None, data_fn=None):
+    """Rewrite a compressed file's header / data as an older or buggy writer would have: without the hash
+    (version 1), so the checks behind the hash are reached."""
     raw = bytearray(path.read_bytes())
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
     body = raw[8 + size :]
+    meta = json.loads(header["__metadata__"]["maxq"])
+    meta["version"] = 1
+    header["__metadata__"] = {"maxq": json.dumps(meta)}
     if header_fn:
         header_fn(header)
     if data_fn:
@@ -73,10 +79,15 @@ def _rewrite(path, header_fn=None, data_fn=None):
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + body)
 
 
-def test_tampered_files_are_reported(tmp_path):
+def _good(tmp_path):
     model = _folded(lambda: small_cnn(channels=32), 2, 4)
     good = tmp_path / "good.maxq"
     save_compressed(model.state_dict(), good, 2, 4, model.maxq_layout["layers"])
+    return good, model.state_dict()
+
+
+def test_tampered_files_are_reported(tmp_path):
+    good, _ = _good(tmp_path)
     # A violating group: two kept values at the same position of a block.
     dup = tmp_path / "dup.maxq"
     dup.write_bytes(good.read_bytes())
@@ -105,3 +116,49 @@ def test_tampered_files_are_reported(tmp_path):
     _rewrite(old, header_fn=bump)
     with pytest.raises(CompressedError, match="version 99"):
         read_compressed(old)
+
+
+def test_any_changed_byte_is_rejected(tmp_path):
+    good, state = _good(tmp_path)
+    data = good.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    digest = data.find(b'"sha256"')
+    assert 0 < digest < header_end
+    # The length, every 3rd header byte, the hash and its key, then every 97th payload byte and the last ones.
+    positions = {*range(16), *range(0, header_end, 3), *range(digest, digest + 76), *range(len(data) - 16, len(data))}
+    positions = sorted(positions | set(range(header_end, len(data), 97)))
+    bad = tmp_path / "bad.maxq"
+    for pos in positions:
+        changed = bytearray(data)
+        changed[pos] ^= 0x01
+        bad.write_bytes(changed)
+        with pytest.raises(CompressedError, match=r"bad\.maxq") as err:
+            load_compressed(bad)
+        assert "\n" not in str(err.value)
+    # The four 0xff bytes of the issue, in the middle of the payload.
+    mid = (header_end + len(data)) // 2
+    bad.write_bytes(data[:mid] + b"\xff" * 4 + data[mid + 4 :])
+    with pytest.raises(CompressedError, match="SHA-256 does not match"):
+        load_compressed(bad)
+    restored = load_compressed(good)
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+
+
+def test_version_1_files_load_with_a_warning(tmp_path, caplog):
+    good, state = _good(tmp_path)
+    _rewrite(good)  # as the first maxq release wrote it: no hash
+    with caplog.at_level(logging.WARNING, logger="maxq"):
+        restored = load_compressed(good)
+    assert "no content hash" in caplog.text and "good.maxq" in caplog.text
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+    raw = bytearray(good.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["maxq"])
+    meta["version"] = 2  # claims the hashed version but has no hash: a changed file, not an old one
+    header["__metadata__"]["maxq"] = json.dumps(meta)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    good.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + size :])
+    with pytest.raises(CompressedError, match="without its SHA-256"):
+        load_compressed(good)

@@ -71,7 +71,7 @@ def test_export_then_verify_every_artifact(arch, nm, tmp_path, capsys):
 
 def test_verify_reports_violations_and_bad_files(tmp_path, capsys):
     src = _folded_file(tmp_path, "mlp", 2, 4)
-    state = torch.load(src, weights_only=False)
+    state = torch.load(src, weights_only=True)
     layer = state["layout"]["layers"][0]
     state["state_dict"][f"{layer}.weight"][0, :4] = 1.0  # a violating group
     torch.save(state, tmp_path / "bad.pt")
@@ -79,9 +79,9 @@ def test_verify_reports_violations_and_bad_files(tmp_path, capsys):
     assert "NOT N:M" in capsys.readouterr().out
     (tmp_path / "cut.pt").write_bytes(src.read_bytes()[:200])
     assert main(["verify", str(tmp_path / "cut.pt")]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert "truncated" in capsys.readouterr().err
     plain = tmp_path / "plain.pt"
-    torch.save(torch.load(src, weights_only=False)["state_dict"], plain)
+    torch.save(torch.load(src, weights_only=True)["state_dict"], plain)
     assert main(["verify", str(plain)]) == 2
     assert "--nm" in capsys.readouterr().err
     assert main(["verify", str(plain), "--nm", "2:4"]) == 0
@@ -98,6 +98,9 @@ def test_export_refuses_unfinished_ramp_and_dense_runs(tmp_path, capsys):
     )
     assert main(["export", str(tmp_path / "d"), "--compressed", str(tmp_path / "x.maxq")]) == 2
     assert "no N:M layout" in capsys.readouterr().err
+    for dense in (tmp_path / "d", tmp_path / "d" / "checkpoint.pt"):
+        assert main(["verify", str(dense)]) == 1  # not an N:M model, said plainly
+        assert "dense run: no N:M layers to check" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "d")]) == 2
     assert "nothing to write" in capsys.readouterr().err
     cfg = TrainConfig(
@@ -109,3 +112,21 @@ def test_export_refuses_unfinished_ramp_and_dense_runs(tmp_path, capsys):
     assert "mid-ramp" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--force", "--compressed", str(tmp_path / "y.maxq")]) == 0
     assert main(["verify", str(ckpt)]) == 1  # the unfolded checkpoint itself still has dense blocks
+
+
+def test_export_never_overwrites_unless_asked(tmp_path, capsys):
+    src = _folded_file(tmp_path, "mlp", 2, 4)
+    taken = tmp_path / "taken.maxq"
+    taken.write_bytes(b"precious")
+    fresh = tmp_path / "fresh.onnx"
+    assert main(["export", str(src), "--onnx", str(fresh), "--compressed", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "taken.maxq already exists" in err and "--overwrite" in err
+    assert taken.read_bytes() == b"precious" and not fresh.exists()  # checked before anything was written
+    assert main(["export", str(src), "--onnx", str(fresh), "--fp16", str(fresh)]) == 2
+    assert "two outputs" in capsys.readouterr().err
+    (tmp_path / "s.json").write_text("{}")
+    assert main(["export", str(src), "--onnx", str(fresh), "--json", str(tmp_path / "s.json")]) == 2
+    assert not fresh.exists()
+    assert main(["export", str(src), "--onnx", str(fresh), "--compressed", str(taken), "--overwrite"]) == 0
+    assert main(["verify", str(taken)]) == 0 and main(["verify", str(fresh)]) == 0

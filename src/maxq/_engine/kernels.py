@@ -13,6 +13,7 @@ cache (``TORCH_EXTENSIONS_DIR``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -27,7 +28,6 @@ __all__ = ["cpu_kernels", "decay_", "kernels_enabled"]
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "maxq_cpu.cpp"
-_VERSION = 2
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -63,8 +63,10 @@ def cpu_kernels() -> ModuleType | None:
 
         tag, flags = _isa_flags()
         log.info("maxq: loading fused CPU kernels (first build takes about 30 s)")
+        # The source's hash in the name: checkouts with other sources never rebuild over each other's cache.
+        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
         module = load(
-            name=f"maxq_cpu_v{_VERSION}_{tag}",
+            name=f"maxq_cpu_{digest}_{tag}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],

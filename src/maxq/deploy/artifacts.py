@@ -6,17 +6,15 @@ Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``fold
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..core.layout import LAYOUT_ATTR, NMLayout
 from ..core.nm import parse_nm
-from ..train.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_folded
+from ..train.checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, folded_model, read_torch_file
 
 __all__ = ["file_kind", "Weights", "weights_from", "model_from"]
 
@@ -51,6 +49,7 @@ class Weights:
     m: int | None
     kind: str
     note: str = ""
+    dense: bool = False  # the file records a dense run: there is no N:M layer to check
 
 
 def weights_from(path: str | Path) -> Weights:
@@ -67,32 +66,26 @@ def weights_from(path: str | Path) -> Weights:
         state = decompress(tensors, meta, path)
         return Weights(state, list(meta["layers"]), meta["n"], meta["m"], "compressed")
     if kind == "onnx":
-        from .onnx_export import ONNX_LAYOUT_KEY, _require_onnx, onnx_weights
+        from .onnx_export import load_onnx, onnx_metadata, onnx_weights
 
-        onnx = _require_onnx()
-        try:
-            proto = onnx.load(str(path))
-        except Exception as exc:
-            raise CheckpointError(f"{path} cannot be read as ONNX: {exc}") from None
-        props = {p.key: p.value for p in proto.metadata_props}
-        meta = json.loads(props[ONNX_LAYOUT_KEY]) if ONNX_LAYOUT_KEY in props else None
+        proto = load_onnx(path)
+        meta = onnx_metadata(proto)["layout"]
         tensors = {f"{name}.weight": w for name, (w, _) in onnx_weights(proto).items()}
         layers = meta["sparse_initializers"] if meta else None
         return Weights(tensors, layers, meta["n"] if meta else None, meta["m"] if meta else None, "onnx")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path} cannot be read (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+    state = read_torch_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return _from_checkpoint(state)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         layout = NMLayout.from_dict(state["layout"], str(path)) if state.get("layout") else None
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
         return Weights(
             dict(state["state_dict"]),
             list(layout.layers) if layout else None,
             layout.n if layout else None,
             layout.m if layout else None,
             "folded" if state.get("format") else "state_dict",
+            dense=layout is None and config.get("method") == "dense",
         )
     if isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()):
         return Weights(dict(state), None, None, None, "state_dict")
@@ -105,7 +98,7 @@ def _from_checkpoint(state: dict[str, Any]) -> Weights:
     cfg = state["config"]
     sparsifier = state.get("sparsifier")
     if not sparsifier:
-        return Weights(model, None, None, None, "checkpoint", "dense run: no masks")
+        return Weights(model, None, None, None, "checkpoint", dense=cfg.get("method") == "dense")
     tensors = {k: v for k, v in model.items() if ".parametrizations." not in k}
     for name, entry in sparsifier["layers"].items():
         tensors[f"{name}.weight"] = model[f"{name}.parametrizations.weight.original"] * entry["mask"]
@@ -144,14 +137,13 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
         return model, arch
     if kind != "torch":
         raise CheckpointError(f"{path}: cannot rebuild a PyTorch model from a {kind} file")
-    try:
-        return _model_from_checkpoint(load_checkpoint(path), force)
-    except CheckpointError as first:
-        try:
-            model, state = load_folded(path)
-        except CheckpointError:
-            raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model ({first})") from None
-        return model, state["arch"]
+    state = read_torch_file(path)  # read once: seal and safety checked here
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if found == CHECKPOINT_FORMAT:
+        return _model_from_checkpoint(state, force)
+    if found == FOLDED_FORMAT:
+        return folded_model(state, path), state["arch"]
+    raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model (found {found!r})")
 
 
 def _model_from_checkpoint(state: dict[str, Any], force: bool) -> tuple[nn.Module, dict[str, Any]]:

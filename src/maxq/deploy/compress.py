@@ -8,7 +8,9 @@ File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ f
   ``ceil(log2 M)`` bits each;
 * every other tensor of the state dict, as it is;
 * header metadata ``"maxq"``: JSON with ``format``, ``version``, ``n``, ``m``, ``index_bits``, ``block_order``,
-  the sparse ``layers`` (shape and dtype each) and, when known, the ``arch`` needed to rebuild the model.
+  the sparse ``layers`` (shape and dtype each) and, when known, the ``arch`` needed to rebuild the model;
+* header metadata ``"sha256"`` (version 2): 64 hex digits, the SHA-256 of every byte of the file except these 64
+  digits. Every read checks it, so any changed byte is rejected; version-1 files (no hash) load with a warning.
 
 A block with fewer than N nonzeros stores zeros at its lowest free positions, so decompression restores the
 folded weights bit for bit (pruned entries are ``+0.0``, as :func:`maxq.fold_` leaves them). Storage of a sparse
@@ -18,7 +20,9 @@ layer: ``G * N * value_bits`` plus ``ceil(G * N * index_bits / 8)`` bytes -- wit
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,8 +47,12 @@ __all__ = [
     "index_bits",
 ]
 
+log = logging.getLogger(__name__)
+
 COMPRESSED_FORMAT = "maxq.compressed"
-COMPRESSED_VERSION = 1
+COMPRESSED_VERSION = 2  # 2: + "sha256" of the file; 1 is still read (with a warning)
+_READABLE_VERSIONS = (1, 2)
+_DIGEST_LEN = 64
 
 
 class CompressedError(ValueError):
@@ -154,39 +162,78 @@ def save_compressed(
         "layers": meta_layers,
         "arch": arch,
     }
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from ..train.checkpoint import atomic_write_bytes
+
+    placeholder = "0" * _DIGEST_LEN
+    data = bytearray(save(tensors, metadata={"maxq": json.dumps(meta), "sha256": placeholder}))
+    at = _digest_position(bytes(data), placeholder, path)
+    data[at : at + _DIGEST_LEN] = _file_digest(data, at).encode()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"maxq": json.dumps(meta)})
-    tmp.replace(path)
+    atomic_write_bytes(bytes(data), path)
     return CompressedInfo(path.stat().st_size, sparse_bytes, bound_bits / 8, dense_eq, other)
 
 
+def _file_digest(data: bytes | bytearray, at: int) -> str:
+    """SHA-256 (hex) of ``data`` without the 64 digest characters at ``at``."""
+    view = memoryview(data)
+    h = hashlib.sha256(view[:at])
+    h.update(view[at + _DIGEST_LEN :])
+    return h.hexdigest()
+
+
+def _digest_position(data: bytes, digest: str, path: str | Path) -> int:
+    """Where the digest's characters sit in the header (they occur there exactly once)."""
+    end = 8 + int.from_bytes(data[:8], "little")
+    at = data.find(digest.encode(), 8, end)
+    if at < 0 or data.find(digest.encode(), at + 1, end) >= 0:
+        raise CompressedError(f"{path} is corrupt: its header does not hold its SHA-256 exactly once")
+    return at
+
+
 def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Raw tensors and metadata of a compressed file (no decompression); raises :class:`CompressedError`."""
-    from safetensors import safe_open
+    """Raw tensors and metadata of a compressed file (no decompression), after checking its SHA-256.
+
+    Raises:
+        CompressedError: missing, unreadable, changed since it was written, or of an unknown format or version.
+    """
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise CompressedError(f"{path} does not exist")
+    data = path.read_bytes()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError("header length beyond the end of the file")
+        header = json.loads(data[8 : 8 + size])
+        extra = header.get("__metadata__") or {}
+        tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
-        raise CompressedError(f"{path} is not a readable compressed file (truncated or corrupt?): {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressedError(f"{path} is not a readable compressed file (truncated or corrupt?): {first}") from None
     try:
-        meta = json.loads(header["maxq"])
-    except (KeyError, json.JSONDecodeError):
+        meta = json.loads(extra["maxq"])
+    except (KeyError, TypeError, json.JSONDecodeError):
         raise CompressedError(f"{path} has no maxq metadata: not written by maxq.save_compressed") from None
-    if meta.get("format") != COMPRESSED_FORMAT:
-        raise CompressedError(f"{path}: unknown format {meta.get('format')!r}")
-    if meta.get("version") != COMPRESSED_VERSION:
+    digest = extra.get("sha256")
+    if digest is not None and _file_digest(data, _digest_position(data, str(digest), path)) != digest:
         raise CompressedError(
-            f"{path}: compressed format version {meta.get('version')!r}, this maxq reads {COMPRESSED_VERSION}"
+            f"{path} is corrupt: its SHA-256 does not match the one written with it (the file changed after it "
+            f"was saved); restore it from a copy or export it again"
         )
+    if not isinstance(meta, dict) or meta.get("format") != COMPRESSED_FORMAT:
+        raise CompressedError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("version") not in _READABLE_VERSIONS:
+        raise CompressedError(
+            f"{path}: compressed format version {meta.get('version')!r}, this maxq reads {list(_READABLE_VERSIONS)}"
+        )
+    if digest is None:
+        if meta["version"] >= 2:
+            raise CompressedError(f"{path} is corrupt: a version-{meta['version']} file without its SHA-256")
+        log.warning("%s has no content hash (compressed format version 1): it cannot be checked for corruption", path)
     return tensors, meta
 
 

@@ -1,15 +1,19 @@
 """``maxq export``: from a trained run to verified deployable files.
 
 Fold the masks (done by :func:`maxq.deploy.artifacts.model_from`), optionally fold BatchNorm, verify N:M, then
-write the requested artifacts: a folded PyTorch file, the compressed N:M file (checked to restore bit-exactly)
-and ONNX (checked against PyTorch with onnxruntime and by ``maxq verify``). Nothing is written unless the model
-verifies.
+write the requested artifacts: a folded PyTorch file, the compressed N:M file (checked to restore bit-exactly),
+and ONNX in FP32 and FP16 (each checked against PyTorch with onnxruntime and by ``maxq verify``) and INT8
+(:mod:`maxq.deploy.quantize`; verified on its int8 weights). Nothing is written unless the model verifies, and no
+existing file is replaced unless asked (``overwrite``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,16 @@ from ..core.fold import nm_layout
 from ..train.checkpoint import atomic_save, folded_file
 from .bnfold import fold_batchnorm_
 
-__all__ = ["ExportResult", "ONNX_TOLERANCE", "export_model"]
+__all__ = ["ExportResult", "ONNX_TOLERANCE", "FP16_TOLERANCE", "check_outputs", "export_model"]
 
 log = logging.getLogger(__name__)
 
 #: largest accepted ``max |onnxruntime - torch| / output scale`` for an FP32 ONNX export.
 ONNX_TOLERANCE = 1e-4
+#: the same for an FP16 export (fp16 keeps ~3 decimal digits; errors add up over the layers).
+FP16_TOLERANCE = 2e-2
+#: held-out training images (not used for calibration) on which INT8 and PyTorch FP32 predictions are compared.
+AGREEMENT_SAMPLES = 256
 
 
 @dataclass
@@ -47,6 +55,26 @@ def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
     return buf.tell()  # a folded state dict stores its zeros: the dense size
 
 
+def check_outputs(paths: Iterable[str | Path | None], overwrite: bool) -> None:
+    """Refuse output paths that repeat, or that exist unless ``overwrite``: called before anything is written.
+
+    Raises:
+        ValueError: naming the path and what to do.
+    """
+    seen: set[Path] = set()
+    for path in paths:
+        if not path:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise ValueError(f"{path} is given for two outputs: give each output its own path")
+        seen.add(resolved)
+        if resolved.is_dir():
+            raise ValueError(f"{path} is a folder: give a file path for the output")
+        if resolved.exists() and not overwrite:
+            raise ValueError(f"{path} already exists: choose another path, or pass --overwrite to replace it")
+
+
 def export_model(
     model: nn.Module,
     arch: dict[str, Any],
@@ -56,18 +84,39 @@ def export_model(
     folded: str | Path | None = None,
     compressed: str | Path | None = None,
     onnx: str | Path | None = None,
+    fp16: str | Path | None = None,
+    int8: str | Path | None = None,
+    calib_samples: int | None = None,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Verify a folded model and write the requested artifacts.
 
     Args:
         model: folded (mask-free) model carrying its layout (``maxq.nm_layout``).
-        arch: how to rebuild it (model name, input channels, classes, image size); stored in the files.
+        arch: how to rebuild it (model name, input channels, classes, image size, dataset); stored in the files.
         bn_fold: fold BatchNorm into the preceding convs first (keeps the pattern).
-        folded, compressed, onnx: output paths (``None``: not written).
+        folded, compressed, onnx, fp16, int8: output paths (``None``: not written).
+        calib_samples: training images that calibrate the INT8 activations (default
+            :data:`~maxq.deploy.quantize.DEFAULT_CALIB_SAMPLES`).
+        dataset, data_dir: where the calibration images come from (default: the dataset ``arch`` records).
+        overwrite: replace existing output files (otherwise an existing one is an error, before any writing).
 
     Raises:
-        ValueError: the model carries no N:M layout, or a compressed file does not restore bit-exactly.
+        ValueError: an output exists (without ``overwrite``), the model carries no N:M layout, no calibration
+            dataset is known, or a compressed file does not restore bit-exactly.
     """
+    from .quantize import DEFAULT_CALIB_SAMPLES
+
+    check_outputs((folded, compressed, onnx, fp16, int8), overwrite)
+    calib_samples = DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples
+    if int8 and calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {calib_samples}")
+    if int8 and not (dataset or arch.get("dataset")):
+        raise ValueError(f"{source or 'the model'} does not record its dataset: pass --dataset for INT8 calibration")
+    if dataset and not arch.get("dataset"):
+        arch = {**arch, "dataset": dataset}  # recorded in the files, for `maxq eval`
     model.eval()
     layout = nm_layout(model)
     if layout is None:
@@ -98,20 +147,91 @@ def export_model(
         if not exact:
             raise ValueError(f"{compressed} does not restore the weights bit-exactly (please report this)")
         summary["compressed"] = {**info.to_dict(), "path": str(compressed), "bit_exact": exact}
+    if onnx or fp16 or int8:
+        with tempfile.TemporaryDirectory(prefix="maxq-export-") as tmp:
+            _onnx_files(model, arch, layout, result, Path(tmp), onnx, fp16, int8, calib_samples, dataset, data_dir)
+    return result
+
+
+def _onnx_check(model: nn.Module, path: Path, example: torch.Tensor) -> tuple[dict[int, float], bool, int]:
+    """Parity with PyTorch per batch size, ``maxq verify`` verdict, number of N:M initializers."""
+    from .onnx_export import onnx_parity
+    from .verify import verify_file
+
+    check, _, _ = verify_file(path)
+    return onnx_parity(model, path, example), check.ok, len(check.expected)
+
+
+def _onnx_files(
+    model: nn.Module,
+    arch: dict[str, Any],
+    layout: Any,
+    result: ExportResult,
+    tmp: Path,
+    onnx: str | Path | None,
+    fp16: str | Path | None,
+    int8: str | Path | None,
+    calib_samples: int,
+    dataset: str | None,
+    data_dir: str | Path | None,
+) -> None:
+    """FP32 ONNX (to ``onnx``, and as the start of FP16 / INT8), then FP16 and INT8. Each file is built in
+    ``tmp``, checked, and copied to its path only if it passes; the first failure stops the rest."""
+    from .onnx_export import export_onnx, to_fp16
+
+    summary = result.summary
+    example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
+    fp32_path = tmp / "fp32.onnx"
+    export_onnx(model, fp32_path, example, n=layout.n, m=layout.m, arch=arch)
+    diffs, nm_ok, count = _onnx_check(model, fp32_path, example)
     if onnx:
-        from .onnx_export import export_onnx, onnx_parity
+        summary["onnx"] = {"path": str(onnx), "max_abs_diff": diffs, "sparse_initializers": count, "nm_ok": nm_ok}
+    if max(diffs.values()) > ONNX_TOLERANCE or not nm_ok:
+        result.ok, result.problem = False, "the ONNX export does not match PyTorch or is not N:M; no ONNX written"
+        return
+    if onnx:
+        shutil.copyfile(fp32_path, onnx)
+    if fp16:
+        half = tmp / "fp16.onnx"
+        to_fp16(fp32_path, half)
+        diffs, nm_ok, count = _onnx_check(model, half, example)
+        summary["fp16"] = {"path": str(fp16), "max_abs_diff": diffs, "sparse_initializers": count, "nm_ok": nm_ok}
+        if max(diffs.values()) > FP16_TOLERANCE or not nm_ok:
+            result.ok, result.problem = False, "the FP16 ONNX file does not match PyTorch or is not N:M; not written"
+            return
+        shutil.copyfile(half, fp16)
+    if int8:
+        from .quantize import calibration_images, quantize_int8
         from .verify import verify_file
 
-        example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
-        sparse = export_onnx(model, onnx, example, n=layout.n, m=layout.m)
-        diffs = onnx_parity(model, onnx, example)
-        onnx_check, _, _ = verify_file(onnx)
-        summary["onnx"] = {
-            "path": str(onnx),
-            "max_abs_diff": diffs,
-            "sparse_initializers": len(sparse),
-            "nm_ok": onnx_check.ok,
+        name = dataset or arch["dataset"]
+        size = arch.get("image_size") or 224
+        images = calibration_images(name, data_dir, calib_samples + AGREEMENT_SAMPLES, image_size=size)
+        calib, held = images[:calib_samples], images[calib_samples:]
+        q_path = tmp / "int8.onnx"
+        info = quantize_int8(fp32_path, q_path, calib)
+        check, _, _ = verify_file(q_path)
+        entry: dict[str, Any] = {
+            "path": str(int8),
+            "calibration": {"dataset": name, "split": "train", "samples": len(calib)},
+            **info.to_dict(),
+            "nm_ok": check.ok,
         }
-        if max(diffs.values()) > ONNX_TOLERANCE or not onnx_check.ok:
-            result.ok, result.problem = False, "the ONNX file does not match PyTorch or is not N:M"
-    return result
+        if len(held):
+            entry.update(top1_agreement_with_fp32=_agreement(model, q_path, held), agreement_samples=len(held))
+        summary["int8"] = entry
+        if not check.ok:
+            result.ok, result.problem = False, "the INT8 ONNX file is not N:M; not written"
+            return
+        shutil.copyfile(q_path, int8)
+
+
+def _agreement(model: nn.Module, path: Path, images: torch.Tensor) -> float:
+    """Share of ``images`` on which the ONNX file and the PyTorch model predict the same class."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(images).argmax(1).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0].argmax(1)
+    return float((got == want).mean())

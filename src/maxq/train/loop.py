@@ -216,12 +216,15 @@ def evaluate(
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state, as plain data (``torch.load(weights_only=True)`` reads it back)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
+        "python": random.getstate(),  # (version, tuple of ints, None)
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }  # fmt: skip
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -229,7 +232,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        keys = saved["keys"].numpy().astype(np.uint32)
+        saved = (saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["gauss"])
+    np.random.set_state(saved)  # checkpoints of older maxq hold numpy's own tuple
 
 
 def _check_resume(saved: dict[str, Any], cfg: TrainConfig, given: set[str], path: Path) -> TrainConfig:
