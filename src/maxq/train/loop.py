@@ -421,17 +421,15 @@ def _train(
         run.epochs, run.checkpoint_epoch = cfg.epochs, int(saved["epoch"])
     elif (out / CHECKPOINT).exists() or (out / "report.json").exists():
         raise RunExists(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if cfg.method == "maxq":
-        end = cfg.resolved_ramp[1]
-        last = cfg.epochs - (0.0 if cfg.per_step else 1.0)
-        if end > last:
-            log.warning(
-                "the ramp ends at epoch %g but the run stops before it (%d epochs%s): the remaining dense blocks "
-                "are pruned at the end. Use a shorter --ramp or --per-step.",
-                end,
-                cfg.epochs,
-                "" if cfg.per_step else ", staircase",
-            )
+    sparse_cfg = cfg.sparsity_config()
+    if sparse_cfg is not None and sparse_cfg.dense_fraction(cfg.epochs - (0.0 if cfg.per_step else 1.0)) > 0:
+        log.warning(
+            "the ramp ends at epoch %g but the run stops before it (%d epochs%s): the remaining dense blocks "
+            "are pruned at the end. Use a shorter --ramp or --per-step.",
+            cfg.method_ramp[1],
+            cfg.epochs,
+            "" if cfg.per_step else ", staircase",
+        )
     if cfg.init and not Path(cfg.init).is_file():
         raise CheckpointError(f"--init {cfg.init} does not exist")
     amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
@@ -460,10 +458,9 @@ def _train(
     model = build_model(cfg.model, info.channels, info.classes, info.image_size)
     if cfg.init:
         _init_weights(model, cfg.init)
-    elif cfg.method == "oneshot" and not saved:
+    elif sparse_cfg is not None and sparse_cfg.frozen and not saved:
         log.warning("oneshot without --init prunes the random initialization; pass --init DENSE_RUN/checkpoint.pt")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    sparse_cfg = cfg.sparsity_config()
     sparsifier: Sparsifier | None = sparsify_(model, sparse_cfg) if sparse_cfg is not None else None
     if sparsifier is not None:
         _warn_skipped(model, sparsifier, cfg)
@@ -507,7 +504,7 @@ def _train(
                 "extending %s from %d to %d epochs: cosine learning-rate schedule re-laid over %d epochs from step "
                 "%d (lr %.4g -> %.4g); ramp kept at %s",
                 out, saved["config"]["epochs"], cfg.epochs, cfg.epochs, scheduler.last_epoch, was,
-                optimizer.param_groups[0]["lr"], list(cfg.resolved_ramp) if cfg.method == "maxq" else "n/a",
+                optimizer.param_groups[0]["lr"], cfg.method_ramp or "n/a",
             )  # fmt: skip
 
     arch = {
@@ -697,7 +694,7 @@ def _finish(
         "top5_last": history[-1]["test_top5"] if history else None,
         "top1_folded": folded["top1"],
         "nm_ok": nm_ok,
-        "ramp": list(cfg.resolved_ramp) if cfg.method == "maxq" else None,
+        "ramp": list(cfg.method_ramp) if cfg.method_ramp else None,
         "ramp_finished": ramp_finished,
         "params_total": total,
         "params_nonzero": nonzero,

@@ -168,6 +168,11 @@ class TrainConfig:
         """The ramp in epochs: as given, else the paper's share (first 25% of training)."""
         return self.ramp if self.ramp is not None else (0.0, round(0.25 * self.epochs, 3))
 
+    @property
+    def method_ramp(self) -> tuple[float, float] | None:
+        """The ramp this run's method follows, in epochs (``None`` for methods without a schedule)."""
+        return self.resolved_ramp if self.method != "dense" and "ramp" in config_options(self.method) else None
+
     def sparsity_config(self) -> NMConfig | None:
         """The library config for ``method`` (``None`` for dense): every option the method's config class takes,
         from this run's settings (the config class, not this function, knows which options a method has)."""
