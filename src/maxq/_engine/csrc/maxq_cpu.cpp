@@ -149,14 +149,14 @@ inline bool valid(float guess, float width) { return std::isfinite(guess) && std
 // ---- N:M rank within a block -------------------------------------------------------------------------------
 
 // Keep flags (0/1) of one row, block-major: T holds |row| as T[j * Q + q] (j: channel in block, q = b * K + k),
-// R receives the flags in the same order. In every block the n largest stay, ties to the lower channel: find the
-// n-th largest value thr with an insertion network (n * m min/max passes over Q), then keep what is above thr
-// and, of the entries equal to it, the first ones in channel order. Every pass runs over all Q blocks of the row
-// at once, so it vectorizes; `top` is scratch for (n + 2) * Q floats.
-__attribute__((noinline)) void nm_keep_rows(const float* __restrict__ T, float* __restrict__ R, int64_t Q, int n,
-                                            int m, float* __restrict__ top) {
-  float* __restrict__ s = top + n * Q;    // the value being inserted
-  float* __restrict__ aux = s + Q;        // count above thr, then equal entries seen
+// R receives the flags in the same order; in every block the n largest stay, ties to the lower channel. Two ways,
+// both vectorized over all Q blocks of a row: an insertion network for the n-th largest value (large blocks),
+// or ranks by m * m compares (small blocks, nm_rank_any below).
+// The n largest values of every block, descending, into top[t * Q + q] (t < n): an insertion network of n * m
+// min/max passes over all Q blocks of a row at once. `top` has room for (n + 1) * Q floats.
+__attribute__((noinline)) void block_top_n(const float* __restrict__ T, int64_t Q, int n, int m,
+                                           float* __restrict__ top) {
+  float* __restrict__ s = top + n * Q;  // the value being inserted
   for (int j = 0; j < m; ++j) {
     const float* __restrict__ tj = T + j * Q;
     for (int64_t q = 0; q < Q; ++q) s[q] = tj[q];
@@ -174,6 +174,13 @@ __attribute__((noinline)) void nm_keep_rows(const float* __restrict__ T, float* 
       for (int64_t q = 0; q < Q; ++q) tj_top[q] = s[q];
     }
   }
+}
+
+// Keep flags from the n-th largest value of every block (block_top_n): what is above it stays and, of the
+// entries equal to it, the first ones in channel order. `top` as filled by block_top_n, plus Q floats of scratch.
+__attribute__((noinline)) void nm_keep_rows(const float* __restrict__ T, float* __restrict__ R, int64_t Q, int n,
+                                            int m, float* __restrict__ top) {
+  float* __restrict__ aux = top + (n + 1) * Q;  // count above thr, then equal entries still to keep
   const float* __restrict__ thr = top + (n - 1) * Q;
   for (int64_t q = 0; q < Q; ++q) aux[q] = 0.0f;
   for (int j = 0; j < m; ++j) {  // aux = entries strictly above thr
@@ -225,7 +232,7 @@ void nm_rank_generic(const float* T, float* R, int64_t Q, int n, int m) {
   }
 }
 
-__attribute__((noinline)) __attribute__((noinline)) void nm_rank_any(const float* T, float* R, int64_t Q, int n, int m) {
+__attribute__((noinline)) void nm_rank_any(const float* T, float* R, int64_t Q, int n, int m) {
   switch (m) {
     case 2: return nm_rank<2>(T, R, Q, n);
     case 4: return nm_rank<4>(T, R, Q, n);
@@ -322,6 +329,49 @@ __attribute__((noinline)) void keep_to_row(const float* __restrict__ R, const ui
         for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
       }
     }
+  }
+}
+
+// The mask of a row without dense blocks, block-major: M[j * Q + q] = R[j * Q + q] * (1 + Q_f + Q_k)(T[j * Q + q]).
+// The soft scale depends only on the value (and the kernel position k = q % K), and the kept entries of a block
+// are its n largest values (top[t * Q + q], t < n), so the sigmoids are computed n times per block, not m: half
+// the work at 2:4, a sixteenth at 1:16. tk / ck: the kernel sets' thresholds per block position q (or null).
+__attribute__((noinline)) void soft_kept(const float* __restrict__ T, const float* __restrict__ R,
+                                         const float* __restrict__ top, float* __restrict__ S,
+                                         float* __restrict__ M, int64_t Q, int n, int m, float t, float cut,
+                                         const float* __restrict__ tk, const float* __restrict__ ck, float inv_tau) {
+  const float shift = -t * inv_tau;
+  for (int v = 0; v < n; ++v) {
+    const float* __restrict__ tv = top + v * Q;
+    float* __restrict__ sv = S + v * Q;
+    if (tk != nullptr) {
+      for (int64_t q = 0; q < Q; ++q) {
+        const float a = tv[q];
+        const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
+        const float qk = static_cast<float>(a > ck[q]) * sigmoid_approx((a - tk[q]) * inv_tau);
+        sv[q] = 1.0f + qf + qk;
+      }
+    } else {
+      for (int64_t q = 0; q < Q; ++q) {
+        const float a = tv[q];
+        sv[q] = 1.0f + static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
+      }
+    }
+  }
+  // A kept entry equals one of its block's n largest values (equal values, equal scale): pick that one's scale.
+  // One simple loop over q per step, so that each vectorizes.
+  for (int j = 0; j < m; ++j) {
+    const float* __restrict__ tj = T + j * Q;
+    const float* __restrict__ rj = R + j * Q;
+    float* __restrict__ mj = M + j * Q;
+    const float* __restrict__ last = S + (n - 1) * Q;
+    for (int64_t q = 0; q < Q; ++q) mj[q] = last[q];
+    for (int v = n - 2; v >= 0; --v) {
+      const float* __restrict__ tv = top + v * Q;
+      const float* __restrict__ sv = S + v * Q;
+      for (int64_t q = 0; q < Q; ++q) mj[q] = tj[q] == tv[q] ? sv[q] : mj[q];
+    }
+    for (int64_t q = 0; q < Q; ++q) mj[q] *= rj[q];
   }
 }
 
@@ -553,13 +603,21 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
 
   // ---- pass B: N:M rank, dense blocks, soft scale ----
   const float inv_tau = static_cast<float>(1.0 / tau);
-  std::vector<float> tk_row(has_k ? L : 0), ck_row(has_k ? L : 0);
-  for (int64_t idx = 0; has_k && idx < L; ++idx) {
+  std::vector<float> tk_row(has_k && (use_dense || all_dense) ? L : 0), ck_row(tk_row.size());
+  for (int64_t idx = 0; idx < static_cast<int64_t>(tk_row.size()); ++idx) {
     tk_row[idx] = t_k[idx % K];
     ck_row[idx] = cut_k[idx % K];
   }
+  // Without dense blocks the soft scale is computed per kept value in block-major order (soft_kept), else per
+  // entry in row order (soft_row). Kernel thresholds per block position q = b * K + k:
+  const bool kept_only = has_f && !use_dense && !all_dense;
+  std::vector<float> tk_q(kept_only && has_k ? Q : 0), ck_q(kept_only && has_k ? Q : 0);
+  for (int64_t q = 0; q < static_cast<int64_t>(tk_q.size()); ++q) {
+    tk_q[q] = t_k[q % K];
+    ck_q[q] = cut_k[q % K];
+  }
   at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<float> T(L), R(L), top((n + 2) * Q);
+    std::vector<float> T(L), R(L), M(kept_only ? L : 0), top((n + 2) * Q), S(kept_only ? n * Q : 0);
     for (int64_t o = o0; o < o1; ++o) {
       const float* row = pw + o * L;
       float* mrow = pm + o * L;
@@ -567,10 +625,19 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
         std::fill(mrow, mrow + L, 1.0f);
       } else {
         to_block_major(row, T.data(), B, static_cast<int>(m), K);
-        if (m <= 2 * (n + 3)) {  // whichever costs fewer passes (m * m compares vs about (n + 3) * m)
-          nm_rank_any(T.data(), R.data(), Q, static_cast<int>(n), static_cast<int>(m));
-        } else {
+        const bool network = m > 2 * (n + 3);  // whichever costs fewer passes (about (n + 3) * m vs m * m)
+        if (network || kept_only) block_top_n(T.data(), Q, static_cast<int>(n), static_cast<int>(m), top.data());
+        if (network) {
           nm_keep_rows(T.data(), R.data(), Q, static_cast<int>(n), static_cast<int>(m), top.data());
+        } else {
+          nm_rank_any(T.data(), R.data(), Q, static_cast<int>(n), static_cast<int>(m));
+        }
+        if (kept_only) {
+          soft_kept(T.data(), R.data(), top.data(), S.data(), M.data(), Q, static_cast<int>(n),
+                    static_cast<int>(m), t_f[o], cut_f[o], has_k ? tk_q.data() : nullptr,
+                    has_k ? ck_q.data() : nullptr, inv_tau);
+          keep_to_row(M.data(), nullptr, mrow, B, static_cast<int>(m), K);
+          continue;
         }
         keep_to_row(R.data(), use_dense ? dense.data() + o * Q : nullptr, mrow, B, static_cast<int>(m), K);
       }
