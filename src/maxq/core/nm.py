@@ -20,8 +20,10 @@ __all__ = [
     "block_kth_largest",
     "block_major",
     "from_blocks",
+    "key_value",
     "nm_keep",
     "nm_mask",
+    "order_keys",
     "parse_nm",
     "to_blocks",
     "topk_mask",
@@ -89,11 +91,34 @@ def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return blocks.reshape(shape)
 
 
+def order_keys(x: Tensor, dim: int = -1) -> Tensor:
+    """int64 keys, one per entry, that order the entries along ``dim`` by value and break every tie by index, the
+    lower index counting as larger: the tie rule of the whole library as a plain integer order.
+
+    The high 32 bits are the float32 value made sortable as an integer (IEEE bits, with the negative half
+    flipped; NaN sorts above +inf), the low 32 bits the reversed index. All keys along ``dim`` are distinct, so a
+    selection needs no tie handling: no data-dependent branch and no host synchronisation.
+    """
+    bits = (x.detach().to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger bits are smaller values
+    length = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = length
+    reverse = torch.arange(length - 1, -1, -1, device=x.device, dtype=torch.int64).view(shape)
+    return bits.to(torch.int64) * 2**32 + reverse
+
+
+def key_value(keys: Tensor) -> Tensor:
+    """The float32 value a key of :func:`order_keys` was made from."""
+    bits = (keys >> 32).to(torch.int32)  # arithmetic shift: the low 32 bits are the (non-negative) index
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+
+
 def topk_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
     """Boolean mask of the ``k`` largest entries along ``dim``; ties go to the lower index.
 
     Exact, deterministic (unlike ``torch.topk`` indices on ties) and free of host synchronisation: one k-th
-    value selection, then the tie rule by a cumulative count. ``k`` is clamped to ``[0, L]``.
+    value selection over unique :func:`order_keys`. ``k`` is clamped to ``[0, L]``.
 
     Args:
         scores: floating scores, ``L`` entries along ``dim``.
@@ -107,18 +132,9 @@ def topk_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    # The k-th largest value is the (L - k + 1)-th smallest.
-    kth = scores.kthvalue(length - k + 1, dim=dim, keepdim=True).values
-    return _keep_with_ties(scores, kth, k, dim)
-
-
-def _keep_with_ties(x: Tensor, kth: Tensor, k: int, dim: int) -> Tensor:
-    """Entries above ``kth`` (the k-th largest value along ``dim``), plus as many entries equal to it, lowest
-    index first, as make ``k``: the tie rule, without a data-dependent branch."""
-    above = x > kth
-    equal = x == kth
-    need = k - above.sum(dim, keepdim=True)
-    return above | (equal & (equal.cumsum(dim) <= need))
+    keys = order_keys(scores, dim)
+    # The k-th largest key is the (L - k + 1)-th smallest.
+    return keys >= keys.kthvalue(length - k + 1, dim=dim, keepdim=True).values
 
 
 def block_major(a: Tensor, m: int) -> Tensor:
@@ -129,8 +145,9 @@ def block_major(a: Tensor, m: int) -> Tensor:
 
 
 def block_kth_largest(blocks: Tensor, n: int) -> Tensor:
-    """The ``n``-th largest value of every block, from a :func:`block_major` copy ``[m, ...]``: an insertion
-    network of min/max passes (elementwise, fast on every device). Returns ``blocks.shape[1:]``."""
+    """The ``n``-th largest value of every block, from a :func:`block_major` copy ``[m, ...]`` (any dtype with an
+    order, keys included): an insertion network of min/max passes (elementwise, fast on every device). Returns
+    ``blocks.shape[1:]``."""
     top: list[Tensor] = []  # running n largest, descending
     for x in range(blocks.shape[0]):
         s = blocks[x]
@@ -151,11 +168,11 @@ def nm_keep(a: Tensor, n: int, m: int, dense: Tensor | None = None) -> Tensor:
         bool tensor of ``a``'s shape; ties at the cut go to the lower input channel.
     """
     o, i = a.shape[0], a.shape[1]
-    v = a.reshape(o, i // m, m, -1)
-    keep = _keep_with_ties(v, block_kth_largest(block_major(a, m), n).unsqueeze(2), n, 2)
+    keys = order_keys(block_major(a, m), 0)  # [m, O, I // m, K]: channel x of every block, tie-broken by channel
+    keep = keys >= block_kth_largest(keys, n)
     if dense is not None:
-        keep |= dense.view(o, i // m, 1, -1)
-    return keep.view(a.shape)
+        keep |= dense.view(1, o, i // m, -1)
+    return keep.permute(1, 2, 0, 3).reshape(a.shape)
 
 
 def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:

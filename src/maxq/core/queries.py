@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .nm import key_value, order_keys
+
 __all__ = ["axis_query", "filter_query", "kernel_query", "kth_pair", "pruned_count"]
 
 
@@ -67,13 +69,16 @@ def axis_query(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple[Ten
     if k == 0:  # a set too small to prune anything: all entries kept, threshold just below the smallest
         t = x.amin(dim, keepdim=True) - tau
         return torch.sigmoid((x - t) / tau), t
-    lo, hi = kth_pair(x, k, dim)
-    t = (lo + hi) / 2
-    # The k smallest are the entries below a(k) plus, of those equal to it, the highest-index ones: the entries
-    # equal to a(k) that stay are the lowest-index ones, as many as are not needed to make up the k.
-    equal = x == lo
-    stay_equal = equal.sum(dim, keepdim=True) - (k - (x < lo).sum(dim, keepdim=True))
-    keep = (x > lo) | (equal & (equal.cumsum(dim) <= stay_equal))
+    if dim == 0:  # selections are far faster along contiguous rows
+        q, t = axis_query(x.t().contiguous(), n, m, tau, 1)
+        return q.t(), t.t()
+    # Unique keys (value, then index; the lower index counts as larger): the k smallest are the keys up to the
+    # k-th smallest one, ties included, with no tie handling.
+    keys = order_keys(x, 1)
+    kth = keys.kthvalue(k, dim=1, keepdim=True).values
+    keep = keys > kth
+    nxt = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+    t = (key_value(kth) + key_value(nxt)) / 2  # (a(k) + a(k+1)) / 2
     return torch.sigmoid((x - t) / tau) * keep, t
 
 
