@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 import maxq
-from maxq.core.reference import ref_maxq_mask
+from maxq.core.reference import ref_sparsifier_masks
 
 PHASES = ("fwd_bwd", "decay", "opt", "mask")
 
@@ -33,20 +33,10 @@ def _naive(sparsifier: maxq.Sparsifier) -> None:
     """Replace the sparsifier's mask update by the full-sort reference (what a straightforward version does)."""
 
     def update_masks() -> None:
-        cfg = sparsifier.config
+        masks = dict(sparsifier.named_masks())
         with torch.no_grad():
-            for layer in sparsifier._layers.values():
-                layer.param.mask.copy_(
-                    ref_maxq_mask(
-                        layer.weight,
-                        cfg.n,
-                        cfg.m,
-                        dense_fraction=sparsifier.dense_fraction,
-                        order=cfg.order,
-                        tau=cfg.tau,
-                        soft=cfg.soft,
-                    )
-                )
+            for name, mask in ref_sparsifier_masks(sparsifier).items():
+                masks[name].copy_(mask)
 
     sparsifier.update_masks = update_masks
 

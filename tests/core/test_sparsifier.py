@@ -6,7 +6,7 @@ from torch import nn
 
 import maxq
 from maxq.core.nm import to_blocks
-from maxq.core.reference import ref_maxq_mask, ref_nm_mask
+from maxq.core.reference import ref_nm_mask, ref_sparsifier_masks
 
 from ..nets import batch, mlp, small_cnn, train_steps
 
@@ -245,23 +245,6 @@ def test_random_order_is_seeded():
     assert not torch.equal(dense_after(1), dense_after(2))
 
 
-def _reference_masks(sp, model):
-    cfg = sp.config
-    modules = dict(model.named_modules())
-    return {
-        name: ref_maxq_mask(
-            modules[name].parametrizations.weight.original,
-            cfg.n,
-            cfg.m,
-            dense_fraction=sp.dense_fraction,
-            order=cfg.order,
-            tau=cfg.tau,
-            soft=cfg.soft,
-        )
-        for name in sp.layers
-    }
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_per_step_progress_in_step_equals_set_progress_then_step(fused):
     torch.manual_seed(2)
@@ -284,7 +267,7 @@ def test_per_step_progress_in_step_equals_set_progress_then_step(fused):
             else:
                 sp.step()
                 sp.set_progress((i + 1) / 8)
-            ref = _reference_masks(sp, model)  # every update: the masks of the current weights and p
+            ref = ref_sparsifier_masks(sp)  # every update: the masks of the current weights and p
             for name, mask in sp.named_masks():
                 torch.testing.assert_close(mask, ref[name])
         runs.append(_masks(sp))
@@ -326,7 +309,7 @@ def test_loading_weights_recomputes_masks():
     with torch.no_grad():
         other[3].parametrizations.weight.original.normal_()
     model.load_state_dict(other.state_dict())
-    ref = _reference_masks(sp, model)
+    ref = ref_sparsifier_masks(sp)
     for name, mask in sp.named_masks():
         torch.testing.assert_close(mask, ref[name])
 

@@ -13,7 +13,15 @@ from torch import Tensor
 from .masks import block_l1
 from .nm import from_blocks, to_blocks
 
-__all__ = ["ref_dense_blocks", "ref_filter_query", "ref_kernel_query", "ref_maxq_mask", "ref_nm_mask", "ref_query"]
+__all__ = [
+    "ref_dense_blocks",
+    "ref_filter_query",
+    "ref_kernel_query",
+    "ref_maxq_mask",
+    "ref_nm_mask",
+    "ref_query",
+    "ref_sparsifier_masks",
+]
 
 
 def _keep_largest(rows: Tensor, k: int) -> Tensor:
@@ -93,3 +101,22 @@ def ref_maxq_mask(
     if soft:
         mask = mask * (1 + ref_filter_query(a, n, m, tau) + ref_kernel_query(a, n, m, tau))
     return mask.to(weight.dtype)
+
+
+def ref_sparsifier_masks(sparsifier) -> dict[str, Tensor]:
+    """The reference mask of every layer of a :class:`maxq.Sparsifier`, from its current weights and dense
+    fraction: what ``named_masks()`` must hold right after an update."""
+    cfg = sparsifier.config
+    return {
+        name: ref_maxq_mask(
+            layer.weight,
+            cfg.n,
+            cfg.m,
+            dense_fraction=sparsifier.dense_fraction,
+            order=cfg.order,
+            priority=layer.priority,
+            tau=cfg.tau,
+            soft=cfg.soft,
+        )
+        for name, layer in sparsifier._layers.items()
+    }
