@@ -532,7 +532,7 @@ def write_markdown(
         ]
         for method, cells in summary["table"].items():
             seeds = sorted({s for c in cells.values() for s in c["seeds"]})
-            label = f"{method} ({len(seeds)} seeds)"
+            label = f"{method} ({_seeds(len(seeds))})"
             if method == "dense":
                 lines.append(
                     f"| {label} | {_mean_std(cells['dense'][key])} (all patterns) |" + " |" * (len(patterns) - 1)
@@ -553,14 +553,15 @@ def write_markdown(
         if key not in g:
             return "— | —"
         x = g[key]
-        return f"{x['gap']:+.2f} ± {x['se']:.2f} | {x['p']:.3f}"
+        se = "" if math.isnan(x["se"]) else f" ± {x['se']:.2f}"  # one pair: no spread, no test
+        return f"{x['gap']:+.2f}{se} | " + ("—" if math.isnan(x["p"]) else f"{x['p']:.3f}")
 
     for nm in patterns:
         g = summary["gaps"].get(nm, {})
 
         pairs = g.get("top1_last", {}).get("pairs", 0)
         lines.append(
-            f"| {nm} ({pairs} seeds) | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |"
+            f"| {nm} ({_seeds(pairs)}) | {cell(g, 'top1_last')} | {cell(g, 'top1_best')} | {cell(g, 'val_top1_last')} |"
         )
     lines.append("")
     if summary["ablations"]:
@@ -599,7 +600,8 @@ def write_markdown(
     lines += [
         f"![accuracy vs sparsity]({plot_path.name})",
         "",
-        f"Runs: {len(records)} records in `results/`; base settings: `{json.dumps(base)}`.",
+        f"Runs: {len(records)} records in `{spec.get('results', 'results')}/`; base settings: `{json.dumps(base)}`.",
+        "",
         extra,
     ]
     block = "\n".join(lines)
@@ -610,6 +612,10 @@ def write_markdown(
     head, rest = text.split(start, 1)
     tail = rest.split(end, 1)[1]
     path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def epoch_gaps(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
@@ -688,7 +694,7 @@ def curves_markdown(curves: dict[str, Any], spec: dict[str, Any], plot_path: Pat
     lines = []
     for nm, rows in curves.items():
         lines += [
-            f"**Gap per epoch at {nm}** (mean top-1 over {rows[0]['seeds']} paired seeds; MaxQ's ramp ends after "
+            f"**Gap per epoch at {nm}** (mean top-1 over {_seeds(rows[0]['seeds'])}, paired; MaxQ's ramp ends after "
             f"epoch {end:g}):"
             if end
             else f"**Gap per epoch at {nm}**:",
