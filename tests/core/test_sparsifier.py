@@ -322,3 +322,45 @@ def test_oneshot_step_and_progress_keep_the_mask():
         model[3].parametrizations.weight.original.normal_()
     assert sp.step() is False and sp.set_progress(5) == 0.0
     assert all(torch.equal(before[k], v) for k, v in _masks(sp).items())
+
+
+def _deep_mlp(norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(16, 32, bias=False)]  # no biases: the weights carry the signal
+    for _ in range(4):
+        layers += [nn.LayerNorm(32)] if norm else []
+        layers += [nn.ReLU(), nn.Linear(32, 32, bias=False)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize(
+    "norm, config, warns",
+    [
+        (False, maxq.MaxQConfig(ramp=(0, 0)), True),  # soft scale compounds over the unnormalized layers
+        (False, maxq.MaxQConfig(ramp=(0, 0), queries=False), False),  # hard mask: no scale
+        (False, maxq.SRSTEConfig(), False),
+        (True, maxq.MaxQConfig(ramp=(0, 0)), False),  # LayerNorm absorbs it
+    ],
+)
+def test_warns_when_soft_scale_meets_unnormalized_model(caplog, norm, config, warns):
+    torch.manual_seed(0)
+    model = _deep_mlp(norm)
+    with caplog.at_level("WARNING", logger="maxq"):
+        sp = maxq.sparsify_(model, config)
+    assert len(sp.layers) == 5  # every Linear but the classifier
+    messages = [r.getMessage() for r in caplog.records if "normalization layer" in r.getMessage()]
+    assert bool(messages) == warns
+    if warns:  # the scale it quotes is the masks' own mean over kept weights, in [1, 3]
+        scale = float(messages[0].split("about ")[1].split("x")[0])
+        kept = torch.cat([mask[mask != 0] for _, mask in sp.named_masks()])
+        assert 1.0 < scale <= 3.0 and scale == pytest.approx(float(kept.mean()), abs=0.051)
+
+
+def test_the_soft_scale_does_compound_without_normalization():
+    # Why the warning exists: on the same weights, MaxQ's soft mask gives far larger outputs than the hard mask.
+    torch.manual_seed(0)
+    soft, x = _deep_mlp(False), torch.randn(64, 16)
+    hard = copy.deepcopy(soft)
+    maxq.sparsify_(soft, maxq.MaxQConfig(ramp=(0, 0)))
+    maxq.sparsify_(hard, maxq.MaxQConfig(ramp=(0, 0), queries=False))
+    features = [float(net[:-1](x).detach().abs().mean()) for net in (soft, hard)]  # before the dense classifier
+    assert features[0] > 8 * features[1]  # ~1.8x per layer over five layers

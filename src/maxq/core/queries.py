@@ -9,7 +9,7 @@ so ``Q`` is 0 on the bottom ``(M-N)/M`` of the set and in ``[0.5, 1]`` on the re
 way as in the hard mask: the lower index counts as larger.
 
 Query sets are the rows (``dim=1``) or the columns (``dim=0``) of a 2-D view of ``|W|``. Everything here is
-built from ops that never wait for the device (``kthvalue``, reductions, ``cumsum``, elementwise), so the same
+built from ops that never wait for the device (``kthvalue``, reductions, elementwise), so the same
 code runs on CPU and GPU and can be captured by ``torch.compile`` or CUDA graphs. The fused CPU kernels
 (``maxq._engine``) compute the same values faster on the CPU.
 """

@@ -372,6 +372,30 @@ def sparsifier_of(model: nn.Module) -> Sparsifier | None:
     return getattr(model, _ATTR, None)
 
 
+#: layers that renormalize activations, so a constant scale on the weights before them does not compound
+_NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def _has_normalization(model: nn.Module) -> bool:
+    """Whether ``model`` holds a normalization layer (by class, or by a class name ending in ``Norm``/``Norm2d``:
+    timm and HF define their own)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, _NORMALIZATION) or name.endswith(("Norm", "Norm1d", "Norm2d", "Norm3d")):
+            return True
+    return False
+
+
+def _mean_kept_scale(sparsifier: Sparsifier) -> float:
+    """Mean mask value over the kept weights of every sparsified layer (1 for hard masks)."""
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for _, mask in sparsifier.named_masks():
+            kept = mask[mask != 0]
+            total, count = total + float(kept.double().sum()), count + kept.numel()
+    return total / max(count, 1)
+
+
 def _blocks_nonzero(mask: Tensor, m: int) -> Tensor:
     """Nonzeros per N:M block of a weight-shaped tensor, ``[G]``."""
     return (to_blocks(mask, m) != 0).sum(-1)
@@ -419,6 +443,15 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
         raise ValueError(f"no layer can be sparsified with {config.n}:{config.m} ({reasons})")
     sparsifier = Sparsifier(model, config, choices)
     sparsifier._attach()
+    if config.soft and sum(c.selected for c in choices) > 1 and not _has_normalization(model):
+        log.warning(
+            "maxq: %s's soft mask multiplies every kept weight by 1 to 3 (1 + Q_f + Q_k), and this model has no "
+            "normalization layer (BatchNorm, LayerNorm, GroupNorm, ...) to absorb the scale, so activations can "
+            "grow with depth (about %.1fx per sparsified layer now). The method assumes normalized networks; for "
+            "this one consider SRSTEConfig or MaxQConfig(queries=False).",
+            config.method,
+            _mean_kept_scale(sparsifier),
+        )
     for c in choices:
         if not c.selected:
             log.info("maxq: %s stays dense: %s", c.name, c.reason)
