@@ -668,7 +668,7 @@ def plot_curves(curves: dict[str, Any], spec: dict[str, Any], path: Path) -> Non
         epochs = [r["epoch"] for r in rows]
         for method in ("srste", "maxq"):
             ax.plot(epochs, [r.get(f"{method}_test") for r in rows], "o-", ms=3, label=f"{method} (test)")
-        ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{nm}: mean over {rows[0]['seeds']} seeds")
+        ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"{nm}: mean over {_seeds(rows[0]['seeds'])}")
         for label, color in (("test", "C2"), ("val", "C4")):
             gaps = [r.get(f"gap_{label}") for r in rows]
             if None in gaps:
