@@ -21,6 +21,8 @@ from maxq.train.checkpoint import (
 )
 from maxq.train.loop import _rng_state, _set_rng_state
 
+from ..corrupt import assert_each_flip_rejected
+
 
 def _content():
     return {
@@ -44,13 +46,7 @@ def test_sealed_round_trip_and_every_changed_byte_is_rejected(tmp_path):
     # Header, every 97th byte through the middle (zip records, pickle, tensor data), the end record and the seal.
     positions = sorted({*range(0, 64), *range(64, len(data) - 120, 97), *range(len(data) - 120, len(data))})
     flipped = tmp_path / "flipped.pt"
-    for pos in positions:
-        changed = bytearray(data)
-        changed[pos] ^= 0x10
-        flipped.write_bytes(changed)
-        with pytest.raises(CheckpointError, match=r"flipped\.pt") as err:
-            read_torch_file(flipped)
-        assert "\n" not in str(err.value)
+    assert_each_flip_rejected(data, positions, 0x10, flipped, read_torch_file, CheckpointError)
     for cut in (len(data) - 1, len(data) - 64, len(data) // 2, 10):
         flipped.write_bytes(data[:cut])
         with pytest.raises(CheckpointError, match=r"corrupt|truncated|cannot be read"):

@@ -44,6 +44,11 @@ class EvalResult:
         return dict(self.__dict__)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an onnxruntime error (its messages span many lines), or the error's type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], str]:
     try:
         import onnxruntime as ort
@@ -58,8 +63,7 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (invalid graph, unsupported op, ...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: onnxruntime cannot run it: {first}") from None
+        raise CheckpointError(f"{path}: onnxruntime cannot run it: {_first_line(exc)}") from None
     feed = session.get_inputs()[0]
     dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
 
@@ -67,9 +71,8 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
         try:
             out = session.run(None, {feed.name: x.numpy().astype(dtype)})[0]
         except Exception as exc:  # e.g. images of another size or channel count than the graph takes
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            shape = tuple(x.shape)
-            raise ValueError(f"{path}: onnxruntime failed on {shape} images ({first}); wrong --dataset?") from None
+            why, shape = _first_line(exc), tuple(x.shape)
+            raise ValueError(f"{path}: onnxruntime failed on {shape} images ({why}); wrong --dataset?") from None
         return torch.from_numpy(np.asarray(out)).float()
 
     return predict, arch, arch.get("precision", "fp32")
@@ -102,6 +105,7 @@ def evaluate_file(
         DatasetMissing: the dataset's files are not there.
     """
     from ..train.data import load_dataset, normalize
+    from ..train.metrics import batch_counts, from_counts
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -121,17 +125,12 @@ def evaluate_file(
             raise ValueError(f"{path} expects {key}={arch[key]}, but {dataset} has {have}: pick the right --dataset")
     loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size, shuffle=False)
     started = time.perf_counter()
-    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
     for x, y in loader:
         x = normalize(x, info) if info.in_memory else x.float()
-        logits = predict(x)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += int((top[:, 0] == y).sum())
-        top5 += int((top == y[:, None]).any(dim=1).sum())
-        count += y.numel()
+        totals += batch_counts(predict(x), y)
     seconds = time.perf_counter() - started
-    count_ = max(count, 1)
+    metrics = from_counts(totals)
     return EvalResult(
-        str(path), kind, precision, dataset, count, 100 * top1 / count_, 100 * top5 / count_, loss_sum / count_, seconds
+        str(path), kind, precision, dataset, int(totals[3]), metrics["top1"], metrics["top5"], metrics["loss"], seconds
     )

@@ -38,6 +38,7 @@ from ..core.fold import fold_, nm_layout
 from ..core.sparsifier import Sparsifier, sparsify_
 from .checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, atomic_save, folded_file, load_checkpoint
 from .data import DataInfo, augment, load_dataset, normalize
+from .metrics import batch_counts, from_counts
 from .models import build_model
 from .recipe import AMP_DTYPES, RESUMABLE_OVERRIDES, TrainConfig
 
@@ -196,20 +197,10 @@ def evaluate(
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for x, y in loader:
         x, y = _prepare(x, info, device, None), y.to(device)
-        logits = model(x).float()
-        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals[1] += (top[:, 0] == y).sum()
-        totals[2] += (top == y[:, None]).any(dim=1).sum()
-        totals[3] += y.numel()
+        totals += batch_counts(model(x), y)
     if procs.distributed:
         torch_dist.all_reduce(totals)
-    count = max(float(totals[3]), 1.0)
-    return {
-        "loss": float(totals[0]) / count,
-        "top1": 100 * float(totals[1]) / count,
-        "top5": 100 * float(totals[2]) / count,
-    }
+    return from_counts(totals)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
