@@ -44,17 +44,12 @@ class EvalResult:
         return dict(self.__dict__)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an onnxruntime error (its messages span many lines), or the error's type."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], str]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise ValueError("evaluating ONNX files needs onnxruntime: pip install 'maxq[onnx]'") from None
-    from .onnx_export import load_onnx, onnx_metadata
+    from .onnx_export import first_line, load_onnx, onnx_metadata
 
     arch = onnx_metadata(load_onnx(path))["arch"] or {}
     options = ort.SessionOptions()
@@ -63,7 +58,7 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (invalid graph, unsupported op, ...)
-        raise CheckpointError(f"{path}: onnxruntime cannot run it: {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: onnxruntime cannot run it: {first_line(exc)}") from None
     feed = session.get_inputs()[0]
     dtype = np.float16 if feed.type == "tensor(float16)" else np.float32
 
@@ -71,7 +66,7 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
         try:
             out = session.run(None, {feed.name: x.numpy().astype(dtype)})[0]
         except Exception as exc:  # e.g. images of another size or channel count than the graph takes
-            why, shape = _first_line(exc), tuple(x.shape)
+            why, shape = first_line(exc), tuple(x.shape)
             raise ValueError(f"{path}: onnxruntime failed on {shape} images ({why}); wrong --dataset?") from None
         return torch.from_numpy(np.asarray(out)).float()
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "export_onnx",
+    "first_line",
     "onnx_parity",
     "onnx_weights",
     "onnx_metadata",
@@ -49,6 +50,11 @@ def _require_onnx():
     return onnx
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an onnx / onnxruntime error (their messages span many lines), or the error's type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_onnx(path: str | Path) -> Any:
     """``onnx.load`` with a one-line ``CheckpointError`` naming the file when it is not a readable ONNX model."""
     from ..train.checkpoint import CheckpointError
@@ -57,8 +63,7 @@ def load_onnx(path: str | Path) -> Any:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError, truncated files, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} cannot be read as ONNX (corrupt or truncated?): {first}") from None
+        raise CheckpointError(f"{path} cannot be read as ONNX (corrupt or truncated?): {first_line(exc)}") from None
     if not proto.graph.node:
         raise CheckpointError(f"{path} cannot be read as ONNX: it holds no graph")
     return proto
