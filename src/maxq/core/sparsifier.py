@@ -251,16 +251,34 @@ class Sparsifier:
                 if not decay_(grad, weight, mask, lam):
                     grad.add_(weight.masked_fill(mask != 0, 0.0), alpha=lam)
 
-    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> list[Any]:
+    def hook_optimizer(self, optimizer: Any, steps_per_epoch: int | None = None) -> list[Any]:
         """Automatic mode: :meth:`regularize_` before and :meth:`step` after every ``optimizer.step()``.
 
-        With ``GradScaler``, ``scaler.step(optimizer)`` unscales before calling ``optimizer.step()``, so the decay
-        sees true gradients; a step the scaler skips (inf/NaN gradients) is not counted. Returns the hook handles
-        (``.remove()`` them to go back to explicit calls).
+        The rules are :class:`~maxq.core.stepping.OptimizerSteps`' (the one owner of what happens around an
+        optimizer step). With ``GradScaler``, ``scaler.step(optimizer)`` unscales before calling
+        ``optimizer.step()``, so the decay sees true gradients; a step the scaler skips (inf/NaN gradients) is not
+        counted. A closure passed to ``step()`` (LBFGS, Lightning) is wrapped so the decay follows the gradients
+        it computes.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer``, or a wrapper around one (accelerate's
+                ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the hooks go on the torch optimizer.
+            steps_per_epoch: optimizer steps per epoch; with it the ramp moves by itself (progress = steps /
+                ``steps_per_epoch`` epochs, counted from this sparsifier's :attr:`steps`), so no
+                :meth:`set_progress` calls are needed.
+
+        Returns:
+            the hook handles (``.remove()`` them to go back to explicit calls).
+
+        Raises:
+            TypeError: ``optimizer`` is no torch optimizer and wraps none (the message says what to pass).
         """
-        pre = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.regularize_())
-        post = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
-        return [pre, post]
+        from .stepping import OptimizerSteps
+
+        driver = OptimizerSteps(self, steps_per_epoch=steps_per_epoch, eager=True)
+        if steps_per_epoch is not None:
+            driver.begin_step(self.steps)
+        return driver.hook(optimizer)
 
     # -- introspection ---------------------------------------------------------------------------------------
     @property

@@ -36,6 +36,7 @@ from .. import __version__
 from ..core.check import check_nm
 from ..core.fold import fold_, nm_layout
 from ..core.sparsifier import Sparsifier, sparsify_
+from ..core.stepping import OptimizerSteps
 from .checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, atomic_save, folded_file, load_checkpoint
 from .data import DataInfo, augment, load_dataset, normalize
 from .metrics import batch_counts, from_counts
@@ -530,11 +531,16 @@ def _train(
         procs.world,
     )
 
+    # The rules around an optimizer step (ramp from the step counter, decay on unscaled gradients, masks after a
+    # step that happened) are OptimizerSteps', shared with hook_optimizer and the Lightning/HF callbacks.
+    steps = OptimizerSteps(sparsifier, steps_per_epoch=steps_per_epoch) if sparsifier is not None else None
+    if steps is not None:
+        steps.watch(optimizer)
     started = time.time()
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.time()
-        p = sparsifier.set_progress(epoch) if sparsifier is not None else 0.0
+        p = steps.begin_step(epoch * steps_per_epoch) if steps is not None else 0.0
         train_loader.sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + procs.rank)
         net.train()
@@ -546,6 +552,9 @@ def _train(
             disable=not (procs.main and cfg.progress and sys.stderr.isatty()),
         )
         for i, (x, y) in enumerate(bar):
+            done = epoch * steps_per_epoch + i  # optimizer steps completed before this one
+            if steps is not None:
+                steps.begin_step(done)
             x, y = _prepare(x, info, device, gen), y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -554,14 +563,13 @@ def _train(
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # SR-STE decay is defined on true gradients
-            if sparsifier is not None:
-                sparsifier.regularize_()
+            if steps is not None:  # unscale once (the decay is defined on true gradients), SR-STE decay
+                steps.before_optimizer_step(optimizer, scaler)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            if sparsifier is not None:  # masks for the next step, from the updated weights
-                sparsifier.step(epoch + (i + 1) / steps_per_epoch if cfg.per_step else None)
+            if steps is not None:  # masks for the next step, from the updated weights
+                steps.after_optimizer_step(done + 1)
             loss_sum += loss.detach() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()

@@ -1,0 +1,228 @@
+"""What happens around an optimizer step, in every training loop: the one owner.
+
+``maxq train``, :meth:`Sparsifier.hook_optimizer` and the Lightning and Hugging Face callbacks all drive a
+:class:`~maxq.Sparsifier` through an :class:`OptimizerSteps`; none of them repeats its rules:
+
+=====================  =============================================  ==========================================
+moment                 framework hook                                 call
+=====================  =============================================  ==========================================
+an optimizer step      HF ``on_step_begin``; Lightning                :meth:`OptimizerSteps.begin_step` (``done``
+begins (first          ``on_train_batch_start``; ``maxq train``       = optimizer steps completed so far)
+micro-batch)           before the forward
+gradients are final    HF ``on_pre_optimizer_step``; Lightning        :meth:`OptimizerSteps.before_optimizer_step`
+(after the last        ``on_before_optimizer_step``; an optimizer
+micro-batch)           step pre-hook
+the optimizer          HF ``on_step_end``; Lightning                  :meth:`OptimizerSteps.after_optimizer_step`
+stepped                ``on_train_batch_end`` when ``global_step``
+                       moved; an optimizer step post-hook
+=====================  =============================================  ==========================================
+
+The rules:
+
+* **Progress comes from a step counter**, never from an epoch hook: with ``steps_per_epoch`` the ramp's progress
+  for optimizer step number ``done`` is ``done / steps_per_epoch`` epochs (the config floors it for the paper's
+  once-per-epoch staircase). A run resumed from any checkpoint, mid-epoch included, therefore has the same
+  progress, dense fraction and step count as the uninterrupted run from its first step on.
+* **The decay sees true gradients**: with a ``GradScaler`` the gradients are unscaled first (once; the scaler's
+  own ``step`` then does not unscale again), exactly as gradient clipping does.
+* **Masks follow a step that really happened**: the mask update runs after the optimizer stepped; a step the
+  AMP scaler skipped (inf/NaN gradients: the weights did not change) recomputes nothing, unless the ramp moved.
+* **Once per optimizer step**: under gradient accumulation ``begin_step`` may be called for every micro-batch
+  (it is idempotent) and the other two once per optimizer step.
+* A per-step ramp (``MaxQConfig(per_step=True)``) moves after each step, so the masks of the next step are
+  computed once; the staircase moves when the first step of an epoch begins, so an evaluation at the end of an
+  epoch sees that epoch's masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .sparsifier import Sparsifier
+
+__all__ = ["OptimizerSteps", "torch_optimizer", "unscale_once"]
+
+log = logging.getLogger(__name__)
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper.
+
+    Unwraps accelerate's ``AcceleratedOptimizer`` (``.optimizer``, what the Hugging Face Trainer hands its
+    callbacks) and Lightning's ``LightningOptimizer`` (``._optimizer``), as deep as they nest.
+
+    Raises:
+        TypeError: ``optimizer`` is not a torch optimizer and wraps none; the message says what to pass.
+    """
+    obj = optimizer
+    for _ in range(8):
+        inner = getattr(obj, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(obj, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not obj:
+            obj = inner
+            continue
+        break
+    if isinstance(obj, torch.optim.Optimizer) and hasattr(obj, "_optimizer_step_pre_hooks"):
+        return obj
+    raise TypeError(
+        f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}, which wraps none that maxq can find. "
+        "Pass the torch optimizer itself (accelerate: `optimizer.optimizer`; Lightning: `trainer.optimizers[0]`), "
+        "or use maxq.integrations.lightning.MaxQCallback / maxq.integrations.hf.MaxQCallback"
+    )
+
+
+def unscale_once(scaler: Any, optimizer: Any) -> None:
+    """Unscale ``optimizer``'s gradients with ``scaler`` (a ``torch.amp.GradScaler``) unless that already happened
+    since the scaler's last ``update()``; a disabled scaler or ``None`` does nothing. No host synchronisation."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    try:
+        scaler.unscale_(torch_optimizer(optimizer))
+    except RuntimeError as exc:
+        if "already been called" not in str(exc):
+            raise
+
+
+class OptimizerSteps:
+    """Drives a :class:`~maxq.Sparsifier` around the optimizer steps of any training loop.
+
+    Args:
+        sparsifier: the sparsifier to drive.
+        steps_per_epoch: optimizer steps per epoch (after gradient accumulation). With it, the ramp's progress
+            comes from the step counter passed to :meth:`begin_step` / :meth:`after_optimizer_step`; without it,
+            progress is left to :meth:`Sparsifier.set_progress` calls of your own.
+        eager: move a staircase ramp right after the step that ends an epoch (for loops with no hook before a
+            step, such as :meth:`Sparsifier.hook_optimizer`) instead of when the next step begins.
+
+    Example (a loop of your own; ``done`` counts optimizer steps)::
+
+        steps = OptimizerSteps(sparsifier, steps_per_epoch=len(loader))
+        for x, y in loader:
+            steps.begin_step(done)
+            scaler.scale(loss_fn(model(x), y)).backward()
+            steps.before_optimizer_step(optimizer, scaler)   # unscale once, SR-STE decay
+            scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
+            done += 1
+            steps.after_optimizer_step(done)                 # masks from the updated weights
+    """
+
+    def __init__(self, sparsifier: Sparsifier, *, steps_per_epoch: int | None = None, eager: bool = False) -> None:
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps), got {steps_per_epoch!r}")
+        self.sparsifier = sparsifier
+        self.steps_per_epoch = steps_per_epoch
+        self.eager = eager
+        self._stepped: bool | None = None  # set by watch()'s post-hook when the optimizer really steps
+        self._watching = False
+        self._handles: list[Any] = []
+
+    # -- the three moments ---------------------------------------------------------------------------------------
+    def progress(self, done: int) -> float | None:
+        """Training progress in epochs of optimizer step number ``done`` (0-based), or ``None`` without
+        ``steps_per_epoch``."""
+        return None if self.steps_per_epoch is None else done / self.steps_per_epoch
+
+    def begin_step(self, done: int) -> float:
+        """An optimizer step begins (``done`` steps completed so far): the step counter and the ramp follow the
+        counter. Idempotent: call it for every micro-batch if that is easier. Returns the dense fraction."""
+        sp = self.sparsifier
+        sp.steps = int(done)
+        progress = self.progress(done)
+        if progress is not None and sp.progress != progress:
+            sp.set_progress(progress)
+        self._stepped = None
+        return sp.dense_fraction
+
+    def before_optimizer_step(self, optimizer: Any = None, scaler: Any = None) -> None:
+        """The gradients are final: unscale them once (``scaler``, if enabled) and add the SR-STE decay."""
+        if scaler is not None and optimizer is not None:
+            unscale_once(scaler, optimizer)
+        self.sparsifier.regularize_()
+
+    def after_optimizer_step(self, done: int | None = None, stepped: bool | None = None) -> bool:
+        """The optimizer step ended; recompute the masks from the updated weights (every ``update_every`` steps).
+
+        Args:
+            done: optimizer steps completed, this one included (the framework's counter); default: the
+                sparsifier's counter + 1.
+            stepped: whether the weights really changed (``False``: the AMP scaler skipped the step); default:
+                what :meth:`watch` saw, else ``True``.
+
+        Returns:
+            whether the masks were recomputed.
+        """
+        sp = self.sparsifier
+        done = sp.steps + 1 if done is None else int(done)
+        if stepped is None:  # what watch() saw; without watch() every call is a real step
+            stepped = bool(self._stepped) if self._watching else True
+        self._stepped = None
+        progress = None
+        if self.steps_per_epoch is not None and (self.eager or getattr(sp.config, "per_step", False)):
+            progress = self.progress(done)
+        if not stepped:  # the weights did not change: masks stay, unless the ramp moved
+            sp.steps = done
+            if progress is not None and progress != sp.progress:
+                sp.set_progress(progress)
+                return True
+            return False
+        sp.steps = done - 1
+        return sp.step(progress)
+
+    # -- automatic mode ------------------------------------------------------------------------------------------
+    def watch(self, optimizer: Any) -> None:
+        """Learn from ``optimizer`` (wrapped or not) whether each step really happened (a post-hook, no sync)."""
+        opt = torch_optimizer(optimizer)
+        self._handles.append(opt.register_step_post_hook(lambda o, args, kwargs: self._mark_stepped()))
+        self._watching = True
+
+    def hook(self, optimizer: Any) -> list[Any]:
+        """Make the calls around ``optimizer.step()`` automatic with step hooks (see
+        :meth:`Sparsifier.hook_optimizer`); returns the handles."""
+        opt = torch_optimizer(optimizer)
+
+        def pre(o: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # args[0] is the optimizer itself; a closure comes positionally after it or as a keyword.
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                self.before_optimizer_step()
+                return None
+
+            # A closure computes the gradients inside step() (LBFGS, Lightning): decay right after it.
+            def decayed() -> Any:
+                loss = closure()
+                self.before_optimizer_step()
+                return loss
+
+            return (args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": decayed})
+
+        handles = [
+            opt.register_step_pre_hook(pre),
+            opt.register_step_post_hook(lambda o, args, kwargs: self.after_optimizer_step()),
+        ]
+        self._handles.extend(handles)
+        return handles
+
+    def remove(self) -> None:
+        """Remove every hook this object registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._watching = False
+
+    def _mark_stepped(self) -> None:
+        self._stepped = True
+
+    # -- what travels in a checkpoint ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sparsifier's state (masks, step count, progress) for a framework's checkpoint."""
+        return self.sparsifier.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sparsifier.load_state_dict(state)
