@@ -1,0 +1,96 @@
+"""What both framework callbacks do around the training run (start, metrics, end): one copy, not two."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..core.check import NMCheck, check_nm
+from ..core.config import NMConfig
+from ..core.layers import FilterFn
+from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
+
+__all__ = ["adopt_or_sparsify", "finish", "ramp_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+def adopt_or_sparsify(model: nn.Module, config: NMConfig | None, filter_fn: FilterFn | None) -> Sparsifier:
+    """The model's sparsifier: the one the user attached with :func:`maxq.sparsify_` (adopted as is), else a new
+    one from ``config``.
+
+    Raises:
+        ValueError: the model is not sparsified and no ``config`` was given, or it is sparsified with another
+            config than the one given.
+    """
+    found = sparsifier_of(model)
+    if found is not None:
+        if config is not None and found.config != config:
+            raise ValueError(
+                f"the model is already sparsified with {found.config!r}, not with the callback's {config!r}; "
+                "pass config=None to adopt the model's sparsifier, or give the callback an unsparsified model"
+            )
+        log.info(
+            "maxq: adopting the model's sparsifier (%s %d:%d)", found.config.method, found.config.n, found.config.m
+        )
+        return found
+    if config is None:
+        raise ValueError("the model is not sparsified: give the callback a config (maxq.MaxQConfig(...), ...)")
+    return sparsify_(model, config, filter_fn)
+
+
+def ramp_metrics(sparsifier: Sparsifier) -> dict[str, float]:
+    """Scalars for a framework's logger: the ramp's dense fraction ``p`` (set), the measured share of blocks still
+    dense and the mean soft scale over the sparsified layers (1 for hard masks). Reads the masks: call it at
+    epoch ends, not every step (it waits for the device)."""
+    rows = sparsifier.report().sparsified
+    count = max(len(rows), 1)
+    return {
+        "maxq/dense_fraction": float(sparsifier.dense_fraction),
+        "maxq/dense_blocks": sum(r.dense_block_fraction or 0.0 for r in rows) / count,
+        "maxq/mean_soft_scale": sum(r.mean_soft_scale or 0.0 for r in rows) / count,
+    }
+
+
+def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMCheck | None:
+    """End of training: log the per-layer report; with ``fold``, fold the masks into plain weights (the model
+    is then an ordinary model that saves and loads without maxq) and check that every sparsified layer is exactly
+    N:M.
+
+    Args:
+        fold: fold and check (otherwise only report).
+        force: fold even if the ramp is unfinished (the remaining dense blocks are pruned first; a warning says so).
+
+    Returns:
+        the :class:`~maxq.NMCheck` of the folded model, or ``None`` without ``fold``.
+
+    Raises:
+        RuntimeError: the folded model is not exactly N:M (never expected), or the ramp is unfinished and not
+            ``force`` (the message says so).
+    """
+    if sparsifier.folded:
+        return None
+    log.info("maxq: per-layer report at the end of training\n%s", sparsifier.report())
+    if not fold:
+        return None
+    model, cfg, layers = sparsifier.model, sparsifier.config, sparsifier.layers
+    if not sparsifier.ramp_finished and not force:
+        raise RuntimeError(
+            f"the ramp is unfinished (dense fraction {sparsifier.dense_fraction:.3f}): training ended before the "
+            "ramp's end, so the model is not N:M yet. Train longer, end the ramp earlier, or pass "
+            "fold_force=True to prune the remaining dense blocks now"
+        )
+    sparsifier.fold_(force=force)
+    result = check_nm(model, cfg.n, cfg.m, layers)
+    if not result.ok:
+        raise RuntimeError(f"folded model is not {cfg.n}:{cfg.m}:\n{result}")
+    log.info("maxq: folded; %d layer(s) exactly %d:%d", len(layers), cfg.n, cfg.m)
+    return result
+
+
+def describe(sparsifier: Sparsifier) -> dict[str, Any]:
+    """One line of facts for logs: method, pattern, layers."""
+    cfg = sparsifier.config
+    return {"method": cfg.method, "nm": f"{cfg.n}:{cfg.m}", "layers": len(sparsifier.layers)}
