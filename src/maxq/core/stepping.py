@@ -59,16 +59,16 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         TypeError: ``optimizer`` is not a torch optimizer and wraps none; the message says what to pass.
     """
     obj = optimizer
-    for _ in range(8):
-        inner = getattr(obj, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            inner = getattr(obj, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not obj:
-            obj = inner
-            continue
-        break
-    if isinstance(obj, torch.optim.Optimizer) and hasattr(obj, "_optimizer_step_pre_hooks"):
-        return obj
+    for _ in range(8):  # wrappers nest (accelerate around Lightning around torch, ...); follow them down
+        if isinstance(obj, torch.optim.Optimizer) and hasattr(obj, "_optimizer_step_pre_hooks"):
+            inner = getattr(obj, "_optimizer", None)  # LightningOptimizer is also an instance of its optimizer's class
+            if not isinstance(inner, torch.optim.Optimizer):
+                return obj
+        else:
+            inner = getattr(obj, "_optimizer", None) or getattr(obj, "optimizer", None)
+        if inner is None or inner is obj:
+            break
+        obj = inner
     raise TypeError(
         f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}, which wraps none that maxq can find. "
         "Pass the torch optimizer itself (accelerate: `optimizer.optimizer`; Lightning: `trainer.optimizers[0]`), "
