@@ -283,12 +283,33 @@ def _run_export(args: argparse.Namespace) -> int:
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
-        help="N:M compliance report of a checkpoint, state dict, compressed or ONNX file",
-        description="Exit code 0 only when every sparsified layer is N:M (1: violations, or a dense run; "
-        "2: unreadable, corrupt or unsafe input).",
+        help="N:M compliance report of a checkpoint, state dict, compressed, ONNX, safetensors, Hugging Face "
+        "or Lightning file",
+        description="FILE: a maxq run folder, checkpoint, folded or compressed file, ONNX file, torch state dict, "
+        ".safetensors file, Hugging Face model folder (config.json + model.safetensors, shards, or "
+        "pytorch_model.bin) or Lightning .ckpt; torch files are read with weights_only=True (files that would run "
+        "code are refused). Which layers must be N:M: --layers if given, else the file's maxq layout record, else "
+        "(with --nm) the layers found N:M -- a layer counts as N:M when at least half of its blocks are, and "
+        "passes only if all are; the others are listed as dense. Weights stored [in, out] (Hugging Face Conv1D: "
+        "GPT-2 family) are checked along dim 0: as the layout record says, for Hugging Face folders of model_type "
+        "gpt2 / openai-gpt / imagegpt / decision_transformer their c_attn, q_attn, c_fc and c_proj, or as "
+        "--transposed says. Exit code 0 only when at least one layer must be N:M and every one that must is "
+        "(1: violations, or a dense run; 2: unreadable, corrupt or unsafe input, or a missing --nm).",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--nm", type=_nm, metavar="N:M", help="the pattern, for files that do not record it")
+    p.add_argument(
+        "--layers",
+        metavar="REGEX",
+        help="the layers that must be N:M: every 2-D/4-D weight whose layer name matches (Python re.search), "
+        "e.g. 'encoder\\..*(query|key|value|dense)$'; replaces the file's layout record",
+    )
+    p.add_argument(
+        "--transposed",
+        metavar="REGEX",
+        help="2-D weights stored [in, out] (Hugging Face Conv1D) whose layer name matches: checked along dim 0 "
+        "(replaces what the file or its model_type says); e.g. '(c_attn|c_fc|c_proj)$'",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_verify)
 
@@ -298,7 +319,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     from .deploy.verify import DENSE_NOTE, verify_file
 
-    check, kind, note = verify_file(args.file, args.nm)
+    check, kind, note = verify_file(args.file, args.nm, layers=args.layers, transposed=args.transposed)
     if note == DENSE_NOTE:  # nothing in the file is N:M: say so, exit 1 (not an N:M model)
         if args.json:
             print(json.dumps({"file": args.file, "kind": kind, "note": note, "dense": True, "ok": False, "layers": []}))

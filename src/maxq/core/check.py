@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .fold import nm_layout
-from .layers import select_layers
+from .layers import input_axis, is_weight_layer, select_layers
 from .layout import NMLayout
-from .nm import to_blocks, validate_nm
+from .nm import oi_view, to_blocks, validate_nm
 from .parametrization import NMMask
 
 __all__ = ["LayerCheck", "NMCheck", "check_nm", "effective_weights"]
@@ -91,11 +91,12 @@ class NMCheck:
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:
-    """``{layer name: weight as used in eval}`` for every Conv2d/Linear; masked layers give ``W * Mask``."""
+    """``{layer name: weight as used in eval}`` for every Conv2d/Linear/HF Conv1D, as stored (a Conv1D weight is
+    ``[in, out]``); masked layers give ``W * Mask``."""
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            if not is_weight_layer(module):
                 continue
             if parametrize.is_parametrized(module, "weight"):
                 weight = module.parametrizations.weight.original
@@ -108,6 +109,7 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _count(weight: Tensor, n: int, m: int) -> tuple[int, int, int]:
+    """Blocks, blocks with more than ``n`` nonzeros, most nonzeros in a block, of an ``[O, I(, kh, kw)]`` weight."""
     nonzero = (to_blocks(weight, m) != 0).sum(-1)
     return nonzero.numel(), int((nonzero > n).sum()), int(nonzero.max()) if nonzero.numel() else 0
 
@@ -138,6 +140,7 @@ def check_nm(
     layers: Iterable[str] | None = None,
     *,
     source: str | None = None,
+    transposed: Iterable[str] | None = None,
 ) -> NMCheck:
     """Check that the expected layers of a model or state dict are exactly N:M (at most ``n`` nonzeros in every
     block of ``m`` consecutive input channels).
@@ -150,6 +153,8 @@ def check_nm(
             folded by maxq), else the default selection rule (every eligible layer but the first conv and the
             last classifier; for a state dict: the first and last weight in key order).
         source: how to describe where ``layers`` came from in the report.
+        transposed: for a state dict, the layers whose weight is stored ``[in, out]`` (HF ``Conv1D``): checked along
+            dim 0. Default: the layout's record (none without one). A model's layers say it themselves.
 
     Returns:
         :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides).
@@ -158,10 +163,18 @@ def check_nm(
     if isinstance(obj, nn.Module):
         weights = effective_weights(obj)
         layout = nm_layout(obj)
+        modules = dict(obj.named_modules())
+        axes = {name: input_axis(modules[name]) for name in weights}
     elif isinstance(obj, Mapping):
         weights, layout = _weights_from_mapping(obj)
+        inputs_first = set(transposed if transposed is not None else layout.transposed if layout else ())
+        for name in sorted(inputs_first & set(weights)):
+            if weights[name].dim() != 2:
+                raise ValueError(f"{name}.weight {tuple(weights[name].shape)} is listed as [in, out] but is not 2-D")
+        axes = {name: 0 if name in inputs_first else 1 for name in weights}
     else:
         raise TypeError(f"check_nm takes an nn.Module or a state dict, got {type(obj).__name__}")
+    weights = {name: oi_view(w, axes[name]) for name, w in weights.items()}  # every weight as [O, I(, kh, kw)]
 
     if layers is not None:
         expected, source = list(layers), source or "the layers argument"
@@ -182,15 +195,17 @@ def check_nm(
     result = NMCheck(n, m, source=source)
     expected_set = set(expected)
     for name, weight in weights.items():
-        shape = tuple(weight.shape)
-        if shape[1] % m:
+        inputs = weight.shape[1]
+        shape = tuple(oi_view(weight, axes[name]).shape)  # as stored (back from the [O, I] view)
+        if inputs % m:
             if name in expected_set:
                 result.layers.append(
-                    LayerCheck(name, shape, 0, 0, 0, True, f"missing: input size {shape[1]} not divisible by {m}")
+                    LayerCheck(name, shape, 0, 0, 0, True, f"missing: input size {inputs} not divisible by {m}")
                 )
             continue
         groups, violations, most = _count(weight, n, m)
-        result.layers.append(LayerCheck(name, shape, groups, violations, most, name in expected_set))
+        note = "[in, out] weight: blocks along dim 0" if axes[name] == 0 else ""
+        result.layers.append(LayerCheck(name, shape, groups, violations, most, name in expected_set, note))
     for name in expected:
         if name not in weights:
             result.layers.append(LayerCheck(name, (), 0, 0, 0, True, "missing: no such layer"))

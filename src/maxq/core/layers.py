@@ -11,14 +11,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["FilterFn", "LayerChoice", "select_layers"]
+__all__ = ["FilterFn", "LayerChoice", "input_axis", "is_hf_conv1d", "is_weight_layer", "select_layers"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 _SUPPORTED = (nn.Conv2d, nn.Linear)
 _UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (or a subclass), recognised without importing transformers:
+    a class named ``Conv1D`` from a ``transformers.`` module, with ``nf`` outputs and a 2-D ``[in, out]`` weight."""
+    if not any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__):
+        return False
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "nf") and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer kind N:M masks apply to (Conv2d, Linear, HF Conv1D), eligible or not."""
+    return isinstance(module, _SUPPORTED) or is_hf_conv1d(module)
+
+
+def input_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` that runs over its inputs, where the N:M blocks lie: 0 for HF ``Conv1D``
+    (stored ``[in, out]``), 1 for Linear ``[out, in]`` and Conv2d ``[out, in, kh, kw]``."""
+    return 0 if is_hf_conv1d(module) else 1
 
 
 @dataclass(frozen=True)
@@ -33,10 +54,15 @@ class LayerChoice:
     requested: bool = False  # the selection rule asked for it (strict mode turns its skip into an error)
 
 
-def _ineligible(module: nn.Module, m: int) -> str:
+def _ineligible(module: nn.Module, m: int, tied: str = "") -> str:
     """Reason ``module`` cannot carry an N:M mask along its inputs, or ``""``."""
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy layer not initialized yet (run one forward first)"
+    if tied:
+        return f"weight shared with {tied} (tied)"
+    if is_hf_conv1d(module):
+        inputs = module.weight.shape[0]
+        return f"input features {inputs} not divisible by m={m}" if inputs % m else ""
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             kind = "depthwise" if module.groups == module.in_channels else "grouped"
@@ -62,8 +88,13 @@ def select_layers(
     Returns:
         one :class:`LayerChoice` per candidate layer, in registration order.
     """
-    candidates = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, _SUPPORTED + _UNSUPPORTED)]
-    supported = [(name, mod) for name, mod in candidates if isinstance(mod, _SUPPORTED)]
+    candidates = [
+        (name, mod) for name, mod in model.named_modules() if is_weight_layer(mod) or isinstance(mod, _UNSUPPORTED)
+    ]
+    supported = [(name, mod) for name, mod in candidates if is_weight_layer(mod)]
+    owners: dict[int, list[str]] = {}  # parameter -> every module that holds it (tied weights: more than one)
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname.rpartition(".")[0])
     first_conv = next((name for name, mod in supported if isinstance(mod, nn.Conv2d)), None)
     last_layer = supported[-1][0] if supported else None
     choices = []
@@ -71,7 +102,7 @@ def select_layers(
         weight = getattr(mod, "weight", None)
         shape = () if weight is None or isinstance(weight, nn.UninitializedParameter) else tuple(weight.shape)
         kind = type(mod).__name__
-        if not isinstance(mod, _SUPPORTED):
+        if not is_weight_layer(mod):
             choices.append(LayerChoice(name, kind, shape, False, f"unsupported layer type {kind}"))
             continue
         if filter_fn is not None:
@@ -83,6 +114,8 @@ def select_layers(
             requested, default_reason = False, "last classifier (kept dense by default)"
         else:
             requested, default_reason = True, ""
-        reason = _ineligible(mod, m) if requested else default_reason
+        weight_param = mod._parameters.get("weight")
+        others = [o for o in owners.get(id(weight_param), []) if o != name] if weight_param is not None else []
+        reason = _ineligible(mod, m, others[0] if others else "") if requested else default_reason
         choices.append(LayerChoice(name, kind, shape, requested and not reason, reason, requested))
     return choices

@@ -23,6 +23,10 @@ LAYOUT_ATTR = "maxq_layout"
 class NMLayout:
     """``layers`` (qualified module names, relative to the model) keep ``n`` of every ``m`` weights.
 
+    ``transposed``: the layers among them whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``), so their
+    blocks run along dim 0 of the stored tensor; recorded only when there are some (``to_dict`` leaves the key
+    out otherwise, so records without it -- every older file -- mean "none").
+
     Also readable as a mapping (``layout["n"]``), as :meth:`to_dict` gives it.
     """
 
@@ -30,12 +34,22 @@ class NMLayout:
     m: int
     layers: tuple[str, ...]
     method: str | None = None
+    transposed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_nm(self.n, self.m)
-        if isinstance(self.layers, str) or not all(isinstance(name, str) for name in self.layers):
-            raise ValueError(f"layout layers must be a list of module names, got {self.layers!r}")
-        object.__setattr__(self, "layers", tuple(self.layers))
+        for key in ("layers", "transposed"):
+            names = getattr(self, key)
+            if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+                raise ValueError(f"layout {key} must be a list of module names, got {names!r}")
+            object.__setattr__(self, key, tuple(names))
+        stray = sorted(set(self.transposed) - set(self.layers))
+        if stray:
+            raise ValueError(f"layout: transposed layers {stray} are not among its layers")
+
+    def input_axis(self, layer: str) -> int:
+        """The axis of ``layer``'s stored weight that holds its inputs (0 for a transposed layer, else 1)."""
+        return 0 if layer in self.transposed else 1
 
     @property
     def pattern(self) -> str:
@@ -46,10 +60,19 @@ class NMLayout:
         """The same layout with layer names seen from a parent module (``prefix.name``)."""
         if not prefix:
             return self
-        return NMLayout(self.n, self.m, tuple(f"{prefix}.{name}" for name in self.layers), self.method)
+        return NMLayout(
+            self.n,
+            self.m,
+            tuple(f"{prefix}.{name}" for name in self.layers),
+            self.method,
+            tuple(f"{prefix}.{name}" for name in self.transposed),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "n": self.n, "m": self.m, "layers": list(self.layers)}
+        record = {"method": self.method, "n": self.n, "m": self.m, "layers": list(self.layers)}
+        if self.transposed:
+            record["transposed"] = list(self.transposed)
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | NMLayout, source: str = "") -> NMLayout:
@@ -59,15 +82,17 @@ class NMLayout:
         try:
             layers = data["layers"]
             layers = list(layers) if isinstance(layers, (list, tuple, Mapping)) else layers
-            return cls(int(data["n"]), int(data["m"]), tuple(layers), data.get("method"))
+            transposed = data.get("transposed") or ()
+            transposed = list(transposed) if isinstance(transposed, (list, tuple)) else transposed
+            return cls(int(data["n"]), int(data["m"]), layers, data.get("method"), transposed)
         except (KeyError, TypeError, ValueError) as exc:
             where = f"{source}: " if source else ""
             raise ValueError(f"{where}not a valid N:M layout record ({type(exc).__name__}: {exc})") from None
 
     def __getitem__(self, key: str) -> Any:
-        if key not in ("method", "n", "m", "layers"):
+        if key not in ("method", "n", "m", "layers", "transposed"):
             raise KeyError(key)
-        return list(self.layers) if key == "layers" else getattr(self, key)
+        return list(getattr(self, key)) if key in ("layers", "transposed") else getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -85,5 +110,11 @@ class NMLayout:
                 continue
             if (merged.n, merged.m) != (layout.n, layout.m):
                 raise ValueError(f"model mixes N:M layouts {merged.pattern} and {layout.pattern}")
-            merged = NMLayout(merged.n, merged.m, merged.layers + layout.layers, merged.method)
+            merged = NMLayout(
+                merged.n,
+                merged.m,
+                merged.layers + layout.layers,
+                merged.method,
+                merged.transposed + layout.transposed,
+            )
         return merged

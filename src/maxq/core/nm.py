@@ -5,6 +5,10 @@ Convention (METHOD.md §1): **N:M keeps N of every M** weights, ``1 <= N < M``. 
 * ``Linear`` weight ``W[O, I]``: blocks are ``M`` consecutive inputs of one row.
 * ``Conv2d`` weight ``W[O, I, kh, kw]``: blocks are ``M`` consecutive input channels at a fixed
   ``(o, kh, kw)`` -- view the weight as ``[O, kh, kw, I]`` and cut the last axis into blocks of ``M``.
+* Hugging Face ``Conv1D`` (GPT-2 family) weight stored ``W[I, O]`` (forward ``x @ W + b``): the same blocks of
+  ``M`` consecutive inputs of one output, i.e. along dim 0 of the stored tensor. Every function here takes the
+  ``[O, I(, kh, kw)]`` view; :func:`oi_view` gives it from the stored tensor and its input axis (a property of
+  the layer kind: :func:`maxq.core.layers.input_axis`).
 
 This is the layout sparse tensor cores, TensorRT and ``torch.sparse.to_sparse_semi_structured`` use.
 """
@@ -23,6 +27,7 @@ __all__ = [
     "key_value",
     "nm_keep",
     "nm_mask",
+    "oi_view",
     "order_keys",
     "parse_nm",
     "to_blocks",
@@ -54,6 +59,19 @@ def parse_nm(text: str) -> tuple[int, int]:
     if not match:
         raise ValueError(f"cannot parse N:M pattern {text!r}: write it as N:M with integers, e.g. 2:4 or 1:16")
     return validate_nm(int(match.group(1)), int(match.group(2)))
+
+
+def oi_view(weight: Tensor, input_axis: int = 1) -> Tensor:
+    """``weight`` as ``[O, I(, kh, kw)]``, the layout every N:M function takes, from its stored layout.
+
+    ``input_axis=1`` (Linear ``[O, I]``, Conv2d ``[O, I, kh, kw]``): ``weight`` itself; ``input_axis=0`` (a 2-D
+    weight stored ``[I, O]``, as Hugging Face ``Conv1D``): the transposed view (no copy; writes go through).
+    """
+    if input_axis == 1:
+        return weight
+    if input_axis == 0 and weight.dim() == 2:
+        return weight.t()
+    raise ValueError(f"input axis {input_axis!r} of a weight of shape {tuple(weight.shape)}: use 1, or 0 for 2-D")
 
 
 def _check_layout(shape: torch.Size | tuple[int, ...], m: int) -> None:

@@ -1,4 +1,4 @@
-"""The mask as a parametrization of a stock ``nn.Conv2d`` / ``nn.Linear`` weight: ``weight -> weight * mask``.
+"""The mask as a parametrization of a stock ``nn.Conv2d`` / ``nn.Linear`` / HF ``Conv1D`` weight: ``W -> W * mask``.
 
 Attached with ``torch.nn.utils.parametrize``, so the model keeps its classes, ``module.weight`` stays the
 effective (masked) weight, and the trainable tensor lives at ``module.parametrizations.weight.original``.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nm import _check_layout
+from .nm import _check_layout, oi_view
 
 __all__ = ["NMMask"]
 
@@ -35,18 +35,22 @@ class NMMask(nn.Module):
     """Parametrization ``W -> W * mask`` of one layer.
 
     Args:
-        shape: the weight's shape, ``[O, I]`` or ``[O, I, kh, kw]``.
+        shape: the weight's stored shape, ``[O, I]``, ``[O, I, kh, kw]`` or (``input_axis=0``) ``[I, O]``.
         n, m: the layer's N:M pattern (for reports and checks).
+        input_axis: the axis of the stored weight holding the inputs (:func:`maxq.core.layers.input_axis`).
         straight_through: identity gradient (STE: pruned weights keep learning) instead of the masked gradient.
 
     The ``mask`` buffer is 0 on pruned weights and ``>= 1`` on kept ones. It is not persistent: the model's
     ``state_dict`` holds weights only; masks travel in ``Sparsifier.state_dict()``.
     """
 
-    def __init__(self, shape: torch.Size | tuple[int, ...], n: int, m: int, *, straight_through: bool) -> None:
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], n: int, m: int, *, straight_through: bool, input_axis: int = 1
+    ) -> None:
         super().__init__()
-        _check_layout(tuple(shape), m)
+        _check_layout(tuple(oi_view(torch.empty(shape, device="meta"), input_axis).shape), m)
         self.n, self.m = n, m
+        self.input_axis = input_axis
         self.straight_through = straight_through
         self.register_buffer("mask", torch.ones(shape), persistent=False)
 
@@ -56,4 +60,9 @@ class NMMask(nn.Module):
         return weight * self.mask
 
     def extra_repr(self) -> str:
-        return f"{self.n}:{self.m}, straight_through={self.straight_through}"
+        axis = ", input_axis=0" if self.input_axis == 0 else ""
+        return f"{self.n}:{self.m}, straight_through={self.straight_through}{axis}"
+
+    def oi_mask(self) -> Tensor:
+        """The mask as ``[O, I(, kh, kw)]`` (a view: :func:`maxq.core.nm.oi_view`)."""
+        return oi_view(self.mask, self.input_axis)

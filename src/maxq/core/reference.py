@@ -32,8 +32,11 @@ def _keep_largest(rows: Tensor, k: int) -> Tensor:
     return keep
 
 
-def ref_nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
-    """Hard N:M mask: the ``n`` largest ``|w|`` of every block of ``m`` input channels."""
+def ref_nm_mask(weight: Tensor, n: int, m: int, input_axis: int = 1) -> Tensor:
+    """Hard N:M mask: the ``n`` largest ``|w|`` of every block of ``m`` input channels (``input_axis=0``: of a 2-D
+    weight stored ``[in, out]``, blocks down its columns)."""
+    if input_axis == 0:
+        return ref_nm_mask(weight.t().contiguous(), n, m).t().contiguous()
     blocks = to_blocks(weight.detach().abs(), m)
     return from_blocks(_keep_largest(blocks, n), weight.shape)
 
@@ -88,8 +91,25 @@ def ref_maxq_mask(
     priority: Tensor | None = None,
     tau: float = 0.01,
     soft: bool = True,
+    input_axis: int = 1,
 ) -> Tensor:
-    """``B_t * (1 + Q_f + Q_k)`` with ``B_t`` the N:M mask plus ``floor(p * G)`` dense blocks."""
+    """``B_t * (1 + Q_f + Q_k)`` with ``B_t`` the N:M mask plus ``floor(p * G)`` dense blocks.
+
+    ``input_axis=0``: ``weight`` is a 2-D ``[in, out]`` (HF Conv1D) weight: its mask is that of the ``[out, in]``
+    weight it holds (blocks, dense blocks and the filter query ``Q_f`` per output, i.e. per column), transposed.
+    """
+    if input_axis == 0:
+        mask = ref_maxq_mask(
+            weight.t().contiguous(),
+            n,
+            m,
+            dense_fraction=dense_fraction,
+            order=order,
+            priority=priority,
+            tau=tau,
+            soft=soft,
+        )
+        return mask.t().contiguous()
     a = weight.detach().abs().float()
     keep = ref_nm_mask(a, n, m)
     if dense_fraction > 0:
@@ -117,6 +137,7 @@ def ref_sparsifier_masks(sparsifier) -> dict[str, Tensor]:
             priority=layer.priority,
             tau=cfg.tau,
             soft=cfg.soft,
+            input_axis=layer.param.input_axis,
         )
         for name, layer in sparsifier._layers.items()
     }

@@ -14,10 +14,10 @@ from torch.nn.utils import parametrize
 from .._engine.fused import FusedState
 from .._engine.kernels import decay_
 from .config import CONFIGS, NMConfig
-from .layers import FilterFn, LayerChoice, select_layers
+from .layers import FilterFn, LayerChoice, input_axis, select_layers
 from .layout import NMLayout
 from .masks import compute_mask_
-from .nm import to_blocks
+from .nm import oi_view, to_blocks
 from .parametrization import NMMask
 
 __all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
@@ -98,6 +98,11 @@ class _Layer:
     def weight(self) -> Tensor:
         return self.module.parametrizations.weight.original
 
+    @property
+    def oi_weight(self) -> Tensor:
+        """The trainable weight as ``[O, I(, kh, kw)]`` (a view)."""
+        return oi_view(self.weight, self.param.input_axis)
+
 
 class Sparsifier:
     """Handle on a model whose layers carry N:M masks; created by :func:`sparsify_`.
@@ -139,7 +144,9 @@ class Sparsifier:
         for index, choice in enumerate(c for c in self.choices if c.selected):
             module = modules[choice.name]
             weight = module.weight
-            param = NMMask(weight.shape, cfg.n, cfg.m, straight_through=cfg.straight_through)
+            param = NMMask(
+                weight.shape, cfg.n, cfg.m, straight_through=cfg.straight_through, input_axis=input_axis(module)
+            )
             param.to(device=weight.device, dtype=weight.dtype)
             parametrize.register_parametrization(module, "weight", param)
             self._layers[choice.name] = _Layer(module, param, cfg.block_priority(index, weight.numel() // cfg.m))
@@ -158,9 +165,9 @@ class Sparsifier:
             weight = layer.weight
             if layer.priority is not None and layer.priority.device != weight.device:
                 layer.priority = layer.priority.to(weight.device)
-            compute_mask_(
-                layer.param.mask,
-                weight,
+            compute_mask_(  # on [O, I] views: an [in, out] (Conv1D) mask is written through its transposed view
+                layer.param.oi_mask(),
+                layer.oi_weight,
                 cfg.n,
                 cfg.m,
                 dense_fraction=self._fraction,
@@ -289,7 +296,8 @@ class Sparsifier:
     @property
     def layout(self) -> NMLayout:
         """The N:M layout this sparsifier gives its model (what folding records and files store)."""
-        return NMLayout(self.config.n, self.config.m, tuple(self._layers), self.config.method)
+        transposed = tuple(name for name, layer in self._layers.items() if layer.param.input_axis == 0)
+        return NMLayout(self.config.n, self.config.m, tuple(self._layers), self.config.method, transposed)
 
     def named_masks(self) -> Iterator[tuple[str, Tensor]]:
         """``(name, mask)`` of every sparsified layer (the mask the next forward uses)."""
@@ -306,7 +314,7 @@ class Sparsifier:
             param = self._layers[choice.name].param
             with torch.no_grad():
                 mask = param.mask
-                kept_per_block = _blocks_nonzero(mask, param.m)
+                kept_per_block = _blocks_nonzero(param.oi_mask(), param.m)
                 dense = float((kept_per_block > param.n).float().mean())
                 kept = mask[mask != 0]
                 scale = float(kept.float().mean()) if kept.numel() else 0.0
@@ -425,8 +433,8 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
     Args:
         model: any ``nn.Module`` (torchvision, timm, your own); its classes are not changed.
         config: :class:`MaxQConfig`, :class:`SRSTEConfig` or :class:`OneShotConfig`.
-        filter_fn: ``(module, qualified_name) -> bool`` choosing layers; default: every eligible Conv2d/Linear
-            except the first conv and the last classifier (METHOD.md §1).
+        filter_fn: ``(module, qualified_name) -> bool`` choosing layers; default: every eligible Conv2d/Linear/HF
+            Conv1D except the first conv and the last classifier (METHOD.md §1).
 
     Raises:
         TypeError: ``config`` is not a maxq config, or a selected layer has non-floating-point weights.

@@ -1,7 +1,9 @@
 """Reading every file kind maxq writes (and plain state dicts / ONNX files) back into models or weights.
 
 Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``folded`` (model_folded.pt),
-``compressed`` (:mod:`maxq.deploy.compress`), ``onnx``, and a plain ``state_dict`` (``torch.save(model.state_dict())``).
+``compressed`` (:mod:`maxq.deploy.compress`), ``onnx``, a plain ``state_dict`` (``torch.save(model.state_dict())``),
+and weights from elsewhere: ``safetensors`` (any safetensors file; :func:`maxq.train.checkpoint.save_safetensors`
+adds the layout record), ``hf`` (a Hugging Face model folder) and ``lightning`` (a Lightning ``.ckpt``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,20 @@ from torch import Tensor, nn
 
 from ..core.layout import LAYOUT_ATTR, NMLayout
 from ..core.nm import parse_nm
-from ..train.checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, folded_model, read_torch_file
+from ..train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    FOLDED_FORMAT,
+    HF_CONFIG_LAYOUT_KEY,
+    LIGHTNING_VERSION_KEY,
+    SAFETENSORS_LAYOUT_KEY,
+    CheckpointError,
+    folded_model,
+    hf_transposed,
+    read_hf_folder,
+    read_safetensors,
+    read_torch_file,
+    safetensors_header,
+)
 
 __all__ = ["file_kind", "Weights", "weights_from", "model_from"]
 
@@ -23,14 +38,18 @@ def file_kind(path: str | Path) -> str:
     """Guess the kind of ``path`` from its first bytes (extension as a hint only)."""
     path = Path(path)
     if path.is_dir():
-        return "run"
+        return "hf" if (path / "config.json").is_file() else "run"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
-        return "compressed"  # safetensors: u64 header length, then JSON
-    if head[:2] == b"PK" or path.suffix in (".pt", ".pth", ".bin"):
+        # safetensors: u64 header length, then JSON; maxq's compressed files carry "maxq" metadata
+        header = safetensors_header(path)
+        if header is not None and "maxq" not in (header.get("__metadata__") or {}):
+            return "safetensors"
+        return "compressed"
+    if head[:2] == b"PK" or path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         return "torch"  # torch.save zip archive
     if path.suffix == ".onnx" or head[:1] == b"\x08":
         return "onnx"
@@ -50,10 +69,33 @@ class Weights:
     kind: str
     note: str = ""
     dense: bool = False  # the file records a dense run: there is no N:M layer to check
+    transposed: list[str] | None = None  # layers stored [in, out] (HF Conv1D), when the file (or its kind) says
+
+
+def _layout_weights(tensors: dict[str, Tensor], record: Any, kind: str, source: str, **extra: Any) -> Weights:
+    """``Weights`` of a file whose layout record (an ``NMLayout`` dict or JSON, or ``None``) comes with it."""
+    import json
+
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except ValueError:
+            raise CheckpointError(f"{source}: its maxq layout record is not JSON") from None
+    layout = NMLayout.from_dict(record, source) if record else None
+    if layout is None:
+        return Weights(tensors, None, None, None, kind, **extra)
+    extra.setdefault("transposed", list(layout.transposed))
+    return Weights(tensors, list(layout.layers), layout.n, layout.m, kind, **extra)
 
 
 def weights_from(path: str | Path) -> Weights:
-    """The effective weights stored in ``path`` (masks applied for unfolded checkpoints)."""
+    """The effective weights stored in ``path`` (masks applied for unfolded checkpoints).
+
+    Layout records: maxq's own files carry one; a safetensors file (or an HF folder's first safetensors file) may
+    carry one in its header metadata (``maxq.layout``), an HF folder in ``config.json`` (``maxq_layout``), a
+    Lightning checkpoint under ``ckpt["maxq_layout"]`` (e.g. from ``on_save_checkpoint``). Weights stored
+    ``[in, out]`` (HF Conv1D) are known from the record, or for an HF folder from its ``model_type``
+    (:func:`maxq.train.checkpoint.hf_transposed`)."""
     path = Path(path)
     kind = file_kind(path)
     if kind == "run":
@@ -64,7 +106,21 @@ def weights_from(path: str | Path) -> Weights:
 
         tensors, meta = read_compressed(path)
         state = decompress(tensors, meta, path)
-        return Weights(state, list(meta["layers"]), meta["n"], meta["m"], "compressed")
+        transposed = [name for name, info in meta["layers"].items() if info.get("input_axis") == 0]
+        return Weights(state, list(meta["layers"]), meta["n"], meta["m"], "compressed", transposed=transposed)
+    if kind == "safetensors":
+        tensors, meta = read_safetensors(path)
+        return _layout_weights(tensors, meta.get(SAFETENSORS_LAYOUT_KEY), "safetensors", str(path))
+    if kind == "hf":
+        tensors, config, meta = read_hf_folder(path)
+        record = config.get(HF_CONFIG_LAYOUT_KEY) or meta.get(SAFETENSORS_LAYOUT_KEY)
+        names = [k[: -len(".weight")] for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2]
+        transposed = hf_transposed(config, names)
+        note = f"model_type {config.get('model_type')}: Conv1D layers checked along dim 0" if transposed else ""
+        weights = _layout_weights(tensors, record, "hf", str(path), note=note)
+        if not weights.transposed:  # no record, or one without transposed layers: the model type says
+            weights.transposed = transposed
+        return weights
     if kind == "onnx":
         from .onnx_export import load_onnx, onnx_metadata, onnx_weights
 
@@ -76,6 +132,11 @@ def weights_from(path: str | Path) -> Weights:
     state = read_torch_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return _from_checkpoint(state)
+    if isinstance(state, dict) and LIGHTNING_VERSION_KEY in state:
+        if not isinstance(state.get("state_dict"), dict):
+            raise CheckpointError(f"{path}: a Lightning checkpoint without a state_dict")
+        tensors = {k: v for k, v in state["state_dict"].items() if isinstance(v, Tensor)}
+        return _layout_weights(tensors, state.get("maxq_layout"), "lightning", str(path))
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         layout = NMLayout.from_dict(state["layout"], str(path)) if state.get("layout") else None
         config = state.get("config") if isinstance(state.get("config"), dict) else {}

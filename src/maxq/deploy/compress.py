@@ -8,7 +8,9 @@ File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ f
   ``ceil(log2 M)`` bits each;
 * every other tensor of the state dict, as it is;
 * header metadata ``"maxq"``: JSON with ``format``, ``version``, ``n``, ``m``, ``index_bits``, ``block_order``,
-  the sparse ``layers`` (shape and dtype each) and, when known, the ``arch`` needed to rebuild the model;
+  the sparse ``layers`` (shape and dtype each; ``"input_axis": 0`` for a weight stored ``[in, out]``, HF
+  ``Conv1D``, whose blocks are cut from its ``[out, in]`` transpose) and, when known, the ``arch`` needed to
+  rebuild the model;
 * header metadata ``"sha256"`` (version 2): 64 hex digits, the SHA-256 of every byte of the file except these 64
   digits. Every read checks it, so any changed byte is rejected; version-1 files (no hash) load with a warning.
 
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.nm import from_blocks, to_blocks, validate_nm
+from ..core.nm import from_blocks, oi_view, to_blocks, validate_nm
 
 __all__ = [
     "COMPRESSED_FORMAT",
@@ -51,7 +53,10 @@ log = logging.getLogger(__name__)
 
 COMPRESSED_FORMAT = "maxq.compressed"
 COMPRESSED_VERSION = 2  # 2: + "sha256" of the file; 1 is still read (with a warning)
-_READABLE_VERSIONS = (1, 2)
+#: written instead of 2 when a layer is stored [in, out] ("input_axis": 0), so that older readers refuse the file
+#: rather than misread it
+_VERSION_TRANSPOSED = 3
+_READABLE_VERSIONS = (1, 2, 3)
 _DIGEST_LEN = 64
 
 
@@ -103,6 +108,7 @@ def save_compressed(
     layers: Iterable[str],
     *,
     arch: dict[str, Any] | None = None,
+    transposed: Iterable[str] = (),
 ) -> CompressedInfo:
     """Write a folded N:M state dict compressed.
 
@@ -111,6 +117,8 @@ def save_compressed(
         n, m: the pattern.
         layers: the sparsified layers (module names; their ``.weight`` is compressed).
         arch: optional description to rebuild the model (stored in the metadata).
+        transposed: the layers among ``layers`` whose weight is stored ``[in, out]`` (HF ``Conv1D``;
+            ``NMLayout.transposed``).
 
     Raises:
         CompressedError: a listed layer is missing or not N:M.
@@ -118,6 +126,9 @@ def save_compressed(
     validate_nm(n, m)
     bits = index_bits(m)
     layers = list(layers)
+    transposed = set(transposed)
+    if transposed - set(layers):
+        raise CompressedError(f"transposed layers {sorted(transposed - set(layers))} are not among the sparse layers")
     tensors: dict[str, Tensor] = {}
     meta_layers: dict[str, Any] = {}
     sparse_bytes, bound_bits, dense_eq = 0, 0.0, 0
@@ -125,9 +136,13 @@ def save_compressed(
         key = f"{name}.weight"
         if key not in state_dict:
             raise CompressedError(f"layer {name} listed as sparse but {key} is not in the state dict")
-        weight = state_dict[key].detach().cpu().contiguous()
-        if weight.dim() not in (2, 4) or weight.shape[1] % m:
-            raise CompressedError(f"{key} {tuple(weight.shape)} cannot hold {n}:{m} blocks")
+        stored = state_dict[key].detach().cpu()
+        axis = 0 if name in transposed else 1
+        if stored.dim() not in (2, 4) or (axis == 0 and stored.dim() != 2):
+            raise CompressedError(f"{key} {tuple(stored.shape)} cannot hold {n}:{m} blocks")
+        weight = oi_view(stored, axis).contiguous()  # [O, I(, kh, kw)]
+        if weight.shape[1] % m:
+            raise CompressedError(f"{key} {tuple(stored.shape)} cannot hold {n}:{m} blocks")
         blocks = to_blocks(weight, m)
         nonzero = blocks != 0
         if bool((nonzero.sum(-1) > n).any()):
@@ -140,21 +155,28 @@ def save_compressed(
         values = blocks.gather(-1, idx).contiguous()
         tensors[f"{key}.values"] = values
         tensors[f"{key}.indices"] = _pack(idx.reshape(-1), bits)
-        meta_layers[name] = {"shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+        meta_layers[name] = {"shape": list(stored.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+        if axis == 0:
+            meta_layers[name]["input_axis"] = 0
         sparse_bytes += values.numel() * values.element_size() + tensors[f"{key}.indices"].numel()
         bound_bits += blocks.shape[0] * (n * weight.element_size() * 8 + n * bits)
         dense_eq += weight.numel() * weight.element_size()
     other = 0
+    shared: set[int] = set()
     for key, value in state_dict.items():
         if key.removesuffix(".weight") in meta_layers and key.endswith(".weight"):
             continue
         if not isinstance(value, Tensor):
             continue
-        tensors[key] = value.detach().cpu().contiguous()
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (tied weights, e.g. GPT-2's lm_head and wte): store a copy
+        tensors[key] = value.clone() if storage in shared else value
+        shared.add(storage)
         other += value.numel() * value.element_size()
     meta = {
         "format": COMPRESSED_FORMAT,
-        "version": COMPRESSED_VERSION,
+        "version": _VERSION_TRANSPOSED if transposed else COMPRESSED_VERSION,
         "n": n,
         "m": m,
         "index_bits": bits,
@@ -259,7 +281,10 @@ def decompress(tensors: Mapping[str, Tensor], meta: dict[str, Any], source: str 
             values, packed = tensors.pop(f"{key}.values"), tensors.pop(f"{key}.indices")
         except KeyError:
             raise CompressedError(f"{source}: layer {name} is listed but its values or indices are missing") from None
-        shape = tuple(info["shape"])
+        axis = info.get("input_axis", 1)
+        if axis not in (0, 1) or (axis == 0 and len(info["shape"]) != 2):
+            raise CompressedError(f"{source}: layer {name} has input_axis {axis!r} for shape {info['shape']}")
+        shape = tuple(info["shape"]) if axis == 1 else tuple(info["shape"])[::-1]  # [O, I(, kh, kw)]
         groups = math.prod(shape) // m
         if tuple(values.shape) != (groups, n):
             raise CompressedError(f"{source}: {key}.values has shape {tuple(values.shape)}, expected {(groups, n)}")
@@ -277,6 +302,6 @@ def decompress(tensors: Mapping[str, Tensor], meta: dict[str, Any], source: str 
                 raise CompressedError(f"{source}: {key} block {bad} repeats an index (corrupt group)")
         blocks = torch.zeros(groups, m, dtype=values.dtype)
         blocks.scatter_(-1, idx, values)
-        state[key] = from_blocks(blocks, shape)
+        state[key] = oi_view(from_blocks(blocks, shape), axis).contiguous()
     state.update(tensors)
     return state

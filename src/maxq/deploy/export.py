@@ -141,7 +141,9 @@ def export_model(
     if compressed:
         from .compress import load_compressed, save_compressed
 
-        info = save_compressed(state, compressed, layout.n, layout.m, layout.layers, arch=arch)
+        info = save_compressed(
+            state, compressed, layout.n, layout.m, layout.layers, arch=arch, transposed=layout.transposed
+        )
         restored = load_compressed(compressed)
         exact = restored.keys() == state.keys() and all(torch.equal(restored[k], state[k]) for k in state)
         if not exact:

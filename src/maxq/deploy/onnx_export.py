@@ -176,6 +176,8 @@ def export_onnx(
     """
     onnx = _require_onnx()
     from ..core.fold import nm_layout
+    from ..core.layers import input_axis
+    from ..core.nm import oi_view
 
     model = model.eval()
     path = Path(path)
@@ -198,7 +200,8 @@ def export_onnx(
     layout = nm_layout(model)
     if n is not None and m is not None and layout is not None:
         modules = dict(model.named_modules())
-        patterns = [(modules[name].weight.detach() != 0) for name in layout.layers]
+        # onnx_weights gives [O, I(, kh, kw)]: compare with the same view of each layer (HF Conv1D stores [I, O])
+        patterns = [oi_view(modules[name].weight.detach(), input_axis(modules[name])) != 0 for name in layout.layers]
         for name, (w, _) in onnx_weights(proto).items():
             nz = w != 0
             if any(p.shape == nz.shape and torch.equal(p, nz) for p in patterns):

@@ -1,27 +1,53 @@
-"""``maxq verify``: N:M compliance of any file maxq reads (see :mod:`maxq.deploy.artifacts`)."""
+"""``maxq verify``: N:M compliance of any file maxq reads (see :mod:`maxq.deploy.artifacts`).
+
+Which layers must be N:M (:func:`verify_file`):
+
+1. ``layers`` (``--layers REGEX``): every 2-D/4-D weight whose layer name matches the regular expression;
+2. else the file's layout record (maxq files; safetensors / HF / Lightning files that carry one);
+3. else (no record, pattern from ``--nm``): the layers found N:M -- a layer counts as N:M when at least half of
+   its blocks hold at most N nonzeros (a dense layer has almost none), and passes only if all of them do. The
+   file passes when at least one layer counts as N:M and every such layer passes; the others are listed as dense.
+
+Weights stored ``[in, out]`` (HF Conv1D) are checked along dim 0: those the file (or its kind) says, or with
+``transposed`` (``--transposed REGEX``), the 2-D weights whose layer name matches (this replaces the file's word).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..core.check import NMCheck, check_nm
 from ..core.nm import parse_nm
 from .artifacts import weights_from
 
-__all__ = ["DENSE_NOTE", "verify_file"]
+__all__ = ["DENSE_NOTE", "DETECTED_SOURCE", "verify_file"]
 
 #: the note of a file that records a dense run (its check has no layers, so it is not ``ok``).
 DENSE_NOTE = "dense run: no N:M layers to check"
+#: where the expected layers come from when the file has no layout record and no ``--layers`` is given.
+DETECTED_SOURCE = "no layout record: the layers with at least half their blocks N:M"
 
 
-def verify_file(path: str | Path, nm: str | None = None) -> tuple[NMCheck, str, str]:
-    """Check the file's sparsified layers; returns ``(report, file kind, note)``.
+def _regex(text: str, flag: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{flag} {text!r} is not a regular expression ({exc})") from None
+
+
+def verify_file(
+    path: str | Path, nm: str | None = None, *, layers: str | None = None, transposed: str | None = None
+) -> tuple[NMCheck, str, str]:
+    """Check the file's N:M layers; returns ``(report, file kind, note)``.
 
     The pattern comes from the file (maxq files record it) or from ``nm``; a disagreement is an error. A dense
     run (without ``nm``) gives an empty report (not ``ok``: nothing in it is N:M) and :data:`DENSE_NOTE`.
+    ``layers`` and ``transposed`` are regular expressions over layer names (``re.search``); see the module doc.
 
     Raises:
-        ValueError: no pattern known, or the file is unreadable (``CheckpointError`` / ``CompressedError``).
+        ValueError: no pattern known, a bad regular expression, ``layers`` matching nothing, or the file is
+            unreadable (``CheckpointError`` / ``CompressedError``).
     """
     weights = weights_from(path)
     if nm is not None:
@@ -33,6 +59,27 @@ def verify_file(path: str | Path, nm: str | None = None) -> tuple[NMCheck, str, 
     elif weights.dense:
         return NMCheck(0, 0, [], "the file records a dense run"), weights.kind, DENSE_NOTE
     else:
-        raise ValueError(f"{path} does not record its N:M pattern ({weights.kind}); pass --nm N:M")
-    source = f"the {weights.kind} file's layout" if weights.layers is not None else None
-    return check_nm(weights.tensors, n, m, layers=weights.layers, source=source), weights.kind, weights.note
+        raise ValueError(f"{path} does not record which layers are N:M ({weights.kind} file); pass --nm N:M")
+    names = [
+        key[: -len(".weight")]
+        for key, t in weights.tensors.items()
+        if key.endswith(".weight") and hasattr(t, "dim") and t.dim() in (2, 4)
+    ]
+    inputs_first = weights.transposed or []
+    if transposed is not None:
+        pattern = _regex(transposed, "--transposed")
+        inputs_first = [name for name in names if pattern.search(name) and weights.tensors[f"{name}.weight"].dim() == 2]
+    if layers is not None:
+        pattern = _regex(layers, "--layers")
+        expected = [name for name in names if pattern.search(name)]
+        if not expected:
+            raise ValueError(f"--layers {layers!r} matches no 2-D/4-D weight of {path}")
+        report = check_nm(weights.tensors, n, m, expected, source=f"--layers {layers}", transposed=inputs_first)
+    elif weights.layers is not None:
+        source = f"the {weights.kind} file's layout"
+        report = check_nm(weights.tensors, n, m, weights.layers, source=source, transposed=inputs_first)
+    else:
+        report = check_nm(weights.tensors, n, m, [], source=DETECTED_SOURCE, transposed=inputs_first)
+        for layer in report.layers:
+            layer.expected = layer.groups > 0 and 2 * layer.violations <= layer.groups
+    return report, weights.kind, weights.note

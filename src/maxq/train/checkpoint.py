@@ -37,6 +37,16 @@ __all__ = [
     "load_checkpoint",
     "load_folded",
     "folded_model",
+    "HF_CONFIG_LAYOUT_KEY",
+    "HF_CONV1D_LAYERS",
+    "HF_CONV1D_MODEL_TYPES",
+    "LIGHTNING_VERSION_KEY",
+    "SAFETENSORS_LAYOUT_KEY",
+    "hf_transposed",
+    "read_hf_folder",
+    "read_safetensors",
+    "safetensors_header",
+    "save_safetensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,3 +216,143 @@ def folded_model(state: dict[str, Any], source: str | Path = ""):
     if state.get("layout"):
         setattr(model, LAYOUT_ATTR, NMLayout.from_dict(state["layout"], str(source)))
     return model
+
+
+# -- weight files from elsewhere: safetensors, Hugging Face model folders, Lightning checkpoints --------------------
+
+#: safetensors header metadata key holding a :class:`~maxq.core.layout.NMLayout` record (JSON), as
+#: :func:`save_safetensors` writes it; ``config.json`` of a Hugging Face folder may carry it as ``maxq_layout``.
+SAFETENSORS_LAYOUT_KEY = "maxq.layout"
+#: ``config.json`` key for the layout record (``model.config.maxq_layout = layout.to_dict()`` before
+#: ``save_pretrained``).
+HF_CONFIG_LAYOUT_KEY = "maxq_layout"
+#: the key that marks a Lightning checkpoint (its weights are in ``ckpt["state_dict"]``).
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+
+
+def safetensors_header(path: str | Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file, or ``None`` if ``path`` does not start like one (no tensors read)."""
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= 100_000_000:
+            return None
+        text = f.read(size)
+    if text[:1] != b"{":
+        return None
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file (safe by design: no code in the format).
+
+    Raises:
+        CheckpointError: missing, truncated or not a safetensors file (one line, naming the file).
+    """
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    header = safetensors_header(path)
+    if header is None:
+        raise CheckpointError(f"{path} is not a safetensors file")
+    try:
+        tensors = load(path.read_bytes())
+    except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {_one_line(exc)}") from None
+    meta = header.get("__metadata__") or {}
+    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, layout: Any = None) -> None:
+    """Write a (folded) state dict as safetensors, atomically, with ``layout`` (an ``NMLayout``) in the header
+    metadata under :data:`SAFETENSORS_LAYOUT_KEY`, so ``maxq verify`` knows which layers are N:M. Tensors sharing
+    memory (tied weights) are stored as copies."""
+    import json
+
+    from safetensors.torch import save
+
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    meta = {"format": "pt"}
+    if layout is not None:
+        meta[SAFETENSORS_LAYOUT_KEY] = json.dumps(layout.to_dict())
+    atomic_write_bytes(save(tensors, metadata=meta), path)
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """Weights of a Hugging Face model folder (``save_pretrained``): ``config.json`` plus ``model.safetensors``,
+    sharded ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``, or ``pytorch_model.bin``
+    (sharded likewise; read with ``weights_only=True``). Returns ``(tensors, config, metadata of the first
+    safetensors file)``.
+
+    Raises:
+        CheckpointError: no config.json, no weights, an index naming a missing shard, or an unreadable file.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: no readable config.json ({_one_line(exc)})") from None
+    files: list[Path] = []
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (path / single).is_file():
+            files = [path / single]
+        elif (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+                files = [path / name for name in dict.fromkeys(weight_map.values())]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{path / index} is not a valid shard index ({_one_line(exc)})") from None
+        if files:
+            break
+    if not files:
+        raise CheckpointError(
+            f"{path}: a Hugging Face folder without model.safetensors, pytorch_model.bin or a shard index"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] | None = None
+    for file in files:
+        if file.suffix == ".safetensors":
+            part, part_meta = read_safetensors(file)
+            meta = part_meta if meta is None else meta
+        else:
+            part = read_torch_file(file)
+            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                raise CheckpointError(f"{file}: not a state dict of tensors")
+        tensors.update(part)
+    return tensors, config, meta or {}
+
+
+#: Hugging Face ``model_type`` values whose linear layers are ``Conv1D`` (weights stored ``[in, out]``), and the
+#: layer names that are Conv1D in them (GPT-2, GPT-1, ImageGPT and Decision Transformer blocks).
+HF_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+HF_CONV1D_LAYERS = r"(^|\.)(c_attn|q_attn|c_fc|c_proj)$"
+
+
+def hf_transposed(config: dict[str, Any], names: list[str]) -> list[str]:
+    """Which of the layer ``names`` of a Hugging Face folder are ``Conv1D`` (``[in, out]`` weights): those matching
+    :data:`HF_CONV1D_LAYERS` when ``config["model_type"]`` is in :data:`HF_CONV1D_MODEL_TYPES`, else none."""
+    import re
+
+    if config.get("model_type") not in HF_CONV1D_MODEL_TYPES:
+        return []
+    return [name for name in names if re.search(HF_CONV1D_LAYERS, name)]

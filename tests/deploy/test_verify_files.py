@@ -1,0 +1,147 @@
+"""``maxq verify`` on weight files from elsewhere: safetensors, Hugging Face folders (single file, sharded,
+pytorch_model.bin), Lightning .ckpt; Conv1D weights ([in, out]) checked along dim 0; --nm / --layers / --transposed."""
+
+import json
+
+import pytest
+import torch
+
+import maxq
+from maxq.cli import main
+from maxq.train.checkpoint import read_hf_folder, save_safetensors
+
+from ..nets import mlp
+from ..train.test_checkpoint import _Payload
+
+
+def _folded_mlp():
+    torch.manual_seed(0)
+    model = mlp()
+    maxq.sparsify_(model, maxq.SRSTEConfig())
+    return maxq.fold_(model)
+
+
+def _verify(capsys, *argv):
+    capsys.readouterr()
+    code = main(["verify", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_safetensors_with_and_without_the_layout_record(tmp_path, capsys):
+    model = _folded_mlp()
+    state = model.state_dict()
+    save_safetensors(state, tmp_path / "m.safetensors", model.maxq_layout)
+    code, out, _ = _verify(capsys, tmp_path / "m.safetensors")
+    assert code == 0 and "(safetensors" in out and "2/2 expected layers are 2:4" in out
+    # One broken block: fails, naming the layer.
+    broken = {k: v.clone() for k, v in state.items()}
+    broken["2.weight"][0, :4] = 1.0
+    save_safetensors(broken, tmp_path / "bad.safetensors", model.maxq_layout)
+    code, out, _ = _verify(capsys, tmp_path / "bad.safetensors", "--json")
+    report = json.loads(out)
+    assert code == 1 and [c["name"] for c in report["layers"] if c["expected"] and not c["ok"]] == ["2"]
+    # A plain file (no record): --nm is required, then the layers found N:M are the expected ones.
+    save_safetensors(state, tmp_path / "plain.safetensors")
+    code, _, err = _verify(capsys, tmp_path / "plain.safetensors")
+    assert code == 2 and "pass --nm N:M" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = _verify(capsys, tmp_path / "plain.safetensors", "--nm", "2:4", "--json")
+    report = json.loads(out)
+    assert code == 0 and {c["name"]: c["expected"] for c in report["layers"]} == {"0": True, "2": True, "4": False}
+    # Without a record, the broken layer still counts as meant to be N:M (most blocks are) and fails.
+    save_safetensors(broken, tmp_path / "bad_plain.safetensors")
+    code, out, _ = _verify(capsys, tmp_path / "bad_plain.safetensors", "--nm", "2:4")
+    assert code == 1 and "NOT N:M" in out
+    # --layers says which must be: the dense classifier fails, a regex matching nothing is an error.
+    assert _verify(capsys, tmp_path / "plain.safetensors", "--nm", "2:4", "--layers", "^(0|2)$")[0] == 0
+    assert _verify(capsys, tmp_path / "plain.safetensors", "--nm", "2:4", "--layers", ".")[0] == 1
+    code, _, err = _verify(capsys, tmp_path / "plain.safetensors", "--nm", "2:4", "--layers", "nope")
+    assert code == 2 and "matches no" in err
+    code, _, err = _verify(capsys, tmp_path / "plain.safetensors", "--nm", "2:4", "--layers", "(")
+    assert code == 2 and "not a regular expression" in err
+    # Dense weights only: nothing is N:M, so the file fails.
+    save_safetensors(mlp().state_dict(), tmp_path / "dense.safetensors")
+    assert _verify(capsys, tmp_path / "dense.safetensors", "--nm", "2:4")[0] == 1
+
+
+def _gpt2_folded():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+    config.bos_token_id = config.eos_token_id = 0
+    model = transformers.GPT2LMHeadModel(config)
+    maxq.sparsify_(model, maxq.SRSTEConfig())
+    return maxq.fold_(model)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_hf_gpt2_folder_checks_conv1d_along_inputs(shard, tmp_path, capsys):
+    model = _gpt2_folded()
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder, **({"max_shard_size": "20KB"} if shard else {}))
+    assert (folder / "model.safetensors.index.json").exists() == shard
+    code, out, _ = _verify(capsys, folder, "--nm", "2:4", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["kind"] == "hf" and "Conv1D" in report["note"]
+    expected = sorted(c["name"] for c in report["layers"] if c["expected"])
+    assert expected == sorted(model.maxq_layout.layers)
+    # Checked along dim 1 instead (override: no transposed layer), the Conv1D weights are not N:M.
+    code, out, _ = _verify(capsys, folder, "--nm", "2:4", "--transposed", "^$", "--layers", "c_fc$")
+    assert code == 1
+    # The model_type rule is what makes it pass: the same weights as a plain safetensors file need --transposed.
+    tensors = read_hf_folder(folder)[0]
+    save_safetensors(tensors, tmp_path / "gpt2.safetensors")
+    assert _verify(capsys, tmp_path / "gpt2.safetensors", "--nm", "2:4", "--layers", r"\.h\.")[0] == 1
+    argv = ["--nm", "2:4", "--layers", r"\.h\.", "--transposed", "(c_attn|c_fc|c_proj)$"]
+    assert _verify(capsys, tmp_path / "gpt2.safetensors", *argv)[0] == 0
+
+
+def test_hf_bert_folder_with_layout_record_and_pytorch_model_bin(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        num_hidden_layers=1, vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertModel(config)
+    maxq.sparsify_(model, maxq.SRSTEConfig())
+    maxq.fold_(model)
+    model.config.maxq_layout = model.maxq_layout.to_dict()  # the record travels in config.json
+    model.save_pretrained(tmp_path / "bert")
+    code, out, _ = _verify(capsys, tmp_path / "bert", "--json")  # no --nm needed: the record says
+    report = json.loads(out)
+    assert code == 0 and report["source"] == "the hf file's layout"
+    assert sorted(c["name"] for c in report["layers"] if c["expected"]) == sorted(model.maxq_layout.layers)
+    # pytorch_model.bin (read with weights_only=True), no record: --nm.
+    folder = tmp_path / "bert_bin"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert _verify(capsys, folder, "--nm", "2:4")[0] == 0
+    (folder / "pytorch_model.bin").unlink()
+    code, _, err = _verify(capsys, folder, "--nm", "2:4")
+    assert code == 2 and "without model.safetensors" in err
+
+
+def test_lightning_checkpoint_and_malicious_ckpt(tmp_path, capsys):
+    model = _folded_mlp()
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "pytorch-lightning_version": "2.6.0",
+        "epoch": 3,
+        "optimizer_states": [],
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    code, _, err = _verify(capsys, tmp_path / "last.ckpt")
+    assert code == 2 and "pass --nm" in err
+    code, out, _ = _verify(capsys, tmp_path / "last.ckpt", "--nm", "2:4", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["kind"] == "lightning"
+    assert sorted(c["name"] for c in report["layers"] if c["expected"]) == ["model.0", "model.2"]
+    ckpt["maxq_layout"] = model.maxq_layout.prefixed("model").to_dict()
+    torch.save(ckpt, tmp_path / "recorded.ckpt")
+    code, out, _ = _verify(capsys, tmp_path / "recorded.ckpt")
+    assert code == 0 and "lightning file's layout" in out
+    marker = tmp_path / "pwned"
+    torch.save({**ckpt, "callbacks": _Payload(marker)}, tmp_path / "bad.ckpt")
+    code, _, err = _verify(capsys, tmp_path / "bad.ckpt", "--nm", "2:4")
+    assert code == 2 and "refused" in err and not marker.exists()
