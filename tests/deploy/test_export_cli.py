@@ -97,7 +97,8 @@ def test_export_refuses_unfinished_ramp_and_dense_runs(tmp_path, capsys):
         )
     )
     assert main(["export", str(tmp_path / "d"), "--compressed", str(tmp_path / "x.maxq")]) == 2
-    assert "no N:M layout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a dense run" in err and "drop --compressed" in err and not (tmp_path / "x.maxq").exists()
     for dense in (tmp_path / "d", tmp_path / "d" / "checkpoint.pt"):
         assert main(["verify", str(dense)]) == 1  # not an N:M model, said plainly
         assert "dense run: no N:M layers to check" in capsys.readouterr().out
