@@ -743,7 +743,7 @@ def _finish(
         atomic_save(folded_file(model.state_dict(), layout, arch, cfg.to_dict()), out / "model_folded.pt")
         from .plots import plot_run
 
-        plot_run(history, cfg, out / "curves.png")
+        plot_run(history, cfg, out / "curves.png", folded["top1"])
         names = {"report": "report.json", "checkpoint": CHECKPOINT, "folded": "model_folded.pt"}
         names.update(metrics="metrics.jsonl", plot="curves.png", config="config.yaml")
         report["files"] = {k: str(out / v) for k, v in names.items()}
