@@ -185,6 +185,7 @@ def test_an_explicit_ramp_that_does_not_fit_is_kept_and_the_warning_says_what_ha
     assert "100% of the blocks are still dense at the end and get pruned when folding" in err
     assert "end it by epoch 0, or add --per-step to ramp every step up to epoch 1" in err
     assert "shorter --ramp" not in err  # the old advice, which did not help
+    assert "maxq 2:4 on synthetic/cnn_small: 1 epoch x 2 steps, ramp 0-2, device cpu" in err  # not "1 epochs"
     # One staircase epoch leaves the ramp unfinished: folding prunes, and the headline is the folded model's.
     assert report["ramp"] == [0, 2] and report["ramp_per_step"] is False
     assert report["ramp_finished"] is False and "ramp unfinished" in text
@@ -276,7 +277,9 @@ def test_a_dense_run_exports_to_onnx_and_verify_says_it_is_dense(dense_run, tmp_
     pytest.importorskip("onnxruntime")
     onnx, fp16 = tmp_path / "d.onnx", tmp_path / "d.fp16.onnx"
     assert main(["export", str(dense_run), "--onnx", str(onnx), "--fp16", str(fp16), "--json", "-"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "a dense run, no N:M layers to verify" in captured.err and "NOT N:M" not in captured.err
     assert summary["dense"] is True and summary["nm_ok"] is None and onnx.exists() and fp16.exists()
     assert main(["verify", str(onnx)]) == 1  # nothing in it is N:M: said plainly, exit code 1
     assert "dense run: no N:M layers to check" in capsys.readouterr().out
@@ -391,3 +394,13 @@ def test_verify_and_eval_name_what_they_were_given(tmp_path, capsys):
     assert main(["eval", str(plain), "--dataset", "synthetic"]) == 2
     err = capsys.readouterr().err
     assert "is a plain state dict" in err and "None" not in err
+
+
+def test_under_torchrun_only_the_main_process_logs(trained_run, capsys, monkeypatch):
+    checkpoint = str(trained_run / "checkpoint.pt")
+    assert main(["eval", checkpoint]) == 0
+    assert "stays dense" in capsys.readouterr().err  # the main process (RANK 0 or no torchrun) says it
+    monkeypatch.setenv("RANK", "1")
+    assert main(["eval", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "stays dense" not in captured.err and "top-1" in captured.out
