@@ -280,6 +280,7 @@ def test_a_dense_run_exports_to_onnx_and_verify_says_it_is_dense(dense_run, tmp_
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert "a dense run, no N:M layers to verify" in captured.err and "NOT N:M" not in captured.err
+    assert "dense model (no N:M layers)" in captured.err and "0 N:M initializers" not in captured.err
     assert summary["dense"] is True and summary["nm_ok"] is None and onnx.exists() and fp16.exists()
     assert main(["verify", str(onnx)]) == 1  # nothing in it is N:M: said plainly, exit code 1
     assert "dense run: no N:M layers to check" in capsys.readouterr().out

@@ -295,16 +295,21 @@ def _run_export(args: argparse.Namespace) -> int:
             f"({c['file_bytes'] / dense:.1%}); sparse layers {c['sparse_bytes']:,} bytes, "
             f"{c['sparse_over_bound']:+.2%} vs the bound {c['sparse_bound_bytes']:,.0f}; restores bit-exactly"
         )
+    dense = bool(summary.get("dense"))
+
+    def nm(o: dict[str, Any], count: int, kind: str = "") -> str:
+        if dense:
+            return "dense model (no N:M layers)"
+        return f"{count} N:M {kind}initializers, verify {'OK' if o['nm_ok'] else 'FAILED'}"
+
     if "onnx" in summary:
         o = summary["onnx"]
-        verdict = "OK" if o["nm_ok"] else "FAILED"
         say(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e} "
-              f"over batch sizes {sorted(o['max_abs_diff'])}; {o['sparse_initializers']} N:M initializers, "
-              f"verify {verdict}")  # fmt: skip
+            f"over batch sizes {sorted(o['max_abs_diff'])}; {nm(o, o['sparse_initializers'])}")  # fmt: skip
     if "fp16" in summary:
         o = summary["fp16"]
         say(f"fp16: {args.fp16}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e}; "
-              f"{o['sparse_initializers']} N:M initializers, verify {'OK' if o['nm_ok'] else 'FAILED'}")  # fmt: skip
+            f"{nm(o, o['sparse_initializers'])}")  # fmt: skip
     if "int8" in summary:
         o = summary["int8"]
         agree = (
@@ -313,10 +318,10 @@ def _run_export(args: argparse.Namespace) -> int:
             if "top1_agreement_with_fp32" in o
             else ""
         )
+        pruned = "" if dense else "pruned weights all 0, "
         say(f"int8: {args.int8}: calibrated on {o['calibration']['samples']} {o['calibration']['dataset']} training "
-              f"images; {len(o['sparse_initializers'])} N:M int8 initializers, pruned weights all 0, "
-              f"{o['kept_rounded_to_zero']} of {o['kept_total']:,} kept weights rounded to 0; "
-              f"verify {'OK' if o['nm_ok'] else 'FAILED'}{agree}")  # fmt: skip
+            f"images; {pruned}{o['kept_rounded_to_zero']} of {o['kept_total']:,} {'' if dense else 'kept '}weights rounded to 0; "
+            f"{nm(o, len(o['sparse_initializers']), 'int8 ')}{agree}")  # fmt: skip
     if to_stdout:
         print(json.dumps(summary, indent=2))
     elif args.json:
