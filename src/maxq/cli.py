@@ -318,9 +318,9 @@ def _run_export(args: argparse.Namespace) -> int:
             if "top1_agreement_with_fp32" in o
             else ""
         )
-        pruned = "" if dense else "pruned weights all 0, "
+        pruned, kept = ("", "") if dense else ("pruned weights all 0, ", "kept ")
         say(f"int8: {args.int8}: calibrated on {o['calibration']['samples']} {o['calibration']['dataset']} training "
-            f"images; {pruned}{o['kept_rounded_to_zero']} of {o['kept_total']:,} {'' if dense else 'kept '}weights rounded to 0; "
+            f"images; {pruned}{o['kept_rounded_to_zero']} of {o['kept_total']:,} {kept}weights rounded to 0; "
             f"{nm(o, len(o['sparse_initializers']), 'int8 ')}{agree}")  # fmt: skip
     if to_stdout:
         print(json.dumps(summary, indent=2))
