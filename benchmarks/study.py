@@ -227,9 +227,20 @@ def _write_record(run: Run, folder: Path, results: Path, command: list[str], ex:
     return record
 
 
+def _plain(data: Any) -> Any:
+    """``data`` with NaN and infinities as ``None`` (JSON has no NaN: ``null`` reads everywhere)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_plain(v) for v in data]
+    return data
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -778,7 +789,31 @@ def report(spec: dict[str, Any], results: Path, docs: Path) -> dict[str, Any]:
     if curves:
         extra = curves_markdown(curves, spec, plot_path.with_name(f"{_tag(spec)}_curves.png")) + "\n" + extra
     write_markdown(summary, spec, records, docs / "RESULTS.md", plot_path, extra)
+    plots = [plot_path, plot_path.with_name(f"{_tag(spec)}_curves.png")]
+    summary["files"] = {
+        "summary": str(results / "summary.json"),
+        "tables": str(docs / "RESULTS.md"),
+        "plots": [str(p) for p in plots if p.exists()],
+    }
     return summary
+
+
+def closing_lines(summary: dict[str, Any]) -> list[str]:
+    """What the study prints at the end: the paired MaxQ - SR-STE gap per pattern, and where the files are."""
+    lines = []
+    for nm, metrics in summary["gaps"].items():
+        g = metrics.get("top1_last")
+        if not g:
+            continue
+        p = f"p {g['p']:.2g}" if g.get("p") is not None and math.isfinite(g["p"]) else "p n/a (one seed)"
+        lines.append(
+            f"MaxQ - SR-STE at {nm}: {g['gap']:+.2f} top-1 points (last epoch, {g['pairs']} seed pair(s), {p})"
+        )
+    files = summary.get("files", {})
+    lines.append(f"tables: {files.get('tables')}")
+    lines.append(f"plots:  {', '.join(files.get('plots', [])) or 'none (matplotlib not installed)'}")
+    lines.append(f"summary (JSON): {files.get('summary')}")
+    return lines
 
 
 def _folder(spec: dict[str, Any], key: str, default: str) -> Path:
@@ -828,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     # A quick study reports next to its records, never into the real docs.
     docs = results if args.quick else (args.docs or _folder(spec, "docs_dir", "docs"))
     summary = report(effective(spec, args.quick), results, docs)
-    print(json.dumps(summary["gaps"], indent=1))
+    print("\n".join(closing_lines(summary)))
     if missing:
         print(f"{len(missing)} run(s) failed or not started: {missing}", file=sys.stderr)
         return 1

@@ -171,9 +171,23 @@ def test_summary_names_layers_a_pattern_skips(tmp_path, capsys):
     assert "layers: 3 of 8 sparsified 1:32" in text
     skipped = [d for d in report["dense_layers"] if "not divisible by m=32" in d["reason"]]
     assert len(skipped) == 3 and len(report["dense_layers"]) == 5
-    for d in report["dense_layers"]:
-        assert f"{d['layer']} ({d['reason']})" in text
+    for d in report["dense_layers"]:  # named as layers, with their type (not bare numbers)
+        assert f"layer {d['layer']} ({d['type']}: {d['reason']})" in text
+    # A one-epoch run ramps per step (the default ramp's staircase would never leave epoch 0): finished, N:M.
+    assert report["ramp_finished"] is True and report["ramp_per_step"] is True and report["ramp"] == [0, 0.25]
+
+
+def test_an_explicit_ramp_that_does_not_fit_is_kept_and_the_warning_says_what_happens(tmp_path, capsys):
+    report = _run(tmp_path, "late", "--ramp", "0", "2", "--epochs", "1", "--subset", "64", "--batch-size", "32")
+    captured = capsys.readouterr()
+    text, err = captured.out, captured.err
+    assert "the ramp 0-2 does not finish within this 1-epoch run" in err
+    assert "100% of the blocks are still dense at the end and get pruned when folding" in err
+    assert "end it by epoch 0, or add --per-step to ramp every step up to epoch 1" in err
+    assert "shorter --ramp" not in err  # the old advice, which did not help
+    assert "maxq 2:4 on synthetic/cnn_small: 1 epoch x 2 steps, ramp 0-2, device cpu" in err  # not "1 epochs"
     # One staircase epoch leaves the ramp unfinished: folding prunes, and the headline is the folded model's.
+    assert report["ramp"] == [0, 2] and report["ramp_per_step"] is False
     assert report["ramp_finished"] is False and "ramp unfinished" in text
     assert f"top-1 {report['top1_folded']:.2f}% (shipped folded model" in text
     before = f"last epoch before folding {report['top1_last']:.2f}%"
@@ -197,3 +211,197 @@ def test_summary_gives_both_accuracies_when_folding_changed_it():
     assert "layers: 1 of 8 sparsified 1:64; 520 of 1,000 parameters nonzero (52.0%)" in text
     assert "3 (input channels 32 not divisible by m=64)" in text
     assert "N:M compliant (the 1 sparsified layers): yes" in text
+
+
+# -- issue 20: a new user's first hour --------------------------------------------------------------------------
+
+
+def test_the_config_records_the_values_used_not_null(tmp_path):
+    import yaml
+
+    _run(tmp_path, "cfg", "--epochs", "1", "--subset", "64", "--batch-size", "32")
+    resolved = yaml.safe_load((tmp_path / "cfg" / "config.yaml").read_text())
+    assert resolved["ramp"] == [0.0, 0.25] and resolved["per_step"] is True  # the short-run rule, recorded
+    assert resolved["amp"] is False and resolved["threads"] == 2
+
+
+@pytest.mark.parametrize("written, pattern, number", [("2:4", "2:4", 124), ("1:16", "1:16", 76)])
+def test_an_unquoted_yaml_pattern_says_how_to_write_it(written, pattern, number, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dataset: synthetic\nnm: {written}\n")  # YAML 1.1 reads it in base 60
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f'write nm: "{pattern}" (quoted): YAML reads {pattern} unquoted as the number {number}' in err
+    assert not (tmp_path / "x").exists()
+    recipe.write_text("dataset: synthetic\nnm: 7\n")
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "x")]) == 2
+    assert 'nm must be a quoted pattern like nm: "2:4"' in capsys.readouterr().err
+
+
+def test_argparse_errors_are_one_line_and_name_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "somefile", "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maxq eval: error: unrecognized arguments: --bogus") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--nm", "4:2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "usage:" not in err and "n must be < m" in err
+
+
+def test_train_help_shows_defaults_and_every_dataset_and_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fashion-mnist-32" in text and "mlp" in text
+    assert "--epochs EPOCHS default 4" in text and "--batch-size BATCH_SIZE per process (default 128)" in text
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A one-epoch dense ``maxq train`` run (cnn_small, synthetic)."""
+    out = tmp_path_factory.mktemp("dense") / "dense"
+    flags = ["--method", "dense", "--epochs", "1", "--subset", "128", "--batch-size", "32"]
+    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2", *flags]) == 0
+    return out
+
+
+def test_a_dense_run_is_not_labelled_with_a_pattern(dense_run):
+    report = json.loads((dense_run / "report.json").read_text())
+    assert report["nm"] is None and report["n"] is None and report["m"] is None and report["nm_ok"] is None
+    assert train_summary(report)[0].startswith("maxq train: dense cnn_small on synthetic")
+
+
+def test_a_dense_run_exports_to_onnx_and_verify_says_it_is_dense(dense_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx, fp16 = tmp_path / "d.onnx", tmp_path / "d.fp16.onnx"
+    assert main(["export", str(dense_run), "--onnx", str(onnx), "--fp16", str(fp16), "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "a dense run, no N:M layers to verify" in captured.err and "NOT N:M" not in captured.err
+    assert "dense model (no N:M layers)" in captured.err and "0 N:M initializers" not in captured.err
+    assert summary["dense"] is True and summary["nm_ok"] is None and onnx.exists() and fp16.exists()
+    assert main(["verify", str(onnx)]) == 1  # nothing in it is N:M: said plainly, exit code 1
+    assert "dense run: no N:M layers to check" in capsys.readouterr().out
+    assert main(["eval", str(onnx), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(json.loads((dense_run / "report.json").read_text())["top1_folded"])
+
+
+def _init_run(tmp_path, name, init, *flags):
+    out = tmp_path / name
+    argv = ["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2"]
+    argv += ["--method", "oneshot", "--init", str(init), "--epochs", "1", "--subset", "64", "--batch-size", "32"]
+    return main([*argv, *flags]), out
+
+
+def test_init_accepts_a_run_folder_a_checkpoint_a_folded_file_and_a_state_dict(dense_run, tmp_path):
+    import torch
+
+    from maxq.train.checkpoint import read_init
+
+    plain = tmp_path / "sd.pt"
+    torch.save(read_init(dense_run / "checkpoint.pt").state_dict, plain)  # torch.save(model.state_dict())
+    for name, init in [
+        ("folder", dense_run),
+        ("checkpoint", dense_run / "checkpoint.pt"),
+        ("folded", dense_run / "model_folded.pt"),
+        ("state_dict", plain),
+    ]:
+        code, out = _init_run(tmp_path, name, init)
+        assert code == 0, name
+        assert json.loads((out / "report.json").read_text())["nm_ok"] is True
+
+
+def test_init_errors_are_one_line_with_exit_code_2(dense_run, tmp_path, capsys):
+    cases = [
+        (dense_run / "report.json", ["unknown file kind", "report.json"]),
+        (tmp_path / "nowhere.pt", ["does not exist"]),
+        (tmp_path, ["is a folder but not a maxq run"]),
+    ]
+    for init, words in cases:
+        code, out = _init_run(tmp_path, "bad", init)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0, err
+        assert all(w in err for w in words), err
+        assert "could run code" not in err and not out.exists()
+    code, out = _init_run(tmp_path, "other", dense_run / "checkpoint.pt", "--model", "mlp")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and len(err) < 800, err
+    assert "does not fit --model mlp" in err and "missing" in err and "unexpected" in err
+    assert "more)" in err and "it was trained with --model cnn_small" in err
+    assert not out.exists()
+
+
+def test_eval_of_a_run_stopped_mid_ramp_evaluates_it_as_trained(tmp_path, capsys):
+    report = _run(tmp_path, "mid", "--ramp", "0", "3", "--epochs", "1", "--subset", "64", "--batch-size", "32")
+    assert report["ramp_finished"] is False
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "mid" / "checkpoint.pt"), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "unfinished ramp" in result["note"] and "--force" not in captured.err.split("maxq export")[0]
+    assert result["top1"] == pytest.approx(report["top1_last"])  # the model as its last epoch evaluated it
+
+
+def test_every_json_output_parses_on_stdout_alone(trained_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx = tmp_path / "m.onnx"
+    capsys.readouterr()
+    commands = [
+        ["export", str(trained_run), "--onnx", str(onnx), "--json", "-"],
+        ["verify", str(trained_run), "--json"],
+        ["verify", str(trained_run / "checkpoint.pt"), "--json"],
+        ["verify", str(onnx), "--json"],
+        ["eval", str(trained_run / "checkpoint.pt"), "--json"],
+        ["eval", str(onnx), "--json"],
+    ]
+    for argv in commands:
+        assert main(argv) == 0, argv
+        json.loads(capsys.readouterr().out)  # the result alone: logs went to stderr
+
+
+def test_json_of_a_fresh_process_has_no_log_lines(trained_run):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in ("verify", "eval"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "maxq", command, str(trained_run / "checkpoint.pt"), "--json", "--threads", "1"]
+            if command == "eval"
+            else [sys.executable, "-m", "maxq", command, str(trained_run / "checkpoint.pt"), "--json"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        json.loads(proc.stdout)
+        if command == "eval":  # it builds the sparsified model, which logs: on stderr
+            assert "stays dense" in proc.stderr
+
+
+def test_verify_and_eval_name_what_they_were_given(tmp_path, capsys):
+    import torch
+
+    folder = tmp_path / "notarun"
+    folder.mkdir()
+    for command in ("verify", "eval"):
+        assert main([command, str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "is a folder but not a maxq run" in err and "checkpoint.pt does not exist" not in err
+    plain = tmp_path / "sd.pt"
+    torch.save({"w.weight": torch.zeros(2, 4)}, plain)
+    assert main(["eval", str(plain), "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert "is a plain state dict" in err and "None" not in err
+
+
+def test_under_torchrun_only_the_main_process_logs(trained_run, capsys, monkeypatch):
+    checkpoint = str(trained_run / "checkpoint.pt")
+    assert main(["eval", checkpoint]) == 0
+    assert "stays dense" in capsys.readouterr().err  # the main process (RANK 0 or no torchrun) says it
+    monkeypatch.setenv("RANK", "1")
+    assert main(["eval", checkpoint]) == 0
+    captured = capsys.readouterr()
+    assert "stays dense" not in captured.err and "top-1" in captured.out

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .core.nm import parse_nm
@@ -30,6 +31,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .core.config import CONFIGS
     from .core.masks import BLOCK_ORDERS
     from .core.schedules import SCHEDULES
+    from .train.data import DATASETS
+    from .train.models import MODELS
     from .train.recipe import METHODS
 
     p = sub.add_parser(
@@ -45,11 +48,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--config", metavar="YAML", help="recipe file (see configs/)")
     g.add_argument("--method", choices=METHODS, help="default: maxq")
     g.add_argument("--nm", type=_nm, metavar="N:M", help="keep N of every M (default 2:4)")
-    g.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, imagefolder, synthetic")
+    g.add_argument("--dataset", help=f"{', '.join(DATASETS)}")
     g.add_argument("--data-dir", metavar="DIR", help="dataset folder (Fashion-MNIST default: Debian's package)")
-    g.add_argument(
-        "--model", help="cnn_small (default), cnn, resnet20..56, resnet18_cifar, or any torchvision classifier"
-    )
+    g.add_argument("--model", help=f"{', '.join(sorted(MODELS))}, or any torchvision classifier by name")
     g.add_argument("--image-size", type=int, help="crop size for imagefolder / ViT (default 224)")
     g.add_argument("--val-split", type=float, metavar="FRAC", help="hold out this share of the training set")
     g.add_argument("--subset", type=int, metavar="N", help="train on the first N training samples")
@@ -74,7 +75,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the training forward (no graph breaks; masks are updated outside it)",
     )
     g = p.add_argument_group("sparsity")
-    g.add_argument("--ramp", type=float, nargs=2, metavar=("START", "END"), help="epochs (default: first 25%%)")
+    g.add_argument(
+        "--ramp",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
+        help="epochs (default: the first 25%% of the run, per step where the per-epoch staircase cannot finish it)",
+    )
     g.add_argument("--schedule", choices=sorted(SCHEDULES))
     g.add_argument("--per-step", action=argparse.BooleanOptionalAction, help="smooth ramp instead of per-epoch steps")
     g.add_argument("--tau", type=float, help="query temperature (absolute, default 0.01)")
@@ -103,13 +110,36 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "run's report.json/model_folded.pt/curves.png are kept as *.epochs-<old>.*. Without it, a different "
         "--epochs is refused",
     )
-    g.add_argument("--init", metavar="CKPT", help="start from a dense run's checkpoint.pt or a model_folded.pt")
+    g.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="start from these weights: a run folder, its checkpoint.pt or model_folded.pt, or a state dict saved "
+        "with torch.save(model.state_dict()) of the same --model",
+    )
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--workers", type=int, help="data-loader workers (imagefolder)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (TTY only)")
     g.add_argument("--variant", help="free-form label stored in the report (used by the study)")
+    _show_defaults(p)
     p.set_defaults(func=_run_train)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Add ``(default X)`` to each option's help from :class:`TrainConfig` (argparse's own defaults are suppressed
+    so that the options given explicitly are known)."""
+    import dataclasses
+
+    from .train.recipe import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for action in p._actions:
+        value = defaults.get(action.dest, dataclasses.MISSING)
+        if value in (dataclasses.MISSING, None) or "default" in (action.help or ""):
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -163,7 +193,9 @@ def train_summary(report: dict[str, Any]) -> list[str]:
         )
         dense = report.get("dense_layers") or []
         if dense:
-            named = "; ".join(f"{d['layer']} ({d['reason']})" for d in dense)
+            named = "; ".join(
+                f"layer {d['layer']} ({d['type'] + ': ' if d.get('type') else ''}{d['reason']})" for d in dense
+            )
             lines.append(f"  dense:  {named}")
         verdict = "yes" if report["nm_ok"] else "NO"
         lines.append(f"  N:M compliant (the {report['layers_sparsified']} sparsified layers): {verdict}")
@@ -206,7 +238,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace output files that exist (default: refuse, before writing)"
     )
-    p.add_argument("--json", metavar="PATH", help="also write the export summary as JSON")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the export summary as JSON ('-': to stdout, the other lines to stderr)",
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -219,7 +255,9 @@ def _run_export(args: argparse.Namespace) -> int:
     outputs = (args.folded, args.compressed, args.onnx, args.fp16, args.int8)
     if not any(outputs):
         raise ValueError("nothing to write: pass --onnx, --fp16, --int8, --compressed and/or --folded")
-    check_outputs((*outputs, args.json), args.overwrite)  # before reading or writing anything
+    check_outputs(
+        (*outputs, None if args.json == "-" else args.json), args.overwrite
+    )  # before reading or writing anything
     model, arch = model_from(args.source, force=args.force)
     result = export_model(
         model,
@@ -237,28 +275,41 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     summary = result.summary
+    to_stdout = args.json == "-"  # the JSON is the result then: the lines below go to stderr
+
+    def say(*parts: Any) -> None:
+        print(*parts, file=sys.stderr if to_stdout else sys.stdout)
+
     if args.bn_fold:
-        print(f"folded {len(summary['bn_folded'])} BatchNorm layer(s) into their convs")
-    print(result.check)
+        say(f"folded {len(summary['bn_folded'])} BatchNorm layer(s) into their convs")
+    if summary.get("dense"):
+        say(f"{args.source}: a dense run, no N:M layers to verify; its files are the dense baseline's")
+    else:
+        say(result.check)
     if args.folded and "folded" in summary:
-        print(f"folded model: {args.folded}")
+        say(f"folded model: {args.folded}")
     if "compressed" in summary:
         c, dense = summary["compressed"], summary["dense_file_bytes"]
-        print(
+        say(
             f"compressed: {args.compressed}: {c['file_bytes']:,} bytes vs {dense:,} dense "
             f"({c['file_bytes'] / dense:.1%}); sparse layers {c['sparse_bytes']:,} bytes, "
             f"{c['sparse_over_bound']:+.2%} vs the bound {c['sparse_bound_bytes']:,.0f}; restores bit-exactly"
         )
+    dense = bool(summary.get("dense"))
+
+    def nm(o: dict[str, Any], count: int, kind: str = "") -> str:
+        if dense:
+            return "dense model (no N:M layers)"
+        return f"{count} N:M {kind}initializers, verify {'OK' if o['nm_ok'] else 'FAILED'}"
+
     if "onnx" in summary:
         o = summary["onnx"]
-        verdict = "OK" if o["nm_ok"] else "FAILED"
-        print(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e} "
-              f"over batch sizes {sorted(o['max_abs_diff'])}; {o['sparse_initializers']} N:M initializers, "
-              f"verify {verdict}")  # fmt: skip
+        say(f"onnx: {args.onnx}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e} "
+            f"over batch sizes {sorted(o['max_abs_diff'])}; {nm(o, o['sparse_initializers'])}")  # fmt: skip
     if "fp16" in summary:
         o = summary["fp16"]
-        print(f"fp16: {args.fp16}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e}; "
-              f"{o['sparse_initializers']} N:M initializers, verify {'OK' if o['nm_ok'] else 'FAILED'}")  # fmt: skip
+        say(f"fp16: {args.fp16}: max |onnxruntime - torch| / output scale {max(o['max_abs_diff'].values()):.2e}; "
+            f"{nm(o, o['sparse_initializers'])}")  # fmt: skip
     if "int8" in summary:
         o = summary["int8"]
         agree = (
@@ -267,13 +318,16 @@ def _run_export(args: argparse.Namespace) -> int:
             if "top1_agreement_with_fp32" in o
             else ""
         )
-        print(f"int8: {args.int8}: calibrated on {o['calibration']['samples']} {o['calibration']['dataset']} training "
-              f"images; {len(o['sparse_initializers'])} N:M int8 initializers, pruned weights all 0, "
-              f"{o['kept_rounded_to_zero']} of {o['kept_total']:,} kept weights rounded to 0; "
-              f"verify {'OK' if o['nm_ok'] else 'FAILED'}{agree}")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        pruned, kept = ("", "") if dense else ("pruned weights all 0, ", "kept ")
+        say(f"int8: {args.int8}: calibrated on {o['calibration']['samples']} {o['calibration']['dataset']} training "
+            f"images; {pruned}{o['kept_rounded_to_zero']} of {o['kept_total']:,} {kept}weights rounded to 0; "
+            f"{nm(o, len(o['sparse_initializers']), 'int8 ')}{agree}")  # fmt: skip
+    if to_stdout:
+        print(json.dumps(summary, indent=2))
+    elif args.json:
+        from .train.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes((json.dumps(summary, indent=2) + "\n").encode(), args.json)
     if not result.ok:
         print(f"maxq export: {result.problem}", file=sys.stderr)
         return 1
@@ -368,8 +422,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``maxq train: error: ... (maxq train --help lists the options)``, exit 2;
+    the usage block is for ``--help``, not for a mistyped value."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maxq", description="N:M sparse training with MaxQ and its baselines.")
+    parser = _Parser(prog="maxq", description="N:M sparse training with MaxQ and its baselines.")
     parser.add_argument("--version", action="version", version=f"maxq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -389,11 +451,34 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _log_to_stderr(verbose: bool) -> logging.Handler:
+    """maxq's log lines go to stderr (results -- tables, JSON -- to stdout); other libraries' INFO lines (matplotlib,
+    onnxruntime's quantizer) are not shown. Returns the handler, which :func:`main` removes when it ends."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: the main process speaks; the others only of errors
+        handler.addFilter(lambda record: record.levelno >= logging.ERROR)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so the message names it (maxq eval: error: ...)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     verbose = args.__dict__.pop("verbose", False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+    handler = _log_to_stderr(verbose)
+    try:
+        return _run(args, verbose)
+    finally:
+        log.removeHandler(handler)
+
+
+def _run(args: argparse.Namespace, verbose: bool) -> int:
+    """The subcommand, with every failure turned into one line on stderr and an exit code."""
     func: Callable[[argparse.Namespace], int] = args.func
     from .train.checkpoint import CheckpointError
     from .train.data import DatasetMissing

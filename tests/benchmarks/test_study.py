@@ -151,6 +151,20 @@ def test_report_writes_tables_and_plot_and_keeps_the_prose(tmp_path):
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("<!-- study:end -->\nafter\n")
     assert "old" not in text and "| maxq (3 seeds) | 90.10 ± 0.10 |" in text and "| 1:16 (3 seeds) |" in text
     assert (docs / "study_accuracy.png").stat().st_size > 10_000
+    lines = study.closing_lines(summary)  # what the study prints last: the gaps, and where the files are
+    assert any("MaxQ - SR-STE at 1:16: +0.50 top-1 points (last epoch, 3 seed pair(s)" in x for x in lines)
+    assert f"tables: {docs / 'RESULTS.md'}" in lines and any(str(docs / "study_accuracy.png") in x for x in lines)
+
+
+def test_json_written_by_the_study_has_no_nan(tmp_path):
+    import json
+
+    gap = study.paired_test([90.0], [89.5])  # one seed: no standard error, t or p
+    study._write_json(tmp_path / "s.json", {"gaps": {"1:16": {"top1_last": gap}}})
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and json.loads(text)["gaps"]["1:16"]["top1_last"]["p"] is None
+    summary = {"gaps": {"1:16": {"top1_last": gap}}, "files": {"tables": "t.md", "plots": [], "summary": "s.json"}}
+    assert "p n/a (one seed)" in study.closing_lines(summary)[0]
 
 
 # -- the GPU study (configs/study_gpu.yaml, stage 4 of scripts/gpu_check.sh) ----------------------------------------

@@ -97,7 +97,8 @@ def test_export_refuses_unfinished_ramp_and_dense_runs(tmp_path, capsys):
         )
     )
     assert main(["export", str(tmp_path / "d"), "--compressed", str(tmp_path / "x.maxq")]) == 2
-    assert "no N:M layout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a dense run" in err and "drop --compressed" in err and not (tmp_path / "x.maxq").exists()
     for dense in (tmp_path / "d", tmp_path / "d" / "checkpoint.pt"):
         assert main(["verify", str(dense)]) == 1  # not an N:M model, said plainly
         assert "dense run: no N:M layers to check" in capsys.readouterr().out
@@ -130,3 +131,33 @@ def test_export_never_overwrites_unless_asked(tmp_path, capsys):
     assert not fresh.exists()
     assert main(["export", str(src), "--onnx", str(fresh), "--compressed", str(taken), "--overwrite"]) == 0
     assert main(["verify", str(taken)]) == 0 and main(["verify", str(fresh)]) == 0
+
+
+def test_verify_tables_show_dense_by_design_layers_and_onnx_layer_names(trained_run, exported, capsys):
+    from maxq.train.checkpoint import load_folded
+
+    _, folded = load_folded(trained_run / "model_folded.pt")
+    sparse = folded["layout"]["layers"]
+    for path in (trained_run, exported["onnx"], exported["int8"]):
+        assert main(["verify", str(path)]) == 0
+        text = capsys.readouterr().out
+        rows = {line.split()[0]: line for line in text.splitlines()[2:] if line and not line.startswith("OK")}
+        assert set(sparse) <= set(rows), text  # the model's layer names, also in ONNX files
+        assert not any(name.startswith("onnx::") for name in rows), text
+        classifier = rows["25"]  # cnn_small's Linear classifier: dense by design, not "4:4 ... 160 violations"
+        assert "dense by design" in classifier and "4:4" not in classifier and classifier.split()[5] == "-"
+
+
+def test_onnx_files_without_layer_names_still_verify(exported, tmp_path, capsys):
+    import onnx
+
+    from maxq.deploy.onnx_export import ONNX_LAYERS_KEY
+
+    proto = onnx.load(str(exported["onnx"]))
+    kept = [p for p in proto.metadata_props if p.key != ONNX_LAYERS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    assert main(["verify", str(old)]) == 0  # a file of an older maxq: initializer names, still checked
+    assert "onnx::" in capsys.readouterr().out

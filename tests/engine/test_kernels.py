@@ -146,3 +146,19 @@ def test_rejects_wrong_inputs():
         torch.ops.maxq.decay_(torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), 0.1)
     with pytest.raises(RuntimeError, match="state"):
         torch.ops.maxq.mask_(torch.randn(4, 8), torch.empty(4, 8), torch.empty(3), 2, 4, True, 0.01, 0, 0, None)
+
+
+def test_the_build_line_is_said_only_when_a_build_happens(caplog, monkeypatch):
+    import logging
+
+    from maxq._engine import kernels
+
+    module = cpu_kernels()
+    assert kernels._built(module.__name__)
+    monkeypatch.setattr(kernels, "_state", {})  # load again, from the cache
+    monkeypatch.setattr(kernels, "_register_ops", lambda ext: None)  # the ops are registered already
+    with caplog.at_level(logging.DEBUG, logger="maxq"):
+        assert kernels.cpu_kernels() is not None
+    infos = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not any("build" in m or "30 s" in m for m in infos), infos
+    assert any("built before" in r.getMessage() for r in caplog.records)

@@ -148,3 +148,51 @@ def test_resume_from_a_corrupt_checkpoint_leaves_the_run_untouched(trained_run, 
     assert "SHA-256 does not match" in capsys.readouterr().err
     after = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in run.iterdir()}
     assert after == before
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(umask, mode, tmp_path):
+    import os
+
+    from maxq.deploy.compress import save_compressed
+
+    previous = os.umask(umask)
+    try:
+        atomic_save(_content(), tmp_path / "checkpoint.pt")
+        layer = torch.zeros(4, 8)
+        layer[:, ::2] = 1.0
+        save_compressed({"fc.weight": layer}, tmp_path / "m.maxq", 2, 4, ["fc"])
+    finally:
+        os.umask(previous)
+    for name in ("checkpoint.pt", "m.maxq"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_read_init_forms_and_one_line_mismatch_errors(tmp_path):
+    from maxq.train.checkpoint import folded_file, load_init_, read_init
+    from maxq.train.models import build_model
+
+    model = build_model("cnn_small", 1, 10, 28)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    atomic_save(folded_file(model.state_dict(), None, {"model": "cnn_small"}, None), tmp_path / "f.pt")
+    for name, kind in (("sd.pt", "state_dict"), ("f.pt", "folded")):
+        init = read_init(tmp_path / name)
+        assert init.kind == kind and init.state_dict.keys() == model.state_dict().keys()
+        load_init_(build_model("cnn_small", 1, 10, 28), init, "cnn_small")
+    (tmp_path / "r.json").write_text('{"top1": 90}')
+    with pytest.raises(CheckpointError, match="unknown file kind"):
+        read_init(tmp_path / "r.json")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="unknown file kind"):
+        read_init(tmp_path / "list.pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_init_(build_model("cnn", 1, 10, 28), read_init(tmp_path / "f.pt"), "cnn")
+    message = str(caught.value)
+    assert "\n" not in message and "does not fit --model cnn" in message
+    assert "it was trained with --model cnn_small" in message
+    other = build_model("cnn_small", 1, 10, 28)
+    wide = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if k == "25.weight" else v for k, v in
+            other.state_dict().items()}  # fmt: skip
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(CheckpointError, match=r"1 of other shape \(file vs model\): 25.weight 10x65 vs 10x64"):
+        load_init_(other, read_init(tmp_path / "wide.pt"), "cnn_small")

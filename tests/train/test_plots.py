@@ -25,3 +25,38 @@ def test_missing_matplotlib_skips_the_plot(tmp_path, monkeypatch, caplog):
         assert plot_run(HISTORY, CFG, tmp_path / "curves.png") is False
     assert not (tmp_path / "curves.png").exists()
     assert "matplotlib is not installed" in caplog.text
+
+
+def test_axes_count_epochs_alike_with_whole_ticks_and_mark_the_shipped_model():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maxq.train.plots import _figure
+
+    one = [{**HISTORY[0], "epoch": 1, "dense_fraction": 1.0}]
+    fig = _figure(one, CFG, folded_top1=22.5)  # a one-epoch run whose folded model differs from its epoch
+    try:
+        for ax in fig.axes:
+            assert ax.get_xlim() == fig.axes[0].get_xlim() and ax.get_xlabel() == "epochs trained"
+            assert ax.get_xlim()[0] < 0 and ax.get_xlim()[1] > 1
+            ticks = [t for t in ax.get_xticks() if 0 <= t <= 1]
+            assert ticks == [0.0, 1.0], ticks  # not 0.96 ... 1.04
+        labels = fig.axes[1].get_legend_handles_labels()[1]
+        assert "shipped (folded), test" in labels
+    finally:
+        plt.close(fig)
+    fig = _figure(HISTORY, CFG, folded_top1=HISTORY[-1]["test_top1"])  # folding changed nothing: no marker
+    try:
+        assert "shipped (folded), test" not in fig.axes[1].get_legend_handles_labels()[1]
+        assert len({ax.get_xlim() for ax in fig.axes}) == 1 and 3 < fig.axes[0].get_xlim()[1] < 3.2
+    finally:
+        plt.close(fig)
+
+
+def test_a_dense_run_title_has_no_pattern():
+    from maxq.train.plots import _figure
+
+    fig = _figure(HISTORY, SimpleNamespace(**{**CFG.__dict__, "method": "dense"}))
+    assert fig._suptitle.get_text().startswith("dense  cnn_small")

@@ -50,7 +50,9 @@ def test_one_epoch_run_writes_every_file(method, tmp_path):
     assert on_disk["top1_last"] == report["top1_last"] == record["test_top1"]
     assert report["top1_best"] == record["test_top1"] and report["best_epoch"] == 1
     assert report["top5_last"] == record["test_top5"] >= record["test_top1"]
-    assert report["epochs"] == 1 and report["method"] == method and (report["n"], report["m"]) == (2, 4)
+    assert report["epochs"] == 1 and report["method"] == method
+    nm = (None, None, None) if method == "dense" else ("2:4", 2, 4)  # a dense run has no N:M pattern
+    assert (report["nm"], report["n"], report["m"]) == nm
     assert report["top1_folded"] == pytest.approx(report["top1_last"])  # folding changes nothing
     model, _ = load_folded(out / "model_folded.pt")
     if method == "dense":
@@ -173,7 +175,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     proc = _cli(*args, "--resume")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    assert f"resuming {out} at epoch {done}" in output
+    assert f"resuming {out} after epoch {done} of 6: continuing with epoch {done + 1}" in output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
     assert json.loads((out / "report.json").read_text())["epochs"] == 6
 
@@ -226,7 +228,7 @@ def test_interrupted_run_says_how_to_resume_and_resumes(sig, tmp_path):
     )  # fmt: skip
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    assert f"resuming {out} at epoch {done} of 5" in output
+    assert f"resuming {out} after epoch {done} of 5: continuing with epoch {done + 1}" in output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
     assert json.loads((out / "report.json").read_text())["epochs"] == 5
 

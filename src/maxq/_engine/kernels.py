@@ -62,11 +62,15 @@ def cpu_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         tag, flags = _isa_flags()
-        log.info("maxq: loading fused CPU kernels (first build takes about 30 s)")
         # The source's hash in the name: checkouts with other sources never rebuild over each other's cache.
         digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+        name = f"maxq_cpu_{digest}_{tag}"
+        if _built(name):
+            log.debug("maxq: loading the fused CPU kernels (built before)")
+        else:
+            log.info("maxq: building the fused CPU kernels (once per machine, about 30 s)")
         module = load(
-            name=f"maxq_cpu_{digest}_{tag}",
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
@@ -79,6 +83,16 @@ def cpu_kernels() -> ModuleType | None:
         _register_ops(module)
     _state["module"] = module
     return module
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds the compiled module ``name`` (then loading takes no build)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private torch helper: if it moves, say that a build may happen
+        return False
 
 
 def _register_ops(ext: ModuleType) -> None:

@@ -67,18 +67,7 @@ class NMCheck:
 
     def __str__(self) -> str:
         head = ("layer", "shape", "expected", "found", "groups", "violations", "note")
-        rows = [head] + [
-            (
-                c.name,
-                "x".join(map(str, c.shape)),
-                f"{self.n}:{self.m}" if c.expected else "-",
-                f"{c.max_nonzero}:{self.m}" if c.groups else "-",
-                str(c.groups),
-                str(c.violations),
-                c.note,
-            )
-            for c in self.layers
-        ]
+        rows = [head] + [_row(c, self.n, self.m) for c in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -88,6 +77,17 @@ class NMCheck:
         if not self.expected:
             summary = f"NOT N:M: no layer is expected to be {self.n}:{self.m} ({self.source})"
         return "\n".join(lines) + "\n" + summary + f" (expected layers from: {self.source})"
+
+
+def _row(c: LayerCheck, n: int, m: int) -> tuple[str, ...]:
+    """One table row. A layer that is not expected to be N:M (dense by design: first conv, classifier, ...) is
+    shown as such, without counting its full blocks as violations."""
+    shape = "x".join(map(str, c.shape))
+    if c.expected:
+        found = f"{c.max_nonzero}:{m}" if c.groups else "-"
+        return (c.name, shape, f"{n}:{m}", found, str(c.groups), str(c.violations), c.note)
+    found = "dense" if c.max_nonzero >= m else f"{c.max_nonzero}:{m}"
+    return (c.name, shape, "dense", found, str(c.groups), "-", c.note or "dense by design (not sparsified)")
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:

@@ -480,6 +480,6 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
         )
     for c in choices:
         if not c.selected:
-            log.info("maxq: %s stays dense: %s", c.name, c.reason)
+            log.info("maxq: layer %s (%s) stays dense: %s", c.name, c.kind, c.reason)
     log.info("maxq: %s %d:%d on %d layer(s)", config.method, config.n, config.m, len(sparsifier.layers))
     return sparsifier

@@ -31,7 +31,7 @@ from ..train.checkpoint import (
     safetensors_header,
 )
 
-__all__ = ["file_kind", "Weights", "weights_from", "model_from"]
+__all__ = ["file_kind", "run_file", "Weights", "weights_from", "model_from"]
 
 
 def file_kind(path: str | Path) -> str:
@@ -55,6 +55,17 @@ def file_kind(path: str | Path) -> str:
         return "onnx"
     raise CheckpointError(
         f"{path}: unknown file kind (expected a maxq checkpoint, state dict, compressed or ONNX file)"
+    )
+
+
+def run_file(folder: Path) -> Path:
+    """The file that stands for a run folder: its ``model_folded.pt`` once finished, else its ``checkpoint.pt``."""
+    for name in ("model_folded.pt", "checkpoint.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(
+        f"{folder} is a folder but not a maxq run (it holds neither model_folded.pt nor checkpoint.pt); pass a run "
+        f"folder or a file"
     )
 
 
@@ -99,8 +110,7 @@ def weights_from(path: str | Path) -> Weights:
     path = Path(path)
     kind = file_kind(path)
     if kind == "run":
-        folded = path / "model_folded.pt"
-        return weights_from(folded if folded.exists() else path / "checkpoint.pt")
+        return weights_from(run_file(path))
     if kind == "compressed":
         from .compress import decompress, read_compressed
 
@@ -125,10 +135,12 @@ def weights_from(path: str | Path) -> Weights:
         from .onnx_export import load_onnx, onnx_metadata, onnx_weights
 
         proto = load_onnx(path)
-        meta = onnx_metadata(proto)["layout"]
-        tensors = {f"{name}.weight": w for name, (w, _) in onnx_weights(proto).items()}
-        layers = meta["sparse_initializers"] if meta else None
-        return Weights(tensors, layers, meta["n"] if meta else None, meta["m"] if meta else None, "onnx")
+        records = onnx_metadata(proto)
+        meta, names = records["layout"], records["layers"]  # names: {initializer: layer} (older files: none)
+        tensors = {f"{names.get(name, name)}.weight": w for name, (w, _) in onnx_weights(proto).items()}
+        layers = [names.get(name, name) for name in meta["sparse_initializers"]] if meta else None
+        dense = meta is None and (records["arch"] or {}).get("method") == "dense"
+        return Weights(tensors, layers, meta["n"] if meta else None, meta["m"] if meta else None, "onnx", dense=dense)
     state = read_torch_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         return _from_checkpoint(state)
@@ -170,17 +182,19 @@ def _from_checkpoint(state: dict[str, Any]) -> Weights:
     return Weights(tensors, list(sparsifier["layers"]), n, m, "checkpoint", note)
 
 
-def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def model_from(path: str | Path, *, force: bool = False, as_trained: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """A folded model and its ``arch`` (model name, input channels, classes, image size) from a run folder,
     ``model_folded.pt``, ``checkpoint.pt`` (folded here; ``force`` prunes an unfinished ramp) or compressed file.
+
+    ``as_trained``: a checkpoint stopped mid-ramp comes back unfolded, with its current masks (the blocks still
+    dense kept: the model its last epoch evaluated), and ``arch["unfinished_ramp"]`` holds its dense fraction.
     """
     from ..train.models import build_model
 
     path = Path(path)
     kind = file_kind(path)
     if kind == "run":
-        folded = path / "model_folded.pt"
-        return model_from(folded if folded.exists() else path / "checkpoint.pt", force=force)
+        return model_from(run_file(path), force=force, as_trained=as_trained)
     if kind == "compressed":
         from .compress import decompress, read_compressed
 
@@ -201,13 +215,24 @@ def model_from(path: str | Path, *, force: bool = False) -> tuple[nn.Module, dic
     state = read_torch_file(path)  # read once: seal and safety checked here
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if found == CHECKPOINT_FORMAT:
-        return _model_from_checkpoint(state, force)
+        return _model_from_checkpoint(state, force, as_trained)
     if found == FOLDED_FORMAT:
-        return folded_model(state, path), state["arch"]
-    raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model (found {found!r})")
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        arch = dict(state["arch"])
+        if config.get("method") and not arch.get("method"):
+            arch["method"] = config["method"]
+        return folded_model(state, path), arch
+    if isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path} is a plain state dict: it does not record which model it belongs to, so no model can be built "
+            f"from it; pass a run folder, checkpoint.pt, model_folded.pt or compressed file (maxq verify FILE --nm "
+            f"N:M checks a state dict's pattern)"
+        )
+    what = f"a {found!r} file" if isinstance(found, str) else f"a {type(state).__name__} without a maxq format"
+    raise CheckpointError(f"{path}: neither a maxq checkpoint nor a folded model (it holds {what})")
 
 
-def _model_from_checkpoint(state: dict[str, Any], force: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _model_from_checkpoint(state: dict[str, Any], force: bool, as_trained: bool) -> tuple[nn.Module, dict[str, Any]]:
     from ..core.fold import fold_
     from ..core.sparsifier import sparsify_
     from ..train.models import build_model
@@ -223,10 +248,12 @@ def _model_from_checkpoint(state: dict[str, Any], force: bool) -> tuple[nn.Modul
     model.load_state_dict(state["model"])
     if sparsifier is not None:
         sparsifier.load_state_dict(state["sparsifier"])
+        if not sparsifier.ramp_finished and as_trained:
+            return model, {**arch, "method": cfg.method, "unfinished_ramp": sparsifier.dense_fraction}
         if not sparsifier.ramp_finished and not force:
             raise CheckpointError(
-                f"the checkpoint is mid-ramp ({sparsifier.dense_fraction:.0%} of blocks still dense): "
-                f"finish training, or pass --force to prune them now"
+                f"the checkpoint is mid-ramp ({sparsifier.dense_fraction:.0%} of blocks still dense): finish "
+                f"training (maxq train --out RUN --resume), or pass --force to prune them now"
             )
         fold_(model, force=force)
     return model, {**arch, "method": cfg.method}

@@ -39,6 +39,7 @@ class EvalResult:
     top5: float
     loss: float
     seconds: float  # wall time of the evaluation (forward passes and data), not of loading the file
+    note: str = ""  # e.g. what was evaluated of a checkpoint stopped mid-ramp
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,7 +75,7 @@ def _onnx_predictor(path: Path, threads: int | None) -> tuple[Callable[[Tensor],
 
 
 def _torch_predictor(path: Path) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], str]:
-    model, arch = model_from(path)
+    model, arch = model_from(path, as_trained=True)  # a run stopped mid-ramp: evaluated as trained so far
     model.eval()
 
     def predict(x: Tensor) -> Tensor:
@@ -126,6 +127,15 @@ def evaluate_file(
         totals += batch_counts(predict(x), y)
     seconds = time.perf_counter() - started
     metrics = from_counts(totals)
+    note = ""
+    if arch.get("unfinished_ramp"):
+        note = (
+            f"unfinished ramp ({arch['unfinished_ramp']:.0%} of blocks still dense): evaluated as trained so far, "
+            f"with its current masks (as the last epoch's test top-1); not N:M yet. Finish it with maxq train --out "
+            f"RUN --resume, or prune it now with maxq export --force"
+        )
+        log.warning("%s: %s", path, note)
     return EvalResult(
-        str(path), kind, precision, dataset, int(totals[3]), metrics["top1"], metrics["top5"], metrics["loss"], seconds
-    )
+        str(path), kind, precision, dataset, int(totals[3]), metrics["top1"], metrics["top5"], metrics["loss"], seconds,
+        note,
+    )  # fmt: skip

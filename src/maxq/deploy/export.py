@@ -104,8 +104,9 @@ def export_model(
         overwrite: replace existing output files (otherwise an existing one is an error, before any writing).
 
     Raises:
-        ValueError: an output exists (without ``overwrite``), the model carries no N:M layout, no calibration
-            dataset is known, or a compressed file does not restore bit-exactly.
+        ValueError: an output exists (without ``overwrite``), a compressed file is asked of a model without N:M
+            layout (a dense run: its ONNX and folded files are written, unchecked for N:M), no calibration dataset
+            is known, or a compressed file does not restore bit-exactly.
     """
     from .quantize import DEFAULT_CALIB_SAMPLES
 
@@ -120,7 +121,8 @@ def export_model(
     model.eval()
     layout = nm_layout(model)
     if layout is None:
-        raise ValueError(f"{source or 'the model'} holds no N:M layout (a dense run?): nothing to verify")
+        return _export_dense(model, arch, source, bn_fold, folded, compressed, onnx, fp16, int8, calib_samples,
+                             dataset, data_dir)  # fmt: skip
     summary: dict[str, Any] = {"source": source, "n": layout.n, "m": layout.m, "layers": list(layout.layers)}
     if bn_fold:
         pairs = fold_batchnorm_(model)
@@ -155,12 +157,56 @@ def export_model(
     return result
 
 
+def _export_dense(
+    model: nn.Module,
+    arch: dict[str, Any],
+    source: str,
+    bn_fold: bool,
+    folded: str | Path | None,
+    compressed: str | Path | None,
+    onnx: str | Path | None,
+    fp16: str | Path | None,
+    int8: str | Path | None,
+    calib_samples: int,
+    dataset: str | None,
+    data_dir: str | Path | None,
+) -> ExportResult:
+    """A model without N:M layers (a dense run, e.g. the baseline to compare against): the folded file and the
+    ONNX files (each checked against PyTorch), no N:M check; a compressed N:M file is refused."""
+    what = source or "the model"
+    if arch.get("method") not in (None, "dense"):
+        raise ValueError(f"{what} holds no N:M layout although it records method {arch['method']!r}")
+    if compressed:
+        raise ValueError(
+            f"{what} is a dense run: it has no N:M layers, so there is no compressed N:M file to write; drop "
+            f"--compressed (--onnx, --fp16, --int8 and --folded work for a dense run)"
+        )
+    arch = {**arch, "method": "dense"}
+    summary: dict[str, Any] = {"source": source, "dense": True, "n": None, "m": None, "layers": [], "nm_ok": None}
+    if bn_fold:
+        pairs = fold_batchnorm_(model)
+        arch = {**arch, "bn_folded": True}
+        summary["bn_folded"] = [f"{conv} <- {bn}" for conv, bn in pairs]
+    result = ExportResult(NMCheck(0, 0, [], "a dense run"), summary)
+    state = model.state_dict()
+    summary["dense_file_bytes"] = _dense_bytes(state)
+    if folded:
+        atomic_save(folded_file(state, None, arch, {"method": "dense"}), folded)
+        summary["folded"] = {"path": str(folded)}
+    if onnx or fp16 or int8:
+        with tempfile.TemporaryDirectory(prefix="maxq-export-") as tmp:
+            _onnx_files(model, arch, None, result, Path(tmp), onnx, fp16, int8, calib_samples, dataset, data_dir)
+    return result
+
+
 def _onnx_check(model: nn.Module, path: Path, example: torch.Tensor) -> tuple[dict[int, float], bool, int]:
     """Parity with PyTorch per batch size, ``maxq verify`` verdict, number of N:M initializers."""
     from .onnx_export import onnx_parity
-    from .verify import verify_file
+    from .verify import DENSE_NOTE, verify_file
 
-    check, _, _ = verify_file(path)
+    check, _, note = verify_file(path)
+    if note == DENSE_NOTE:  # a dense model: nothing to be N:M
+        return onnx_parity(model, path, example), True, 0
     return onnx_parity(model, path, example), check.ok, len(check.expected)
 
 
@@ -184,7 +230,8 @@ def _onnx_files(
     summary = result.summary
     example = torch.randn(1, arch["in_channels"], arch["image_size"], arch["image_size"])
     fp32_path = tmp / "fp32.onnx"
-    export_onnx(model, fp32_path, example, n=layout.n, m=layout.m, arch=arch)
+    n, m = (layout.n, layout.m) if layout is not None else (None, None)
+    export_onnx(model, fp32_path, example, n=n, m=m, arch=arch)
     diffs, nm_ok, count = _onnx_check(model, fp32_path, example)
     if onnx:
         summary["onnx"] = {"path": str(onnx), "max_abs_diff": diffs, "sparse_initializers": count, "nm_ok": nm_ok}
@@ -204,7 +251,7 @@ def _onnx_files(
         shutil.copyfile(half, fp16)
     if int8:
         from .quantize import calibration_images, quantize_int8
-        from .verify import verify_file
+        from .verify import DENSE_NOTE, verify_file
 
         name = dataset or arch["dataset"]
         size = arch.get("image_size") or 224
@@ -212,17 +259,18 @@ def _onnx_files(
         calib, held = images[:calib_samples], images[calib_samples:]
         q_path = tmp / "int8.onnx"
         info = quantize_int8(fp32_path, q_path, calib)
-        check, _, _ = verify_file(q_path)
+        check, _, note = verify_file(q_path)
+        nm_ok = True if note == DENSE_NOTE else check.ok
         entry: dict[str, Any] = {
             "path": str(int8),
             "calibration": {"dataset": name, "split": "train", "samples": len(calib)},
             **info.to_dict(),
-            "nm_ok": check.ok,
+            "nm_ok": nm_ok,
         }
         if len(held):
             entry.update(top1_agreement_with_fp32=_agreement(model, q_path, held), agreement_samples=len(held))
         summary["int8"] = entry
-        if not check.ok:
+        if not nm_ok:
             result.ok, result.problem = False, "the INT8 ONNX file is not N:M; not written"
             return
         shutil.copyfile(q_path, int8)

@@ -34,12 +34,17 @@ __all__ = [
     "weight_nodes",
     "ONNX_LAYOUT_KEY",
     "ONNX_ARCH_KEY",
+    "ONNX_LAYERS_KEY",
+    "layer_names",
 ]
 
 #: ``metadata_props`` key holding ``{"n", "m", "sparse_initializers": [...]}``.
 ONNX_LAYOUT_KEY = "maxq.layout"
 #: ``metadata_props`` key holding the architecture record and the file's ``precision``.
 ONNX_ARCH_KEY = "maxq.arch"
+#: ``metadata_props`` key holding ``{weight initializer name: model layer name}`` (files of maxq >= 0.2.1), so that
+#: ``maxq verify`` names ``onnx::Conv_90`` as the layer it came from.
+ONNX_LAYERS_KEY = "maxq.layers"
 
 
 def _require_onnx():
@@ -75,6 +80,7 @@ def onnx_metadata(model_proto: Any) -> dict[str, Any]:
     return {
         "layout": json.loads(props[ONNX_LAYOUT_KEY]) if ONNX_LAYOUT_KEY in props else None,
         "arch": json.loads(props[ONNX_ARCH_KEY]) if ONNX_ARCH_KEY in props else None,
+        "layers": json.loads(props[ONNX_LAYERS_KEY]) if ONNX_LAYERS_KEY in props else {},
     }
 
 
@@ -158,6 +164,29 @@ def weight_nodes(model_proto: Any) -> dict[str, str]:
     return {node.name: name for node, name, _ in _weight_inputs(model_proto)}
 
 
+def _scope_module(node_name: str) -> str:
+    """The module path in a TorchScript-exporter node name: ``/layers/layers.0/layers.0.0/conv1/Conv`` ->
+    ``layers.0.0.conv1`` (each scope is either the full path so far or one attribute name)."""
+    name = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        name = part if not name or part.startswith(name + ".") else f"{name}.{part}"
+    return name
+
+
+def layer_names(model: nn.Module, model_proto: Any) -> dict[str, str]:
+    """``{weight initializer: model layer name}`` for the Conv/Gemm/MatMul weights of an export of ``model`` whose
+    node scope names a Conv2d/Linear layer of the model with a weight of the same shape."""
+    modules = dict(model.named_modules())
+    names = {}
+    for node, init, w in _weight_inputs(model_proto):
+        layer = _scope_module(node.name)
+        module = modules.get(layer)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and weight is not None and tuple(weight.shape) == w.shape:
+            names[init] = layer
+    return names
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -172,7 +201,7 @@ def export_onnx(
 
     With ``n, m`` given, the initializers whose zero pattern is that of a sparsified layer of ``model`` are
     recorded in the file's metadata (``maxq.layout``) for ``maxq verify``; ``arch`` is recorded as ``maxq.arch``
-    (with ``precision: fp32``) for ``maxq eval``.
+    (with ``precision: fp32``) for ``maxq eval``; the model's layer names as ``maxq.layers``.
     """
     onnx = _require_onnx()
     from ..core.fold import nm_layout
@@ -209,6 +238,9 @@ def export_onnx(
         set_onnx_metadata(proto, ONNX_LAYOUT_KEY, {**layout.to_dict(), "n": n, "m": m, "sparse_initializers": sparse})
     if arch is not None:
         set_onnx_metadata(proto, ONNX_ARCH_KEY, {**arch, "precision": "fp32"})
+    names = layer_names(model, proto)
+    if names:
+        set_onnx_metadata(proto, ONNX_LAYERS_KEY, names)
     if proto.metadata_props:
         onnx.save(proto, str(path))
     return sparse

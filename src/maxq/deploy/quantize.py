@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .onnx_export import (
     ONNX_ARCH_KEY,
+    ONNX_LAYERS_KEY,
     ONNX_LAYOUT_KEY,
     _require_onnx,
     onnx_metadata,
@@ -162,6 +163,10 @@ def quantize_int8(src: str | Path, dst: str | Path, images: Tensor, *, batch_siz
                 f"found {len(sparse)} of the {len(wanted)} N:M layers of {src} as int8 weights after quantization"
             )
         set_onnx_metadata(int8, ONNX_LAYOUT_KEY, {**layout, "sparse_initializers": sparse})
+    if meta["layers"]:  # the layer names follow the weights to their int8 initializers, by node
+        names = {q_by_node[node]: meta["layers"][name] for node, name in fp_by_node.items()
+                 if name in meta["layers"] and node in q_by_node}  # fmt: skip
+        set_onnx_metadata(int8, ONNX_LAYERS_KEY, names)
     info = QuantizeInfo(sparse, pruned_nonzero, kept_zero, kept, len(images))
     arch = meta["arch"] or {}
     scheme = {**SCHEME, "calib_samples": len(images)}

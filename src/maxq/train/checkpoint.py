@@ -20,6 +20,8 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ __all__ = [
     "read_safetensors",
     "safetensors_header",
     "save_safetensors",
+    "InitWeights",
+    "read_init",
+    "load_init_",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,13 +104,26 @@ def _check_seal(data: bytes, path: Path) -> bool:
     return False
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it back at once; the lock keeps threads of this module apart)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def atomic_write_bytes(data: bytes | list[bytes | memoryview], path: str | Path) -> None:
     """Write ``data`` (or its pieces, in order) to a temporary file in the same folder, fsync, then rename over
-    ``path``: a crash leaves either the old file or the new one, never half of one."""
+    ``path``: a crash leaves either the old file or the new one, never half of one. The file gets the mode a plain
+    ``open(path, "w")`` would (0666 less the umask: 0644 under umask 022), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             for piece in [data] if isinstance(data, bytes) else data:
                 f.write(piece)
@@ -147,6 +165,10 @@ def read_torch_file(path: str | Path) -> Any:
     data = path.read_bytes()
     if not data:
         raise CheckpointError(f"{path} is empty")
+    if data[:4] != b"PK\x03\x04" and data[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle
+        raise CheckpointError(
+            f"{path}: unknown file kind (not a PyTorch file; expected a maxq checkpoint, folded model or state dict)"
+        )
     sealed = _check_seal(data, path)
     try:
         if sealed:
@@ -356,3 +378,103 @@ def hf_transposed(config: dict[str, Any], names: list[str]) -> list[str]:
     if config.get("model_type") not in HF_CONV1D_MODEL_TYPES:
         return []
     return [name for name in names if re.search(HF_CONV1D_LAYERS, name)]
+
+
+@dataclass
+class InitWeights:
+    """Weights to start a run from (``maxq train --init``): a plain state dict, where it came from, and the
+    ``--model`` it was trained with when the file records it."""
+
+    state_dict: dict[str, Any]
+    source: Path
+    kind: str  # checkpoint, folded or state_dict
+    model: str | None = None
+
+
+def read_init(path: str | Path) -> InitWeights:
+    """Read what ``--init`` accepts: a run folder (its ``checkpoint.pt``; a sparse run's ``model_folded.pt``), a
+    training checkpoint, a folded model file, or a plain ``torch.save(model.state_dict())``; all read with
+    ``weights_only=True``.
+
+    Raises:
+        CheckpointError: missing, unreadable or unsafe (see :func:`read_torch_file`), another kind of file, a run
+            folder without a checkpoint, or a checkpoint that still holds masks (use the run's folded model).
+    """
+    path = Path(path)
+    if path.is_dir():
+        checkpoint, folded = path / "checkpoint.pt", path / "model_folded.pt"
+        if not checkpoint.is_file() and not folded.is_file():
+            raise CheckpointError(
+                f"--init {path} is a folder but not a maxq run (it holds neither checkpoint.pt nor model_folded.pt)"
+            )
+        found = read_init(checkpoint if checkpoint.is_file() else folded)
+        if _has_masks(found.state_dict) and folded.is_file():  # a sparse run: start from its shipped weights
+            return read_init(folded)
+        return found
+    if not path.exists():
+        raise CheckpointError(f"--init {path} does not exist")
+    state = read_torch_file(path)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == CHECKPOINT_FORMAT:
+        arch = state.get("arch") or {}
+        weights = InitWeights(dict(state["model"]), path, "checkpoint", arch.get("model") or state["config"]["model"])
+    elif fmt == FOLDED_FORMAT:
+        weights = InitWeights(dict(state["state_dict"]), path, "folded", (state.get("arch") or {}).get("model"))
+    elif isinstance(state, dict) and state and fmt is None and all(isinstance(v, torch.Tensor) for v in state.values()):
+        weights = InitWeights(dict(state), path, "state_dict")
+    else:
+        what = f"a {fmt!r} file" if fmt else f"a {type(state).__name__} that is not a state dict"
+        raise CheckpointError(
+            f"--init {path}: unknown file kind ({what}); pass a run folder, checkpoint.pt, model_folded.pt or a "
+            f"state dict saved with torch.save(model.state_dict())"
+        )
+    if _has_masks(weights.state_dict):
+        raise CheckpointError(
+            f"--init {path}: this checkpoint still holds masks (a sparse run); use its run's model_folded.pt"
+        )
+    return weights
+
+
+def _has_masks(state_dict: dict[str, Any]) -> bool:
+    return any(".parametrizations." in k for k in state_dict)
+
+
+def load_init_(model: torch.nn.Module, init: InitWeights, model_name: str) -> None:
+    """Load ``init`` into ``model`` (built as ``--model model_name``); every key and shape must match.
+
+    Raises:
+        CheckpointError: one line saying which keys are missing or unexpected and which shapes differ (the first
+            few, with counts), and the ``--model`` the file was trained with when it records it.
+    """
+    have = model.state_dict()
+    given = init.state_dict
+    missing = [k for k in have if k not in given]
+    unexpected = [k for k in given if k not in have]
+    shapes = [
+        f"{k} {_shape(given[k])} vs {_shape(have[k])}"
+        for k in have
+        if k in given and isinstance(given[k], torch.Tensor) and given[k].shape != have[k].shape
+    ]
+    problems = [
+        _listed(f"{len(missing)} missing", missing),
+        _listed(f"{len(unexpected)} unexpected", unexpected),
+        _listed(f"{len(shapes)} of other shape (file vs model)", shapes),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        trained = f"; it was trained with --model {init.model}" if init.model and init.model != model_name else ""
+        raise CheckpointError(
+            f"--init {init.source} ({init.kind}) does not fit --model {model_name}: keys {'; '.join(problems)}{trained}"
+        )
+    model.load_state_dict(given)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _listed(what: str, items: list[str], first: int = 3) -> str:
+    if not items:
+        return ""
+    more = f", ... ({len(items) - first} more)" if len(items) > first else ""
+    return f"{what}: {', '.join(items[:first])}{more}"

@@ -9,6 +9,7 @@ One process or several (``torchrun``): DDP with gloo on CPU and NCCL on CUDA; on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,15 @@ from ..core.check import check_nm
 from ..core.fold import fold_, nm_layout
 from ..core.sparsifier import Sparsifier, sparsify_
 from ..core.stepping import OptimizerSteps
-from .checkpoint import CHECKPOINT_FORMAT, FOLDED_FORMAT, CheckpointError, atomic_save, folded_file, load_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_save,
+    folded_file,
+    load_checkpoint,
+    load_init_,
+    read_init,
+)
 from .data import DataInfo, augment, load_dataset, normalize
 from .metrics import batch_counts, from_counts
 from .models import build_model
@@ -292,6 +301,55 @@ def _keep_final_files(out: Path, epochs: int) -> list[Path]:
     return [b for _, b in moves]
 
 
+def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
+    """The ramp this run follows, pinned in the config (so config.yaml, checkpoints and report.json record it).
+
+    The ramp must end while the run still trains, or the blocks still dense at the end are pruned without
+    retraining. With the default per-epoch staircase ``p`` moves at epoch starts only, so the last change that
+    trains is at the start of the last epoch; a per-step ramp moves every step, up to the run's end.
+
+    * The default ramp (the first 25% of the run) always ends within the run, but not always at a staircase
+      step: for a run shorter than its ramp's staircase (a 1-epoch run: ``p`` would stay 1 through the only
+      epoch), it is ramped per step over the same epochs instead, and that is logged.
+    * A ramp the user set (``--ramp`` or the recipe, or ``--no-per-step`` given with the default ramp) is kept;
+      if it does not finish, a warning says how many blocks are still dense at the end (pruned when folding) and
+      how to make it fit.
+    """
+    if cfg.method_ramp is None:
+        return cfg
+    start, end = cfg.method_ramp
+    last = cfg.epochs if cfg.per_step else cfg.epochs - 1  # the last progress value that still trains
+    left = cfg.sparsity_config().dense_fraction(last)
+    if left == 0:
+        return dataclasses.replace(cfg, ramp=(start, end))
+    if cfg.ramp is None and "per_step" not in given:
+        if say:
+            log.warning(
+                "the ramp %g-%g (epochs; default: the first 25%% of the run) does not fit a %s with a per-epoch "
+                "staircase (the blocks would stay dense for the whole run and be pruned at the end): ramping per "
+                "step over epochs %g-%g instead",
+                start, end, f"{cfg.epochs}-epoch run", start, end,
+            )  # fmt: skip
+        return dataclasses.replace(cfg, ramp=(start, end), per_step=True)
+    if say:
+        staircase = "" if cfg.per_step else " (per-epoch staircase: the ramp moves at epoch starts only)"
+        fix = f"end it by epoch {cfg.epochs:g} with --per-step" if cfg.per_step else (
+            f"end it by epoch {cfg.epochs - 1:g}, or add --per-step to ramp every step up to epoch {cfg.epochs:g}"
+        )  # fmt: skip
+        log.warning(
+            "the ramp %g-%g does not finish within this %s%s: %.0f%% of the blocks are still dense at the end "
+            "and get pruned when folding, without retraining, which costs accuracy. To finish it in training, %s "
+            "(or drop --ramp: the default ramps over the first 25%% of the run)",
+            start, end, f"{cfg.epochs}-epoch run", staircase, 100 * left, fix,
+        )  # fmt: skip
+    return dataclasses.replace(cfg, ramp=(start, end))
+
+
+def _epochs(count: float) -> str:
+    """``1 epoch``, ``3 epochs``, ``0.5 epochs``."""
+    return f"{count:g} epoch" + ("" if count == 1 else "s")
+
+
 def _check_out(out: Path) -> None:
     """``out`` must be (or become) a writable folder: fail before anything is loaded or written."""
     if out.exists() and not out.is_dir():
@@ -324,21 +382,6 @@ def _preflight(
         ) from exc
     finally:
         model.train(was_training)
-
-
-def _init_weights(model: nn.Module, path: str) -> None:
-    """Start from another run's weights: a ``maxq train`` checkpoint of a dense run, or a folded model."""
-    p = Path(path)
-    try:
-        state = load_checkpoint(p)
-        weights = state["model"]
-    except CheckpointError:
-        weights = load_checkpoint(p, kind=FOLDED_FORMAT)["state_dict"]
-    if any(".parametrizations." in k for k in weights):
-        raise CheckpointError(f"--init {p}: this checkpoint still holds masks; use its run's model_folded.pt")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"--init {p} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -413,17 +456,9 @@ def _train(
         run.epochs, run.checkpoint_epoch = cfg.epochs, int(saved["epoch"])
     elif (out / CHECKPOINT).exists() or (out / "report.json").exists():
         raise RunExists(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    cfg = _fit_ramp(cfg, given, procs.main)
     sparse_cfg = cfg.sparsity_config()
-    if sparse_cfg is not None and sparse_cfg.dense_fraction(cfg.epochs - (0.0 if cfg.per_step else 1.0)) > 0:
-        log.warning(
-            "the ramp ends at epoch %g but the run stops before it (%d epochs%s): the remaining dense blocks "
-            "are pruned at the end. Use a shorter --ramp or --per-step.",
-            cfg.method_ramp[1],
-            cfg.epochs,
-            "" if cfg.per_step else ", staircase",
-        )
-    if cfg.init and not Path(cfg.init).is_file():
-        raise CheckpointError(f"--init {cfg.init} does not exist")
+    init = read_init(cfg.init) if cfg.init else None  # read (and refused) before anything is written
     amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     if amp and device.type != "cuda":
         raise ValueError("--amp needs a CUDA device")
@@ -448,8 +483,8 @@ def _train(
 
     # Model and sparsifier
     model = build_model(cfg.model, info.channels, info.classes, info.image_size)
-    if cfg.init:
-        _init_weights(model, cfg.init)
+    if init is not None:
+        load_init_(model, init, cfg.model)
     elif sparse_cfg is not None and sparse_cfg.frozen and not saved:
         log.warning("oneshot without --init prunes the random initialization; pass --init DENSE_RUN/checkpoint.pt")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
@@ -485,14 +520,18 @@ def _train(
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{out / CHECKPOINT} does not match this run: {exc}") from None
         history, start_epoch = list(saved["history"]), int(saved["epoch"])
-        log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
+        if procs.main:
+            log.info(
+                "resuming %s after epoch %d of %d: continuing with epoch %d", out, start_epoch, cfg.epochs,
+                start_epoch + 1,
+            )  # fmt: skip
         if cfg.epochs != int(saved["config"]["epochs"]):
             # --extend: the cosine schedule is re-laid over the new length from the current step on.
             was = optimizer.param_groups[0]["lr"]
             factor = lr_factor(scheduler.last_epoch, total_steps, warmup)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base * factor
-            log.warning(
+            log.warning(  # every process adjusts its schedule; the main one says so
                 "extending %s from %d to %d epochs: cosine learning-rate schedule re-laid over %d epochs from step "
                 "%d (lr %.4g -> %.4g); ramp kept at %s",
                 out, saved["config"]["epochs"], cfg.epochs, cfg.epochs, scheduler.last_epoch, was,
@@ -516,20 +555,18 @@ def _train(
                     "the %d-epoch run's final files were kept as %s; new ones are written after epoch %d",
                     saved["config"]["epochs"], ", ".join(p.name for p in kept), cfg.epochs,
                 )  # fmt: skip
-        (out / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        resolved = {**cfg.to_dict(), "amp": amp, "threads": torch.get_num_threads()}  # the values used
+        (out / "config.yaml").write_text(_yaml(resolved))
         with open(out / "metrics.jsonl", "w") as f:  # rewritten from the checkpoint's history on resume
             f.writelines(json.dumps(h) + "\n" for h in history)
-    log.info(
-        "%s %s on %s/%s: %d epochs x %d steps, device %s, %d process(es)",
-        cfg.method,
-        cfg.nm,
-        cfg.dataset,
-        cfg.model,
-        cfg.epochs,
-        steps_per_epoch,
-        device,
-        procs.world,
-    )
+    if procs.main:
+        ramp = cfg.method_ramp
+        ramp_text = f", ramp {ramp[0]:g}-{ramp[1]:g}{' per step' if cfg.per_step else ''}" if ramp else ""
+        log.info(
+            "%s on %s/%s: %s x %d steps%s, device %s, %d process(es)",
+            "dense" if cfg.method == "dense" else f"{cfg.method} {cfg.nm}", cfg.dataset, cfg.model,
+            _epochs(cfg.epochs), steps_per_epoch, ramp_text, device, procs.world,
+        )  # fmt: skip
 
     # The rules around an optimizer step (ramp from the step counter, decay on unscaled gradients, masks after a
     # step that happened) are OptimizerSteps', shared with hook_optimizer and the Lightning/HF callbacks.
@@ -646,7 +683,7 @@ def _warn_skipped(model: nn.Module, sparsifier: Sparsifier, cfg: TrainConfig) ->
         total = len(_weight_layers(model))
         log.warning(
             "only %d of %d Conv2d/Linear layers can be %s; dense: %s",
-            len(sparsifier.layers), total, cfg.nm, "; ".join(f"{c.name} ({c.reason})" for c in refused),
+            len(sparsifier.layers), total, cfg.nm, "; ".join(f"layer {c.name} ({c.kind}: {c.reason})" for c in refused),
         )  # fmt: skip
 
 
@@ -668,7 +705,7 @@ def _finish(
     weight_layers = _weight_layers(model)
     layout = None
     if sparsifier is not None:
-        skipped = [{"layer": c.name, "reason": c.reason} for c in sparsifier.choices if not c.selected]
+        skipped = [{"layer": c.name, "type": c.kind, "reason": c.reason} for c in sparsifier.choices if not c.selected]
         fold_(model, force=not ramp_finished)  # an unfinished ramp is pruned to N:M now (logged)
         layout = nm_layout(model)
         nm_ok = check_nm(model, n, m).ok
@@ -681,8 +718,9 @@ def _finish(
     best = int(np.argmax(tops)) if tops else 0
     report: dict[str, Any] = {
         "method": cfg.method,
-        "n": n,
-        "m": m,
+        "nm": None if cfg.method == "dense" else cfg.nm,
+        "n": None if cfg.method == "dense" else n,
+        "m": None if cfg.method == "dense" else m,
         "model": cfg.model,
         "dataset": cfg.dataset,
         "seed": cfg.seed,
@@ -693,7 +731,8 @@ def _finish(
         "top5_last": history[-1]["test_top5"] if history else None,
         "top1_folded": folded["top1"],
         "nm_ok": nm_ok,
-        "ramp": list(cfg.method_ramp) if cfg.method_ramp else None,
+        "ramp": list(cfg.method_ramp) if cfg.method_ramp else None,  # the ramp followed (see _fit_ramp)
+        "ramp_per_step": cfg.per_step if cfg.method_ramp else None,
         "ramp_finished": ramp_finished,
         "params_total": total,
         "params_nonzero": nonzero,
@@ -712,7 +751,7 @@ def _finish(
         atomic_save(folded_file(model.state_dict(), layout, arch, cfg.to_dict()), out / "model_folded.pt")
         from .plots import plot_run
 
-        plot_run(history, cfg, out / "curves.png")
+        plot_run(history, cfg, out / "curves.png", folded["top1"])
         names = {"report": "report.json", "checkpoint": CHECKPOINT, "folded": "model_folded.pt"}
         names.update(metrics="metrics.jsonl", plot="curves.png", config="config.yaml")
         report["files"] = {k: str(out / v) for k, v in names.items()}

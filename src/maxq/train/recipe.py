@@ -236,6 +236,26 @@ _FLOAT_OPTIONS = frozenset(
 )
 
 
+def _sexagesimal(value: int) -> str | None:
+    """The ``N:M`` that YAML 1.1 read as the base-60 number ``value`` (``2:4`` -> 124, ``1:16`` -> 76), if any."""
+    if value < 60:
+        return None
+    high, low = divmod(value, 60)
+    try:
+        parse_nm(f"{high}:{low}")
+    except ValueError:
+        return None
+    return f"{high}:{low}"
+
+
+def _nm_hint(value: int) -> str:
+    """What to say about a number where the N:M pattern should be."""
+    pattern = _sexagesimal(value)
+    if pattern is not None:
+        return f'write nm: "{pattern}" (quoted): YAML reads {pattern} unquoted as the number {value}'
+    return f'nm must be a quoted pattern like nm: "2:4" (keep N of every M), got the number {value}'
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe: a YAML mapping of :class:`TrainConfig` option names (dashes or underscores)."""
     try:
@@ -249,6 +269,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of options, got {type(data).__name__}")
     options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if isinstance(options.get("nm"), int) and not isinstance(options["nm"], bool):
+        raise ValueError(f"config file {path}: {_nm_hint(options['nm'])}")
     for key in _FLOAT_OPTIONS & set(options):
         if isinstance(options[key], str):
             try:
