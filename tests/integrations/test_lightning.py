@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -295,3 +299,43 @@ def test_errors_say_what_to_do():
         trainer([MaxQCallback(maxq.SRSTEConfig(), module="backbone")]).fit(Net(), Loader())
     with pytest.raises(ValueError, match="exactly one optimizer"):
         trainer([MaxQCallback(maxq.SRSTEConfig())]).fit(Net(optimizers=2, manual=True), Loader())
+
+
+# -- the example: real data, one process and 2-process DDP (gloo) ---------------------------------------------------
+EXAMPLE = ROOT / "examples" / "lightning_fashion_mnist.py"
+
+
+def run_example(tmp_path, *flags, timeout=300):
+    from maxq.train.data import FMNIST_DIR
+
+    if (
+        not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+        and not (FMNIST_DIR / "train-images-idx3-ubyte").is_file()
+    ):
+        pytest.skip(f"Fashion-MNIST is not installed in {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    with socket.socket() as s:  # a free port for the DDP rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    cmd = [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path / "out"), *flags]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "OK: 6/6 expected layers are 2:4" in run.stdout and "test top-1" in run.stdout, run.stdout
+    return run
+
+
+def test_example_quick(tmp_path):
+    run_example(tmp_path)
+    assert (tmp_path / "out" / "model.pt").is_file() and (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_masks_and_weights(tmp_path):
+    run_example(tmp_path, "--devices", "2", "--strategy", "ddp", "--dump", str(tmp_path / "dump"))
+    ranks = [torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["masks"] and set(ranks[0]["masks"]) == set(ranks[1]["masks"])
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
