@@ -58,6 +58,13 @@ class Loader:
         self.start = state["pos"] % len(self)
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """Batches of an iterable dataset without a length: Lightning cannot count the steps of an epoch."""
+
+    def __iter__(self):
+        yield from Loader()
+
+
 class Net(L.LightningModule):
     def __init__(self, lr: float = 0.1, momentum: float = 0.9, optimizers: int = 1, manual: bool = False) -> None:
         super().__init__()
@@ -297,6 +304,11 @@ def test_errors_say_what_to_do():
     assert MaxQCallback(maxq.MaxQConfig(), per_step=True).config.per_step
     with pytest.raises(ValueError, match=r"no submodule at that path; its children are \['net'\]"):
         trainer([MaxQCallback(maxq.SRSTEConfig(), module="backbone")]).fit(Net(), Loader())
+    with pytest.raises(ValueError, match=r"pass MaxQCallback\(steps_per_epoch=\.\.\.\)"):
+        trainer([MaxQCallback(maxq.MaxQConfig())]).fit(Net(), Stream())
+    cb = MaxQCallback(maxq.MaxQConfig(ramp=(0, 1), per_step=True), steps_per_epoch=SPE)
+    trainer([cb]).fit(Net(), Stream())  # a loader without a length: the ramp follows the steps given
+    assert cb.result.ok and cb.sparsifier.steps == 2 * SPE
     with pytest.raises(ValueError, match="exactly one optimizer"):
         trainer([MaxQCallback(maxq.SRSTEConfig())]).fit(Net(optimizers=2, manual=True), Loader())
 
