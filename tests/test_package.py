@@ -21,6 +21,20 @@ def test_import_is_light():
     assert loaded["maxq"] == loaded["torch"]
 
 
+def test_frameworks_are_imported_only_by_their_integration():
+    # `import maxq` and `import maxq.integrations` import no training framework; maxq.integrations.lightning does.
+    frameworks = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+    code = "import sys, {}; print(sorted(m for m in {!r} if m in sys.modules))"
+    for module in ("maxq", "maxq.integrations"):
+        run = subprocess.run([sys.executable, "-c", code.format(module, frameworks)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert eval(run.stdout) == [], module
+    pytest.importorskip("lightning")
+    run = subprocess.run([sys.executable, "-c", code.format("maxq.integrations.lightning", frameworks)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert "lightning" in eval(run.stdout), run.stderr
+
+
 def test_folders_show_the_layers():
     pkg = ROOT / "src" / "maxq"
     assert {p.name for p in pkg.iterdir() if p.is_dir() and not p.name.startswith("__")} >= {

@@ -1,0 +1,295 @@
+"""N:M sparse training inside PyTorch Lightning: :class:`MaxQCallback`.
+
+Install with ``pip install maxq[lightning]``. Usage::
+
+    import lightning.pytorch as L
+    import maxq
+    from maxq.integrations.lightning import MaxQCallback
+
+    callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
+    trainer = L.Trainer(max_epochs=10, callbacks=[callback])
+    trainer.fit(module, train_loader)      # sparsify at setup, ramp, decay, masks; fold + check at the end
+    torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
+
+What happens around every optimizer step is :class:`~maxq.core.stepping.OptimizerSteps`' job (the one owner of
+those rules); this callback only tells it when, with Lightning's own counters:
+
+=================================  ============================================================================
+Lightning hook                     what the callback does
+=================================  ============================================================================
+``setup(stage="fit")``             sparsify the module (or adopt the sparsifier of a model you sparsified with
+                                   :func:`maxq.sparsify_`); before Lightning restores ``ckpt_path=``, so the
+                                   checkpoint's parametrized weights load into it
+``load_state_dict``                restore the sparsifier (masks, step count, progress) from the checkpoint
+``on_train_start``                 steps per epoch = ``ceil(num_training_batches / accumulate_grad_batches)``
+                                   (how Lightning counts optimizer steps, last partial accumulation included);
+                                   watch the optimizer; ``begin_step(global_step)``
+``on_train_batch_start``           ``begin_step(global_step)`` (idempotent under gradient accumulation)
+``on_before_optimizer_step``       ``before_optimizer_step``: unscale once (Lightning's AMP plugin already did)
+                                   and the SR-STE decay on the true gradients
+``on_train_batch_end``             ``after_optimizer_step(global_step)`` when ``global_step`` moved: the masks
+                                   follow the weights of a step that really happened (a step the AMP scaler
+                                   skipped recomputes nothing)
+``on_train_epoch_end``             log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``
+``on_train_end``                   fold, check N:M, log the per-layer report (after the last checkpoint of the
+                                   run; a ``trainer.save_checkpoint`` afterwards holds the folded model)
+=================================  ============================================================================
+
+Since the ramp's progress is ``global_step / steps_per_epoch``, a run resumed from any checkpoint (mid-epoch
+included) has the uninterrupted run's progress, dense fraction, step count and masks from its first step on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from ..core.check import NMCheck
+from ..core.config import NMConfig
+from ..core.layers import FilterFn
+from ..core.sparsifier import Sparsifier
+from ..core.stepping import OptimizerSteps
+from ._lifecycle import adopt_or_sparsify, finish, ramp_metrics
+
+__all__ = ["MaxQCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class MaxQCallback(pl.Callback):
+    """Train a LightningModule N:M sparse (MaxQ, SR-STE or one-shot) and hand back an ordinary N:M model.
+
+    Args:
+        config: the method (:class:`maxq.MaxQConfig`, :class:`maxq.SRSTEConfig`, :class:`maxq.OneShotConfig`).
+            ``None``: adopt the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
+        filter_fn: ``(module, qualified_name) -> bool`` choosing the layers (names relative to ``module``);
+            default: every eligible Conv2d/Linear except the first conv and the last classifier.
+        per_step: ``True``: a smooth ramp moved every optimizer step; ``False``: the paper's once-per-epoch
+            staircase; ``None``: as the config says. Only for a config with a ramp (:class:`maxq.MaxQConfig`).
+        fold: at the end of training fold the masks into the weights, check that every sparsified layer is exactly
+            N:M and log the per-layer report; the module is then an ordinary model. ``False``: report only.
+        fold_force: fold even if training ended before the ramp did (the remaining dense blocks are pruned).
+        module: attribute path of the submodule to sparsify (``"model"``, ``"backbone.encoder"``); default: the
+            whole LightningModule.
+        steps_per_epoch: optimizer steps per epoch, for loaders Lightning cannot count (iterable datasets without
+            ``__len__``); default: ``ceil(num_training_batches / accumulate_grad_batches)``.
+        log_metrics: log the ramp's dense fraction, share of dense blocks and mean soft scale at every epoch end
+            through ``pl_module.log_dict`` (to the trainer's logger).
+
+    Raises:
+        ValueError: an argument is invalid (the message says what to pass instead).
+
+    The :class:`~maxq.Sparsifier` it drives is :attr:`sparsifier` (``None`` before ``trainer.fit`` set it up).
+    Only one optimizer is supported. Manual optimization works when ``training_step`` steps the optimizer once
+    per batch through ``self.optimizers()`` (Lightning then counts ``global_step`` and calls
+    ``on_before_optimizer_step``); pass ``steps_per_epoch`` if it steps another number of times per epoch.
+    """
+
+    def __init__(
+        self,
+        config: NMConfig | None = None,
+        *,
+        filter_fn: FilterFn | None = None,
+        per_step: bool | None = None,
+        fold: bool = True,
+        fold_force: bool = False,
+        module: str | None = None,
+        steps_per_epoch: int | None = None,
+        log_metrics: bool = True,
+    ) -> None:
+        if config is not None and not isinstance(config, NMConfig):
+            raise ValueError(
+                f"config must be a maxq config (maxq.MaxQConfig(...), maxq.SRSTEConfig(...), maxq.OneShotConfig(...))"
+                f" or None to adopt a model sparsified with maxq.sparsify_, got {type(config).__name__}"
+            )
+        if filter_fn is not None and not callable(filter_fn):
+            raise ValueError(f"filter_fn must be a callable (module, name) -> bool, got {type(filter_fn).__name__}")
+        for name, value in (("fold", fold), ("fold_force", fold_force), ("log_metrics", log_metrics)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if per_step is not None:
+            if not isinstance(per_step, bool):
+                raise ValueError(f"per_step must be True, False or None (the config decides), got {per_step!r}")
+            if config is None:
+                raise ValueError(
+                    "per_step needs a config: give the callback the config (maxq.MaxQConfig(..., per_step=...)), "
+                    "or set per_step in the config you sparsified the model with"
+                )
+            if not any(f.name == "per_step" for f in dataclasses.fields(config)):
+                raise ValueError(
+                    f"per_step applies to a ramp, and {type(config).__name__} has none (only maxq.MaxQConfig "
+                    "ramps its sparsity); leave per_step=None"
+                )
+            config = dataclasses.replace(config, per_step=per_step)
+        if module is not None and (not isinstance(module, str) or not module.strip(".")):
+            raise ValueError(f"module must be an attribute path such as 'model' or 'backbone.encoder', got {module!r}")
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps), got {steps_per_epoch!r}")
+        self.config = config
+        self.filter_fn = filter_fn
+        self.fold = fold
+        self.fold_force = fold_force
+        self.module = module
+        self.steps_per_epoch = steps_per_epoch
+        self.log_metrics = log_metrics
+        self.result: NMCheck | None = None  #: the N:M check of the folded model (after fit, with ``fold``)
+        self._sparsifier: Sparsifier | None = None
+        self._driver: OptimizerSteps | None = None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state that came before setup
+        self._begun: int | None = None  # global_step when the current optimizer step began
+
+    @property
+    def sparsifier(self) -> Sparsifier | None:
+        """The :class:`~maxq.Sparsifier` this callback drives (``None`` before ``trainer.fit`` sets it up)."""
+        return self._sparsifier
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(module=self.module)
+
+    # -- setup: sparsify before Lightning restores a checkpoint ---------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or (self._sparsifier is not None and not self._sparsifier.folded):
+            return
+        target = self._target(pl_module)
+        with _quiet_unless_rank_zero(trainer):
+            self._sparsifier = adopt_or_sparsify(target, self.config, self.filter_fn)
+        cfg = self._sparsifier.config
+        rank_zero_info(
+            f"maxq: {cfg.method} {cfg.n}:{cfg.m} on {len(self._sparsifier.layers)} layer(s) of "
+            f"{self.module or type(pl_module).__name__}"
+        )
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
+
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            target = pl_module.get_submodule(self.module)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"MaxQCallback(module={self.module!r}): {type(pl_module).__name__} has no submodule at that path; "
+                f"its children are {children} (pass one of them, a dotted path below one, or module=None)"
+            ) from None
+        return target
+
+    # -- the training run -----------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sp = self._require()
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"MaxQCallback supports exactly one optimizer, configure_optimizers gave {len(optimizers)}; "
+                "put every parameter group into one optimizer"
+            )
+        steps = self.steps_per_epoch or self._count_steps(trainer)
+        self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        self._driver.watch(optimizers[0])
+        self._begun = trainer.global_step
+        self._driver.begin_step(trainer.global_step)
+        rank_zero_info(
+            f"maxq: {steps} optimizer step(s) per epoch, starting at step {trainer.global_step} "
+            f"(dense fraction {sp.dense_fraction:.3f})"
+        )
+
+    def _count_steps(self, trainer: pl.Trainer) -> int | None:
+        batches = trainer.num_training_batches
+        if batches == float("inf") or batches < 1:
+            if not hasattr(self._require().config, "ramp"):
+                return None  # no ramp: progress is never read
+            raise ValueError(
+                "MaxQCallback: Lightning cannot count the batches of this training loader (an iterable dataset "
+                "without __len__), so the ramp cannot follow the steps; pass MaxQCallback(steps_per_epoch=...) "
+                "(optimizer steps per epoch)"
+            )
+        return math.ceil(int(batches) / trainer.accumulate_grad_batches)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._driver is not None:
+            self._begun = trainer.global_step
+            self._driver.begin_step(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._driver is not None:
+            scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
+            self._driver.before_optimizer_step(optimizer, scaler)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._driver is not None and trainer.global_step != self._begun:
+            self._driver.after_optimizer_step(trainer.global_step)
+            self._begun = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sp = self._sparsifier
+        if self.log_metrics and sp is not None and not sp.folded:
+            pl_module.log_dict(ramp_metrics(sp), on_step=False, on_epoch=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._driver is not None:
+            self._driver.remove()
+            self._driver = None
+        sp = self._sparsifier
+        if sp is None or sp.folded:
+            return
+        with _quiet_unless_rank_zero(trainer):
+            self.result = finish(sp, fold=self.fold, force=self.fold_force)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._driver is not None:
+            self._driver.remove()
+            self._driver = None
+
+    # -- the checkpoint -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sparsifier's state (masks, step count, progress) for Lightning's checkpoint; empty before setup and
+        after folding (the folded model needs none)."""
+        sp = self._sparsifier
+        if sp is None or sp.folded:
+            return {}
+        return sp.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it after ``setup`` and after loading the weights)."""
+        if not state_dict:
+            return
+        if self._sparsifier is None or self._sparsifier.folded:
+            self._pending = state_dict
+            return
+        self._sparsifier.load_state_dict(state_dict)
+
+    def _require(self) -> Sparsifier:
+        if self._sparsifier is None or self._sparsifier.folded:
+            raise RuntimeError("MaxQCallback was not set up for fitting (its setup(stage='fit') did not run)")
+        return self._sparsifier
+
+
+@contextlib.contextmanager
+def _quiet_unless_rank_zero(trainer: pl.Trainer) -> Iterator[None]:
+    """maxq's own info messages only from global rank 0 (every rank does the work)."""
+    logger = logging.getLogger("maxq")
+    if trainer.global_rank == 0:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
