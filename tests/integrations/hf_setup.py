@@ -124,4 +124,6 @@ if __name__ == "__main__":  # torchrun: python hf_setup.py OUT RESULT_PREFIX
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     masks = {name: m.clone() for name, m in callback.sparsifier.named_masks()}
-    torch.save({"weights": weights(trainer.model), "masks": masks, "steps": callback.sparsifier.steps}, f"{prefix}{rank}")
+    torch.save(
+        {"weights": weights(trainer.model), "masks": masks, "steps": callback.sparsifier.steps}, f"{prefix}{rank}"
+    )
