@@ -21,6 +21,15 @@ def test_import_is_light():
     assert loaded["maxq"] == loaded["torch"]
 
 
+@pytest.mark.parametrize("module", ["maxq", "maxq.integrations"])
+def test_import_leaves_the_training_frameworks_alone(module):
+    # maxq.integrations.hf / .lightning import their framework; the package and `import maxq` never do.
+    frameworks = ("transformers", "accelerate", "lightning", "pytorch_lightning")
+    code = f"import sys, {module}; print(sorted(m for m in {frameworks!r} if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert eval(run.stdout) == []
+
+
 def test_folders_show_the_layers():
     pkg = ROOT / "src" / "maxq"
     assert {p.name for p in pkg.iterdir() if p.is_dir() and not p.name.startswith("__")} >= {
