@@ -122,9 +122,9 @@ def accuracy(model: torch.nn.Module, data: TextDataset) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="run folder (checkpoints, final model); default: a temp dir")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
-    parser.add_argument("--ramp", type=float, default=3, help="MaxQ ramp end in epochs (default 3)")
-    parser.add_argument("--train-size", type=int, default=2048, help="training sentences (default 2048)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    parser.add_argument("--ramp", type=float, default=2, help="MaxQ ramp end in epochs (default 2)")
+    parser.add_argument("--train-size", type=int, default=1536, help="training sentences (default 1536)")
     parser.add_argument("--quick", action="store_true", help="a few-second run (test suite): tiny data, 2 epochs")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0)

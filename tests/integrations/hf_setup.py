@@ -120,7 +120,14 @@ if __name__ == "__main__":  # torchrun: python hf_setup.py OUT RESULT_PREFIX
 
     out, prefix = sys.argv[1], sys.argv[2]
     callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 1)), fold=False)
-    trainer = make_trainer(out, [callback], num_train_epochs=2, save_strategy="no", per_device_train_batch_size=4)
+    trainer = make_trainer(
+        out,
+        [callback],
+        num_train_epochs=2,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        ddp_find_unused_parameters=False,
+    )
     trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     masks = {name: m.clone() for name, m in callback.sparsifier.named_masks()}

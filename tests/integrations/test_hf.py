@@ -184,6 +184,24 @@ def test_resume_without_the_state_file_recomputes_the_same_masks(uninterrupted, 
     assert_same_run(got_rows, got_final, rows, final, first_step=15)
 
 
+def test_resume_restores_masks_the_weights_cannot_give_back(tmp_path, caplog):
+    # update_every=3: at step 5 the masks are step 3's, not those of step 5's weights; only the state file has them.
+    def run(out, resume=None):
+        callback = MaxQCallback(maxq.SRSTEConfig(n=2, m=4, update_every=3))
+        recorder = Recorder(callback)
+        trainer = make_trainer(str(out), [callback, recorder], n=32, num_train_epochs=2)
+        trainer.train(resume_from_checkpoint=resume)
+        return recorder.rows, weights(trainer.model)
+
+    rows, final = run(tmp_path / "a")
+    got_rows, got_final = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-5"))
+    assert_same_run(got_rows, got_final, rows, final, first_step=5)
+    (tmp_path / "a" / "checkpoint-5" / STATE_FILE).unlink()
+    with caplog.at_level("WARNING", logger="maxq.integrations.hf"):
+        run(tmp_path / "c", resume=str(tmp_path / "a" / "checkpoint-5"))
+    assert "NOT the masks of the interrupted run" in caplog.text
+
+
 def test_callback_added_after_init_cannot_resume(uninterrupted, tmp_path):
     out, _, _ = uninterrupted
     trainer = make_trainer(str(tmp_path))
@@ -328,7 +346,7 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "0", str(HERE / "hf_setup.py")]
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(HERE / "hf_setup.py")]
     run = subprocess.run(
         [*cmd, str(tmp_path / "out"), str(tmp_path / "rank")], capture_output=True, text=True, env=env, timeout=600
     )
