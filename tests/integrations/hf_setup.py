@@ -106,6 +106,9 @@ class Recorder(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.rows[state.global_step + 0.5] = self._row(state)  # as the step begins (after the ramp moved)
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.rows[state.global_step + 0.25] = self._row(state)  # after a micro-batch that did not step
+
     def on_step_end(self, args, state, control, **kwargs):
         self.rows[state.global_step] = self._row(state)  # after the step (masks of the updated weights)
 

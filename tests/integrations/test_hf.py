@@ -213,7 +213,8 @@ def test_callback_added_after_init_cannot_resume(uninterrupted, tmp_path):
 # -- gradient accumulation ------------------------------------------------------------------------------------------
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     # 64 samples, batches of 8, 2 micro-batches per step: 4 optimizer steps per epoch, 8 in all.
-    callback = MaxQCallback(MAXQ(ramp=(0, 1)))
+    # A per-step ramp: a step counted per micro-batch would move it between the micro-batches of one step.
+    callback = MaxQCallback(MAXQ(ramp=(0, 1)), per_step=True)
     recorder = Recorder(callback)
     trainer = make_trainer(str(tmp_path), [callback, recorder], num_train_epochs=2, gradient_accumulation_steps=2)
     trainer.train()
@@ -222,6 +223,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     for step in range(8):
         progress, _, steps, _ = recorder.rows[step + 0.5]
         assert (progress, steps) == (step / 4, step)
+        assert recorder.rows[step + 0.25] == recorder.rows[step + 0.5], "the state moved within a step"
+    assert len({recorder.rows[step + 0.5][1] for step in range(8)}) > 2  # the ramp moved step by step
     assert recorder.rows[8][2] == 8 and callback.sparsifier.folded
 
 
