@@ -1,0 +1,317 @@
+"""N:M sparse training inside the Hugging Face ``Trainer``: :class:`MaxQCallback` (extra: ``pip install maxq[hf]``).
+
+Pass the callback to the Trainer's constructor; nothing else in the training script changes::
+
+    from maxq import MaxQConfig
+    from maxq.integrations.hf import MaxQCallback
+
+    callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 2)))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+    trainer.save_model("out")            # an ordinary model, exactly 2:4, that loads without maxq
+
+What the callback does at each moment of the Trainer's loop (the rules are
+:class:`~maxq.core.stepping.OptimizerSteps`', not repeated here):
+
+==========================  ===========================================================================
+``on_init_end``             sparsify the model (or adopt the one you sparsified with ``maxq.sparsify_``),
+                            so a resume checkpoint's weights load into a sparsified model
+``on_train_begin``          steps per epoch from the Trainer's dataloader and gradient accumulation; on a
+                            resumed run, the sparsifier's state from the checkpoint folder
+``on_step_begin``           the ramp's progress from ``state.global_step`` (optimizer steps)
+``on_pre_optimizer_step``   unscale the gradients once under fp16 AMP, SR-STE decay on true gradients
+``on_step_end``             masks from the updated weights, unless the AMP scaler skipped the step
+``on_epoch_end``            ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged
+                            through ``Trainer.log`` (every reporting integration, ``state.log_history``)
+``on_save``                 the sparsifier's state (masks, step, progress) into the checkpoint folder
+``on_train_end``            fold, check N:M, log the per-layer report (``fold=True``, the default)
+==========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..core.config import NMConfig
+from ..core.layers import FilterFn
+from ..core.sparsifier import Sparsifier, sparsifier_of
+from ..core.stepping import OptimizerSteps
+from ._lifecycle import adopt_or_sparsify, finish, ramp_metrics
+
+__all__ = ["STATE_FILE", "MaxQCallback"]
+
+log = logging.getLogger(__name__)
+
+#: the file the callback adds to each of the Trainer's checkpoint folders
+STATE_FILE = "maxq_sparsifier.pt"
+
+
+def _has_ramp(config: NMConfig) -> bool:
+    return any(f.name == "per_step" for f in dataclasses.fields(config))
+
+
+class MaxQCallback(TrainerCallback):
+    """Sparsify a model to N:M while the Hugging Face ``Trainer`` trains it.
+
+    Args:
+        config: the method (``maxq.MaxQConfig(n=2, m=4, ramp=(0, 2))``, ``SRSTEConfig``, ``OneShotConfig``);
+            ``None`` adopts the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
+        filter_fn: which layers to sparsify (see :func:`maxq.select_layers`); default: maxq's layer choice.
+        per_step: a smooth ramp that moves every optimizer step (``True``) or the paper's once-per-epoch
+            staircase (``False``); default: the config's ``per_step``. Only for methods with a ramp (MaxQ).
+        fold: at the end of training fold the masks into the weights and check N:M, so ``trainer.save_model``
+            writes an ordinary model (default). ``False`` leaves the model sparsified (masks still attached).
+        fold_force: fold even if the ramp has not finished (the blocks still dense are pruned; a warning says so).
+        steps_per_epoch: optimizer steps per epoch, only where the Trainer cannot tell (an iterable dataset
+            without a length). Default: the Trainer's own count, ``ceil(len(train_dataloader) /
+            gradient_accumulation_steps)``.
+
+    Raises:
+        ValueError: an argument is invalid (the message says what to pass).
+
+    The callback must be given to ``Trainer(callbacks=[...])``: it sparsifies the model when the Trainer is
+    created, before ``trainer.train(resume_from_checkpoint=...)`` loads the checkpoint's weights (the weights of a
+    sparsified model are stored as ``...parametrizations.weight.original``).
+    """
+
+    def __init__(
+        self,
+        config: NMConfig | None = None,
+        *,
+        filter_fn: FilterFn | None = None,
+        per_step: bool | None = None,
+        fold: bool = True,
+        fold_force: bool = False,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, NMConfig):
+            raise ValueError(
+                f"config must be a maxq config such as maxq.MaxQConfig(n=2, m=4, ramp=(0, 2)), got "
+                f"{type(config).__name__}; pass None to adopt a model sparsified with maxq.sparsify_"
+            )
+        if filter_fn is not None and not callable(filter_fn):
+            raise ValueError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
+        if per_step is not None:
+            if not isinstance(per_step, bool):
+                raise ValueError(f"per_step must be True, False or None, got {per_step!r}")
+            if config is None:
+                raise ValueError(
+                    "per_step needs a config: give the callback one (maxq.MaxQConfig(..., per_step=True)) or set "
+                    "per_step in the config you passed to maxq.sparsify_"
+                )
+            if not _has_ramp(config):
+                raise ValueError(
+                    f"per_step applies to methods with a ramp (maxq.MaxQConfig); {config.method!r} has none: "
+                    "leave per_step=None"
+                )
+            config = dataclasses.replace(config, per_step=per_step)
+        for name, value in (("fold", fold), ("fold_force", fold_force)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if fold_force and not fold:
+            raise ValueError("fold_force=True needs fold=True (fold_force only says how to fold)")
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(
+                f"steps_per_epoch must be a positive int (optimizer steps per epoch), got {steps_per_epoch!r}"
+            )
+        self.config = config
+        self.filter_fn = filter_fn
+        self.fold = fold
+        self.fold_force = fold_force
+        self.steps_per_epoch = steps_per_epoch
+        self._sparsifier: Sparsifier | None = None
+        self._attached_at_init = False
+        self._driver: OptimizerSteps | None = None
+        self._trainer: Trainer | None = None
+        self._pending_logs: dict[str, float] | None = None
+
+    @property
+    def sparsifier(self) -> Sparsifier:
+        """The :class:`~maxq.Sparsifier` the callback drives (there once the Trainer is created)."""
+        if self._sparsifier is None:
+            raise RuntimeError("the callback has no model yet: pass it to Trainer(callbacks=[...])")
+        return self._sparsifier
+
+    @property
+    def driver(self) -> OptimizerSteps | None:
+        """The :class:`~maxq.core.stepping.OptimizerSteps` in use during ``train()`` (``None`` outside it)."""
+        return self._driver
+
+    # -- start ---------------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is not None:
+            self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
+            self._attached_at_init = True
+
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, optimizer=None, **kwargs):
+        if model is None:
+            raise RuntimeError("the Trainer passed no model to MaxQCallback.on_train_begin")
+        sp = self._sparsifier
+        if sp is None or sp.folded or sp.model is not model or sparsifier_of(model) is not sp:
+            # added with trainer.add_callback, a model_init that built a new model, or a second train()
+            if state.global_step > 0:
+                raise RuntimeError(
+                    "MaxQCallback met the model only at train(), after the Trainer had loaded the resume "
+                    "checkpoint's weights into an unsparsified model (their sparsified names did not match, so they "
+                    "were dropped). Pass the callback to the constructor: Trainer(..., callbacks=[MaxQCallback(...)])"
+                )
+            sp = self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
+        if self._driver is not None:
+            self._driver.remove()
+        steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
+        self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        if optimizer is not None:
+            self._driver.watch(optimizer)  # the torch optimizer inside accelerate's wrapper: was a step skipped?
+        frame_locals = _trainer_locals(self)
+        self._trainer = frame_locals.get("self")
+        if state.global_step > 0:
+            self._restore(args, state, frame_locals.get("resume_from_checkpoint"))
+        self._driver.begin_step(state.global_step)
+        log.info(
+            "maxq: %s %d:%d on %d layer(s), %s optimizer steps per epoch, starting at step %d (dense fraction %.3f)",
+            sp.config.method,
+            sp.config.n,
+            sp.config.m,
+            len(sp.layers),
+            steps,
+            state.global_step,
+            sp.dense_fraction,
+        )
+
+    def _steps_per_epoch(self, args, dataloader, sp: Sparsifier) -> int | None:
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        try:
+            batches = len(dataloader) if dataloader is not None else None
+        except TypeError:
+            batches = None
+        if batches:  # the Trainer's num_update_steps_per_epoch (set_initial_training_values)
+            return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        if not _has_ramp(sp.config):
+            return None  # no ramp: progress is not used
+        raise ValueError(
+            "the Trainer cannot tell MaxQCallback how many optimizer steps make an epoch (the training dataset has "
+            "no length); the ramp is in epochs, so pass MaxQCallback(..., steps_per_epoch=N)"
+        )
+
+    # -- around every optimizer step -------------------------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._driver.begin_step(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # Without gradient clipping the Trainer has not unscaled fp16 gradients yet: unscale once (accelerate's
+        # scaler.step then does not unscale again), so the decay is added to true gradients.
+        self._driver.before_optimizer_step(optimizer, scaler=getattr(optimizer, "scaler", None))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._driver.after_optimizer_step(state.global_step)
+
+    # -- metrics ---------------------------------------------------------------------------------------------------
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._sparsifier is None or self._sparsifier.folded:
+            return
+        metrics = ramp_metrics(self._sparsifier)  # reads the masks: once per epoch, not per step
+        log.info("maxq: epoch %.2f %s", state.epoch or 0.0, {k: round(v, 4) for k, v in metrics.items()})
+        if self._trainer is not None:
+            # Trainer.log reaches every reporting integration and state.log_history; its handler clears
+            # control.should_log, which the Trainer's own end-of-epoch log still needs.
+            should_log = control.should_log
+            self._trainer.log(dict(metrics))
+            control.should_log = should_log
+        else:  # a Trainer we could not find: ride on the next log event
+            self._pending_logs = metrics
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_logs and logs is not None:
+            logs.update(self._pending_logs)
+            if state.log_history:
+                state.log_history[-1].update(self._pending_logs)
+            self._pending_logs = None
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save or self._driver is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self._trainer is not None and hasattr(self._trainer, "_get_output_dir"):
+            folder = os.path.join(
+                self._trainer._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            )
+        if not os.path.isdir(folder):
+            log.warning("maxq: checkpoint folder %s not found; the sparsifier's state is not saved with it", folder)
+            return
+        torch.save({"global_step": state.global_step, "sparsifier": self._driver.state_dict()}, _state_path(folder))
+
+    def _restore(self, args, state, folder: str | None) -> None:
+        if not isinstance(folder, str):
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = _state_path(folder)
+        sp = self._sparsifier
+        if os.path.isfile(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("global_step") != state.global_step:
+                raise RuntimeError(
+                    f"{path} was written at step {saved.get('global_step')}, the Trainer resumes at step "
+                    f"{state.global_step}: the checkpoint folder is inconsistent"
+                )
+            self._driver.load_state_dict(saved["sparsifier"])
+            log.info("maxq: sparsifier state restored from %s (step %d)", path, state.global_step)
+            return
+        exact = not sp.config.frozen and sp.config.update_every == 1
+        message = (
+            f"maxq: no sparsifier state in {folder}; step {state.global_step} and the ramp follow the Trainer's "
+            "step counter, and the masks are recomputed from the loaded weights"
+        )
+        if exact:
+            log.info("%s (exact for %s with update_every=1)", message, sp.config.method)
+        else:
+            log.warning(
+                "%s: NOT the masks of the interrupted run (%s masks do not follow every step's weights)",
+                message,
+                "one-shot" if sp.config.frozen else f"update_every={sp.config.update_every}",
+            )
+        sp.steps = state.global_step
+
+    # -- end -------------------------------------------------------------------------------------------------------
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._driver is not None:
+            self._driver.remove()
+            self._driver = None
+        self._trainer = None
+        if self._sparsifier is not None and not self._sparsifier.folded:
+            finish(self._sparsifier, fold=self.fold, force=self.fold_force)
+
+
+def _state_path(folder: str) -> str:
+    return os.path.join(folder, STATE_FILE)
+
+
+def _trainer_locals(callback: MaxQCallback) -> dict[str, Any]:
+    """The locals of the ``Trainer`` method that fired the current event (its ``self``; in ``_inner_training_loop``
+    also ``resume_from_checkpoint``). Callbacks are not handed the Trainer nor the checkpoint folder it resumes
+    from; both are in the frame that called the callback handler. Empty if no such frame is found."""
+    frame = sys._getframe(1)
+    try:
+        for _ in range(16):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and callback in getattr(owner.callback_handler, "callbacks", ()):
+                return {k: frame.f_locals[k] for k in ("self", "resume_from_checkpoint") if k in frame.f_locals}
+            frame = frame.f_back
+        return {}
+    finally:
+        del frame
