@@ -6,11 +6,18 @@ STAMP   := $(VENV)/.maxq-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 
-.PHONY: demo test lint format data install clean
+# The package requires version ranges (pyproject.toml); make installs our exact versions (constraints/dev.txt).
+CONSTRAINTS := constraints/dev.txt
+EXTRAS      := dev,onnx,lightning,hf,docs
+# The oldest PyTorch we support (make test-oldest): its own venv, its own pins.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY   := $(OLDEST_VENV)/bin/python
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-oldest docs lint format data install clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,onnx]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -27,8 +34,23 @@ data:
 demo: $(STAMP) data
 	$(PY) -m maxq train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Includes the strict docs build (tests/test_docs.py) and the wheel smoke test (tests/test_wheel.py).
 test: $(STAMP) data
 	$(PY) -m pytest -q
+
+# The core and engine tests against the oldest supported PyTorch (constraints/oldest.txt); not part of `make test`.
+$(OLDEST_VENV)/.maxq-installed: pyproject.toml constraints/oldest.txt
+	@test -x $(OLDEST_PY) || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c constraints/oldest.txt -e '.[dev]'
+	@touch $@
+
+test-oldest: $(OLDEST_VENV)/.maxq-installed
+	$(OLDEST_PY) -c 'import torch; print("torch", torch.__version__)'
+	$(OLDEST_PY) -m pytest -q tests/core tests/engine
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or unknown name fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
@@ -39,4 +61,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache

@@ -15,3 +15,12 @@ def test_quick_start_runs():
     namespace = {"loader": loader}
     exec(compile(code, "README quick start", "exec"), namespace)
     assert namespace["maxq"].check_nm(namespace["model"], 2, 4).ok
+
+
+def test_links_point_into_the_repository():
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    assert "docs/index.md" in links and "docs/METHOD.md" in links
+    missing = [
+        link for link in links if not link.startswith("http") and not (Path(__file__).parent.parent / link).exists()
+    ]
+    assert not missing

@@ -11,7 +11,8 @@ Set ``MAXQ_CPU_KERNELS=0`` to turn them off. The build (about 30 s, once per mac
 cache (``TORCH_EXTENSIONS_DIR``).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch 2.4 infers the custom ops' schemas from annotations
+# that must be types, not strings (later releases resolve strings too).
 
 import hashlib
 import logging
@@ -77,7 +78,14 @@ def cpu_kernels() -> ModuleType | None:
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the eager path still works
-        log.warning("maxq: fused CPU kernels unavailable (%s); using the eager PyTorch path", exc)
+        # One line (a failed build's message is the whole compiler output: that goes to the debug log).
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        log.warning(
+            "maxq: fused CPU kernels unavailable (%s: %s); using the eager PyTorch path (same results, slower)",
+            type(exc).__name__,
+            reason if len(reason) <= 160 else reason[:157] + "...",
+        )
+        log.debug("maxq: fused CPU kernel build failed", exc_info=True)
         module = None
     if module is not None:
         _register_ops(module)

@@ -148,7 +148,8 @@ def check_nm(
     Args:
         obj: a model (folded, or sparsified: then ``W * Mask`` is checked), a state dict, or a dict
             ``{"state_dict": ..., "layout": {"layers": [...]}}`` as written by ``maxq train``.
-        n, m: the pattern.
+        n: weights kept per block (``1 <= n < m``).
+        m: block size along input channels; must divide the input size.
         layers: names of the layers that must be N:M. Default: the layout the object carries (sparsified or
             folded by maxq), else the default selection rule (every eligible layer but the first conv and the
             last classifier; for a state dict: the first and last weight in key order).
@@ -157,7 +158,17 @@ def check_nm(
             dim 0. Default: the layout's record (none without one). A model's layers say it themselves.
 
     Returns:
-        :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides).
+        :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides); ``.ok``
+        is true only if every expected layer is N:M, and ``str()`` renders the table.
+
+    Raises:
+        ValueError: an invalid pattern.
+
+    Example:
+        >>> import torch
+        >>> weight = torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]] * 2)   # two 2:4 blocks per row
+        >>> check_nm({"fc.weight": weight}, 2, 4, layers=["fc"]).ok
+        True
     """
     validate_nm(n, m)
     if isinstance(obj, nn.Module):

@@ -36,7 +36,8 @@ class NMConfig:
     """Settings shared by every N:M method.
 
     Attributes:
-        n, m: keep ``n`` of every ``m`` weights along input channels (``1 <= n < m``).
+        n: weights kept per block (``1 <= n < m``).
+        m: block size, along input channels (2:4 is 50 % sparse, 1:16 is 93.75 %).
         strict: raise instead of skipping a layer the selection asked for but that cannot be N:M (not divisible,
             grouped conv, ...).
         skip_first: keep the network's first conv dense (default layer selection only).
@@ -45,6 +46,11 @@ class NMConfig:
             step, the paper's behaviour. A change of the ramp's dense fraction (``set_progress``) recomputes at
             once regardless. Larger values save time but can cost accuracy at high sparsity (8 cost ~3.5 top-1
             points at 1:16 in docs/RESULTS.md).
+
+    Configs are frozen dataclasses validated on construction; the subclass chooses the method.
+
+    Raises:
+        ValueError: an invalid value (a pattern with ``n >= m``, ``update_every < 1``, ...).
     """
 
     method: ClassVar[str] = "nm"
@@ -210,7 +216,19 @@ def config_options(method: str) -> list[str]:
 
 
 def make_config(method: str, **options: Any) -> NMConfig:
-    """Build the config of ``method`` from keyword options; unknown methods or options raise ``ValueError``."""
+    """Build the config of ``method`` from keyword options.
+
+    Args:
+        method: ``maxq``, ``srste`` or ``oneshot`` (the keys of :data:`CONFIGS`).
+        **options: fields of that config class (``n``, ``m``, ``ramp``, ...).
+
+    Raises:
+        ValueError: an unknown method or option, or an invalid value.
+
+    Example:
+        >>> make_config("srste", n=1, m=16).decay_lambda
+        0.0002
+    """
     try:
         cls = CONFIGS[method]
     except KeyError:

@@ -85,8 +85,16 @@ def select_layers(
 ) -> list[LayerChoice]:
     """Decide, for every Conv/Linear-like layer of ``model``, whether it gets an N:M mask of block size ``m``.
 
+    Args:
+        model: any ``nn.Module``.
+        m: the block size (a layer is eligible only if ``m`` divides its input size).
+        filter_fn: ``(module, qualified_name) -> bool``; when given, it alone decides which eligible layers are
+            requested (``skip_first`` / ``skip_last`` apply only to the default selection).
+        skip_first: keep the first conv dense.
+        skip_last: keep the last Conv2d/Linear (the classifier) dense.
+
     Returns:
-        one :class:`LayerChoice` per candidate layer, in registration order.
+        one :class:`LayerChoice` per candidate layer, in registration order, with the reason a layer stays dense.
     """
     candidates = [
         (name, mod) for name, mod in model.named_modules() if is_weight_layer(mod) or isinstance(mod, _UNSUPPORTED)

@@ -84,7 +84,19 @@ def hard_mask(
     order: str = "smallest",
     priority: Tensor | None = None,
 ) -> Tensor:
-    """``B_t``: bool N:M keep-mask of ``weight`` with ``floor(dense_fraction * G)`` whole blocks kept dense."""
+    """``B_t``: bool N:M keep-mask of ``weight`` with ``floor(dense_fraction * G)`` whole blocks kept dense.
+
+    Args:
+        weight: ``[O, I]`` or ``[O, I, kh, kw]`` floating tensor; ``G = weight.numel() / m`` blocks.
+        n: weights kept per block (``1 <= n < m``).
+        m: block size along input channels; must divide the input size.
+        dense_fraction: ``p`` in ``[0, 1]``, the share of blocks kept whole (incremental sparsity).
+        order: which blocks stay dense: ``smallest`` L1 (the paper), ``largest`` or ``random``.
+        priority: ``[G]`` per-block scores for ``order="random"``.
+
+    Returns:
+        bool tensor of ``weight``'s shape.
+    """
     _check(weight, n, m, 0.01, dense_fraction, order)
     with torch.no_grad():
         a = weight.detach().abs()
@@ -107,7 +119,9 @@ def maxq_mask(
     """MaxQ mask ``B_t * (1 + Q_f + Q_k)`` of a Linear ``[O, I]`` or Conv2d ``[O, I, kh, kw]`` weight.
 
     Args:
-        n, m: keep ``n`` of every ``m`` along input channels.
+        weight: ``[O, I]`` or ``[O, I, kh, kw]`` floating tensor (any device).
+        n: weights kept per block (``1 <= n < m``).
+        m: block size along input channels; must divide the input size.
         dense_fraction: ``p``, fraction of blocks kept dense (incremental sparsity).
         order: which blocks stay dense, see :func:`dense_blocks`.
         priority: per-block random scores for ``order="random"``.
@@ -116,6 +130,10 @@ def maxq_mask(
 
     Returns:
         float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones.
+
+    Raises:
+        ValueError: an invalid pattern, a shape whose input size ``m`` does not divide, ``tau <= 0``,
+            ``dense_fraction`` outside ``[0, 1]`` or an unknown ``order``.
     """
     _check(weight, n, m, tau, dense_fraction, order)
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)

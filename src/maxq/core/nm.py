@@ -54,7 +54,18 @@ def validate_nm(n: int, m: int) -> tuple[int, int]:
 
 
 def parse_nm(text: str) -> tuple[int, int]:
-    """Parse ``"2:4"`` into ``(2, 4)``; raise ``ValueError`` on anything else."""
+    """Parse ``"2:4"`` into ``(2, 4)``.
+
+    Args:
+        text: ``"N:M"`` with integers.
+
+    Raises:
+        ValueError: anything else, or an invalid pattern (``n >= m``, ``n < 1``).
+
+    Example:
+        >>> parse_nm("1:16")
+        (1, 16)
+    """
     match = _NM_RE.match(str(text))
     if not match:
         raise ValueError(f"cannot parse N:M pattern {text!r}: write it as N:M with integers, e.g. 2:4 or 1:16")
@@ -198,9 +209,14 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
 
     Args:
         weight: ``[O, I]`` or ``[O, I, kh, kw]`` floating tensor.
+        n: weights kept per block (``1 <= n < m``).
+        m: block size along input channels; must divide the input size.
 
     Returns:
         bool tensor of ``weight``'s shape with exactly ``n`` True per block.
+
+    Raises:
+        ValueError: an invalid pattern, or a shape whose input size ``m`` does not divide.
     """
     validate_nm(n, m)
     _check_layout(weight.shape, m)

@@ -63,12 +63,20 @@ def dense_fraction(
     Args:
         schedule: one of :data:`SCHEDULES`.
         t: training progress in epochs (``epoch + step / steps_per_epoch`` for a per-step ramp).
-        start, end: ramp start and end in epochs; ``p = 1`` at ``start``, ``0`` from ``end`` on.
+        start: ramp start in epochs: ``p = 1`` up to it.
+        end: ramp end in epochs: ``p = 0`` from it on (``end >= start``).
         per_step: smooth ramp; by default ``t`` is floored to whole epochs (the paper's staircase).
         b: rate of the ``exp`` schedule, per epoch.
 
     Returns:
         ``p`` in ``[0, 1]``, non-increasing in ``t``.
+
+    Raises:
+        ValueError: an unknown schedule.
+
+    Example:
+        >>> dense_fraction("linear", 15, 0, 30)
+        0.5
     """
     try:
         fn = SCHEDULES[schedule]

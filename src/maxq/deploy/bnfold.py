@@ -41,7 +41,14 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every ``Conv2d -> BatchNorm2d`` pair of ``model`` in place; returns the ``(conv, bn)`` names folded.
 
-    Uses the running statistics (eval-mode semantics); call it on a folded (mask-free) model.
+    Uses the running statistics (eval-mode semantics); call it on a folded (mask-free) model. The BatchNorm scale
+    multiplies whole filters, so an N:M pattern is kept; each folded BatchNorm becomes ``nn.Identity``.
+
+    Args:
+        model: a folded model (after :func:`maxq.fold_`), or any model without maxq masks.
+
+    Raises:
+        ValueError: the model still carries N:M masks.
     """
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         raise ValueError("fold the N:M masks first (maxq.fold_), then BatchNorm")

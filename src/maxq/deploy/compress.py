@@ -114,11 +114,15 @@ def save_compressed(
 
     Args:
         state_dict: folded weights (no masks left), e.g. ``model.state_dict()`` after :func:`maxq.fold_`.
-        n, m: the pattern.
+        n: weights kept per block (``1 <= n < m``).
+        m: block size along input channels; must divide the input size.
         layers: the sparsified layers (module names; their ``.weight`` is compressed).
         arch: optional description to rebuild the model (stored in the metadata).
         transposed: the layers among ``layers`` whose weight is stored ``[in, out]`` (HF ``Conv1D``;
             ``NMLayout.transposed``).
+
+    Returns:
+        sizes of the file and of the dense weights it replaces.
 
     Raises:
         CompressedError: a listed layer is missing or not N:M.
@@ -261,6 +265,12 @@ def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
 
 def load_compressed(path: str | Path) -> dict[str, Tensor]:
     """Decompress to the folded state dict, bit for bit as it was saved.
+
+    Args:
+        path: a file written by :func:`save_compressed` (``maxq export --compressed``).
+
+    Returns:
+        the state dict (name -> tensor, dense layout), ready for ``model.load_state_dict``.
 
     Raises:
         CompressedError: unreadable, wrong version, or inconsistent (e.g. a block repeating an index).

@@ -97,10 +97,16 @@ def export_model(
         model: folded (mask-free) model carrying its layout (``maxq.nm_layout``).
         arch: how to rebuild it (model name, input channels, classes, image size, dataset); stored in the files.
         bn_fold: fold BatchNorm into the preceding convs first (keeps the pattern).
-        folded, compressed, onnx, fp16, int8: output paths (``None``: not written).
+        source: the run or file the model came from (for messages and the files' metadata).
+        folded: path of the folded PyTorch model file (``None``: not written; the same for the other paths).
+        compressed: path of the compressed N:M file (:func:`maxq.save_compressed`).
+        onnx: path of the FP32 ONNX file, checked against PyTorch with onnxruntime.
+        fp16: path of the FP16 ONNX file (FP32 inputs and outputs).
+        int8: path of the INT8 (QDQ) ONNX file.
         calib_samples: training images that calibrate the INT8 activations (default
             :data:`~maxq.deploy.quantize.DEFAULT_CALIB_SAMPLES`).
-        dataset, data_dir: where the calibration images come from (default: the dataset ``arch`` records).
+        dataset: the dataset of the calibration images (default: the one ``arch`` records).
+        data_dir: its folder (default: the dataset's default location).
         overwrite: replace existing output files (otherwise an existing one is an error, before any writing).
 
     Raises:
