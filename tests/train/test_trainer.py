@@ -327,7 +327,7 @@ def test_epochs_change_on_resume_needs_extend_and_keeps_the_old_results(tmp_path
         train(_cfg(out, epochs=2, resume=True, **kw))
     with pytest.raises(CheckpointError, match="add --extend") as info:
         train(_cfg(out, epochs=4, resume=True, **kw), given={"epochs", "resume"})
-    assert "cosine learning-rate schedule and its default ramp were laid out for that length" in str(info.value)
+    assert "cosine learning-rate schedule and its ramp 0-0.5 were laid out for that length" in str(info.value)
     with pytest.raises(CheckpointError, match="cannot be shortened"):
         train(_cfg(out, epochs=1, resume=True, extend=True, **kw), given={"epochs", "resume", "extend"})
     with pytest.raises(CheckpointError, match="needs an --epochs larger"):

@@ -256,8 +256,11 @@ def _check_resume(saved: dict[str, Any], cfg: TrainConfig, given: set[str], path
     new_epochs = cfg.epochs if "epochs" in given else old_epochs
     out = path.parent
     if new_epochs != old_epochs:
+        ramp = merged.get("ramp")  # pinned since issue 20 (the ramp followed); None in older checkpoints
         schedule = "its cosine learning-rate schedule" + (
-            " and its default ramp" if merged.get("method") == "maxq" and merged.get("ramp") is None else ""
+            (f" and its ramp {ramp[0]:g}-{ramp[1]:g}" if ramp else " and its default ramp")
+            if merged.get("method") == "maxq"
+            else ""
         )
         if new_epochs < max(done, old_epochs):
             raise CheckpointError(
