@@ -5,8 +5,8 @@
 For every pattern and method the script loads the checkpoint, sparsifies it as ``maxq train --init`` would, and
 evaluates it in eval mode on the test set and the held-out val split of the checkpoint's own recipe: magnitude
 pruning (``oneshot``; ``srste`` computes the same mask at step 0), and MaxQ -- paper, without queries, and the two
-warm-ups of the soft factor (our addition, METHOD.md §8) -- at ramp positions p = 1 (the start: every block dense),
-0.5 and 0 (every block N:M). Writes ``before_finetune.json`` next to the checkpoint's study records and prints a
+warm-ups of the soft factor (our addition, METHOD.md §8) -- at ramp positions p = 1 (the start: every block dense)
+and 0 (every block N:M). Writes ``before_finetune.json`` next to the checkpoint's study records and prints a
 Markdown table. No training; a couple of minutes on one thread.
 """
 
@@ -37,7 +37,7 @@ ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("maxq, soft_warmup=ramp", "maxq", {"soft_warmup": "ramp"}),
     ("maxq, soft_warmup=normalize", "maxq", {"soft_warmup": "normalize"}),
 ]
-POSITIONS = (1.0, 0.5, 0.0)  # dense fraction p: start of the ramp, half way, end
+POSITIONS = (1.0, 0.0)  # dense fraction p: the start of the ramp, its end (--positions adds others, e.g. 0.5)
 
 
 def sha256(path: Path) -> str:
@@ -48,7 +48,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def measure(checkpoint: Path, patterns: list[str], threads: int = 1) -> dict[str, Any]:
+def measure(
+    checkpoint: Path, patterns: list[str], threads: int = 1, positions: tuple[float, ...] = POSITIONS
+) -> dict[str, Any]:
     torch.set_num_threads(threads)
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict({**state["config"], "resume": False, "extend": False})
@@ -72,7 +74,7 @@ def measure(checkpoint: Path, patterns: list[str], threads: int = 1) -> dict[str
     for nm in patterns:
         n, m = (int(x) for x in nm.split(":"))
         for label, method, options in ARMS:
-            for p in POSITIONS if method == "maxq" else (None,):
+            for p in positions if method == "maxq" else (None,):
                 net = model()
                 extra = {"ramp": (0.0, 2.0), "per_step": True} if method == "maxq" else {}
                 sparsifier = maxq.sparsify_(net, maxq.make_config(method, n=n, m=m, **extra, **options))
@@ -125,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patterns", nargs="+", default=["2:4", "1:16"])
     ap.add_argument("--out", type=Path, help="JSON file (default: before_finetune.json two folders above the run's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--positions", type=float, nargs="+", default=list(POSITIONS), help="ramp positions p to measure")
     args = ap.parse_args(argv)
-    result = measure(args.checkpoint, args.patterns, args.threads)
+    result = measure(args.checkpoint, args.patterns, args.threads, tuple(args.positions))
     out = args.out or args.checkpoint.parent.parent.parent / "before_finetune.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
