@@ -21,6 +21,7 @@ finished run; the progress of the runs is kept in ``<results>/status.json`` as t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -67,17 +68,21 @@ def effective(spec: dict[str, Any], quick: bool) -> dict[str, Any]:
     if not quick:
         return spec
     q = spec.get("quick", {})
-    return {
-        **spec,
-        "base": {**spec["base"], **q.get("base", {})},
-        "grid": {**spec["grid"], "extra_seeds": {}, **q.get("grid", {})},
-        "ablations": [],
-    }
+    out = {**spec, "base": {**spec["base"], **q.get("base", {})}, "ablations": []}
+    if "grid" in spec:
+        out["grid"] = {**spec["grid"], "extra_seeds": {}, **q.get("grid", {})}
+    if "parent" in spec:
+        out["parent"] = {**spec["parent"], "options": {**spec["parent"]["options"], **q.get("parent", {})}}
+    if "finetune" in spec:
+        out["finetune"] = {**spec["finetune"], **q.get("finetune", {})}
+    return out
 
 
 def plan(spec: dict[str, Any], quick: bool) -> list[Run]:
     """Every run of the study, in an order that respects dependencies (dense pre-runs before oneshot)."""
     spec = effective(spec, quick)
+    if "finetune" in spec:
+        return plan_finetune(spec)
     base = dict(spec["base"])
     grid = spec["grid"]
     epochs = base["epochs"]
@@ -214,8 +219,18 @@ def _write_record(run: Run, folder: Path, results: Path, command: list[str], ex:
         "seed": run.record["seed"],
         "variant": run.record["variant"],
     }
+    record.update({k: v for k, v in run.record.items() if k not in record and k != "nm"})  # arm, budget, ...
     record.update({k: report.get(k) for k in RECORD_KEYS})
     record.update(epochs=report["epochs"], model=report["model"], dataset=report["dataset"])
+    if report.get("before_finetune") is not None:
+        record["before_finetune"] = report["before_finetune"]
+    if run.record.get("role") == "parent":
+        record["checkpoint_sha256"] = sha256_file(folder / "checkpoint.pt")
+    init = str(run.options.get("init", ""))
+    if init.startswith("@"):  # the checkpoint this run started from, as it is now (one parent for all children)
+        parent = json.loads(_record_path(results, Run(init[1:], {}, {})).read_text())
+        record["parent"] = {k: parent.get(k) for k in ("id", "checkpoint_sha256", "top1_last", "val_top1_last")}
+        record["parent"]["checkpoint_sha256_now"] = sha256_file(folder.parent / init[1:] / "checkpoint.pt")
     record.update(device=ex.device or "auto", device_name=ex.device_name)
     record.update(command=" ".join(command), options=run.options)
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -236,6 +251,14 @@ def _plain(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [_plain(v) for v in data]
     return data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -282,6 +305,8 @@ def execute(runs: list[Run], results: Path, ex: Execution) -> list[str]:
     started = time.time()
     progress = _Progress(len(runs), len(done_ids))
     env = {**os.environ, "OMP_NUM_THREADS": str(ex.threads)}
+    if (ROOT / "src" / "maxq").is_dir():  # the runs train with this checkout's maxq, not another installed one
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     (results / "logs").mkdir(parents=True, exist_ok=True)
 
     def status() -> None:
@@ -320,6 +345,13 @@ def execute(runs: list[Run], results: Path, ex: Execution) -> list[str]:
                 continue
             if all(dep in done_ids for dep in run.after):
                 cmd, folder = _command(run, results, ex)
+                if (folder / "report.json").exists():  # finished, but its record was never written: write it now
+                    _write_record(run, folder, results, cmd, ex)
+                    done_ids.add(run.id)
+                    todo.remove(run)
+                    progress.update(f"{run.id}: record from its finished folder")
+                    status()
+                    continue
                 log = open(results / "logs" / f"{run.id}.log", "a")  # noqa: SIM115 - closed when the run ends
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 running[run.id] = (proc, run, cmd, folder, log, time.time())
@@ -816,6 +848,395 @@ def closing_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+# -- the fine-tuning study (configs/study_finetune.yaml): sparsify a trained dense model ------------------------
+
+
+def _recipe(spec: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuning recipe the study measures: ``recipe`` (a ``maxq train`` YAML, e.g. configs/finetune.yaml)
+    under the spec's ``base`` (data and model settings, which win)."""
+    options: dict[str, Any] = {}
+    if spec.get("recipe"):
+        from maxq.train.recipe import load_yaml
+
+        options = load_yaml(ROOT / spec["recipe"])
+    return {**options, **spec["base"]}
+
+
+def plan_finetune(spec: dict[str, Any]) -> list[Run]:
+    """The parent (a dense run) first, then every arm x pattern x budget x seed fine-tuned from its checkpoint.
+
+    An arm is a method with options; ``ramp_share`` sets the ramp of the arms that have one to the first share of
+    each budget (``[0, share * budget]`` epochs). Runs are ordered seed by seed, so a study cut short has every
+    cell at the first seeds."""
+    parent = spec["parent"]
+    runs = [Run(parent["id"], dict(parent["options"]), {"method": "dense", "nm": None, "seed": parent["options"]
+                .get("seed", 0), "variant": parent.get("variant", "parent"), "role": "parent"})]  # fmt: skip
+    ft = spec["finetune"]
+    recipe = _recipe(spec)
+    share = float(ft.get("ramp_share", 0.5))
+    for seed in ft["seeds"]:
+        for budget in ft["budgets"]:
+            for nm in ft["patterns"]:
+                for arm, arm_spec in ft["arms"].items():
+                    if arm_spec.get("patterns") and nm not in arm_spec["patterns"]:
+                        continue
+                    method = arm_spec["method"]
+                    options = {**recipe, "method": method, "nm": nm, "seed": seed, "epochs": budget}
+                    options.update(arm_spec.get("options", {}))
+                    options["init"] = f"@{parent['id']}"
+                    if method == "maxq":
+                        options["ramp"] = [0.0, round(share * budget, 3)]
+                    else:  # options only MaxQ takes are left out of the other methods' recipes
+                        for key in ("ramp", "per_step", "soft_warmup", "queries", "schedule", "order"):
+                            options.pop(key, None)
+                    runs.append(
+                        Run(
+                            f"ft_{arm}_{_nm_tag(nm)}_e{budget}_s{seed}",
+                            options,
+                            {"method": method, "nm": nm, "seed": seed, "variant": main_variant_of(spec), "arm": arm,
+                             "budget": budget},
+                            [parent["id"]],
+                        )
+                    )  # fmt: skip
+    return runs
+
+
+def _scratch(spec: dict[str, Any]) -> dict[tuple[str, str | None], list[dict[str, Any]]]:
+    """The from-scratch records to show beside each cell (``scratch.results``: the long study's), by (method,
+    pattern); dense under (dense, None)."""
+    folder = spec.get("scratch", {}).get("results")
+    out: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    if not folder or not (ROOT / folder).is_dir():
+        return out
+    variant = spec.get("scratch", {}).get("variant")
+    for p in sorted((ROOT / folder).glob("*.json")):
+        if p.name in NOT_RECORDS:
+            continue
+        r = json.loads(p.read_text())
+        if "method" not in r or (variant and r.get("variant") != variant):
+            continue
+        nm = f"{r['n']}:{r['m']}" if r.get("n") else None
+        out.setdefault((r["method"], nm), []).append(r)
+    return out
+
+
+def _curve_means(rows: list[dict[str, Any]], key: str) -> list[float | None]:
+    """Mean over seeds of ``key`` per fine-tuning epoch, epoch 0 (before fine-tuning) first."""
+    if not rows:
+        return []
+    length = min(len(r.get("curve", [])) for r in rows)
+    means: list[float | None] = []
+    before = [r.get("before_finetune", {}).get(key) for r in rows]
+    means.append(statistics.fmean(before) if None not in before else None)
+    for e in range(length):
+        vals = [r["curve"][e].get(key) for r in rows]
+        means.append(statistics.fmean(vals) if None not in vals else None)
+    return means
+
+
+def _parent_sha(record: dict[str, Any]) -> str | None:
+    """The SHA-256 of the parent checkpoint a child run was recorded with."""
+    return (record.get("parent") or {}).get("checkpoint_sha256_now")
+
+
+def summarize_finetune(records: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """Per arm, pattern and budget: before-fine-tuning and final top-1 (test and val) over seeds, the mean curve,
+    the first epoch within ``report.within`` points of the parent; the paired gaps of ``report.pairs``."""
+    ft = spec["finetune"]
+    within = float(spec.get("report", {}).get("within", 0.5))
+    parent = next((r for r in records if r.get("role") == "parent" or r["id"] == spec["parent"]["id"]), None)
+    children = [r for r in records if r.get("arm")]
+    shas = {_parent_sha(r) for r in children}
+    summary: dict[str, Any] = {
+        "parent": None
+        if parent is None
+        else {k: parent.get(k) for k in ("id", "top1_last", "val_top1_last", "checkpoint_sha256", "epochs")},
+        "parent_mismatch": sorted(
+            r["id"] for r in children if parent and _parent_sha(r) != parent.get("checkpoint_sha256")
+        ),
+        "parents_seen": len(shas),
+        "within": within,
+        "cells": {},
+        "gaps": {},
+    }
+    for arm in ft["arms"]:
+        for nm in ft["patterns"]:
+            for budget in ft["budgets"]:
+                rows = sorted(
+                    (r for r in children if r["arm"] == arm and f"{r['n']}:{r['m']}" == nm and r["budget"] == budget),
+                    key=lambda r: r["seed"],
+                )
+                if not rows:
+                    continue
+                cell: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+                for key in ("top1_last", "val_top1_last", "top1_folded"):
+                    cell[key] = [r[key] for r in rows if r.get(key) is not None]
+                for key in ("test_top1", "val_top1"):
+                    cell[f"before_{key}"] = [
+                        r["before_finetune"][key] for r in rows if (r.get("before_finetune") or {}).get(key) is not None
+                    ]
+                    cell[f"curve_{key}"] = _curve_means(rows, key)
+                if parent is not None:
+                    for key, ref in (("test_top1", "top1_last"), ("val_top1", "val_top1_last")):
+                        target = (parent.get(ref) or 0.0) - within
+                        curve = cell[f"curve_{key}"]
+                        hit = next((e for e, v in enumerate(curve) if v is not None and v >= target), None)
+                        cell[f"epochs_within_{key}"] = hit
+                summary["cells"].setdefault(arm, {}).setdefault(nm, {})[str(budget)] = cell
+    for a, b in spec.get("report", {}).get("pairs", []):
+        for nm in ft["patterns"]:
+            for budget in ft["budgets"]:
+                ra = {r["seed"]: r for r in children if r["arm"] == a and f"{r['n']}:{r['m']}" == nm
+                      and r["budget"] == budget}  # fmt: skip
+                rb = {r["seed"]: r for r in children if r["arm"] == b and f"{r['n']}:{r['m']}" == nm
+                      and r["budget"] == budget}  # fmt: skip
+                seeds = sorted(set(ra) & set(rb))
+                if not seeds:
+                    continue
+                summary["gaps"].setdefault(f"{a} - {b}", {}).setdefault(nm, {})[str(budget)] = {
+                    key: paired_test([ra[s][key] for s in seeds], [rb[s][key] for s in seeds])
+                    for key in ("top1_last", "val_top1_last")
+                    if all(ra[s].get(key) is not None and rb[s].get(key) is not None for s in seeds)
+                }
+    scratch = _scratch(spec)
+    summary["scratch"] = {
+        f"{method}@{nm or 'dense'}": {
+            "top1_last": [r["top1_last"] for r in rows],
+            "val_top1_last": [r.get("val_top1_last") for r in rows if r.get("val_top1_last") is not None],
+            "epochs": sorted({r.get("epochs") for r in rows}),
+        }
+        for (method, nm), rows in scratch.items()
+    }
+    summary["verdict"] = _verdict(summary, spec)
+    return summary
+
+
+def _verdict(summary: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Per pattern, the arm to use: at each budget the arm with the best mean held-out val top-1 (test decides no
+    choice), and the smallest budget at which that arm comes within ``within`` points of the parent on val."""
+    out: dict[str, Any] = {}
+    ft = spec["finetune"]
+    for nm in ft["patterns"]:
+        best = {}
+        for budget in ft["budgets"]:
+            scores = {
+                arm: statistics.fmean(c[nm][str(budget)]["val_top1_last"])
+                for arm, c in summary["cells"].items()
+                if c.get(nm, {}).get(str(budget), {}).get("val_top1_last")
+            }
+            if scores:
+                arm = max(scores, key=scores.get)
+                test = summary["cells"][arm][nm][str(budget)]["top1_last"]
+                best[str(budget)] = {"arm": arm, "val": scores[arm], "test": statistics.fmean(test) if test else None}
+        out[nm] = best
+    return out
+
+
+def _arm_label(spec: dict[str, Any], arm: str) -> str:
+    a = spec["finetune"]["arms"][arm]
+    return f"{arm} ({a['label']})" if a.get("label") else arm
+
+
+def _fmt(values: list[float]) -> str:
+    return _mean_std(values)
+
+
+def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: list[dict[str, Any]], plot_path: Path
+                      ) -> str:  # fmt: skip
+    ft = spec["finetune"]
+    budgets, patterns = ft["budgets"], ft["patterns"]
+    parent = summary.get("parent") or {}
+    lines = ["<!-- generated by benchmarks/study.py --report; edit the surrounding docs, not this block -->", ""]
+    if parent:
+        lines += [
+            f"**Parent** (`{parent['id']}`, dense, {parent.get('epochs')} epochs): test top-1 "
+            f"{parent.get('top1_last') or math.nan:.2f}%, held-out val {parent.get('val_top1_last') or math.nan:.2f}%; "
+            f"checkpoint SHA-256 `{parent.get('checkpoint_sha256')}`.",
+            "",
+        ]
+        if summary["parent_mismatch"]:
+            lines += [f"**Warning:** runs started from another parent checkpoint: {summary['parent_mismatch']}", ""]
+    scratch = summary.get("scratch", {})
+
+    def scratch_cell(method: str, nm: str) -> str:
+        s = scratch.get(f"{method}@{nm}")
+        return f"{_fmt(s['top1_last'])} ({_seeds(len(s['top1_last']))})" if s else "—"
+
+    lines += [
+        "**Before fine-tuning** (the sparsified parent as the first forward sees it, eval mode; test / val top-1 %):",
+        "",
+        "| arm | " + " | ".join(patterns) + " |",
+        "|---" * (len(patterns) + 1) + "|",
+    ]
+    for arm in ft["arms"]:
+        cells = []
+        for nm in patterns:
+            c = summary["cells"].get(arm, {}).get(nm, {})
+            test = [v for b in c.values() for v in b["before_test_top1"]]
+            val = [v for b in c.values() for v in b["before_val_top1"]]
+            cells.append(f"{statistics.fmean(test):.2f} / {statistics.fmean(val):.2f}" if test and val else "—")
+        lines.append(f"| {_arm_label(spec, arm)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, title in (("top1_last", "Test"), ("val_top1_last", "Held-out val")):
+        lines += [
+            f"**{title} top-1 (%) after fine-tuning**, last epoch, mean ± std over seeds; from scratch (20 epochs, "
+            "the long study) beside it where that method was run:",
+            "",
+            "| arm | " + " | ".join(f"{nm}, {b} ep" for nm in patterns for b in budgets) + " | "
+            + " | ".join(f"{nm}, from scratch" for nm in patterns) + " |",
+            "|---" * (1 + len(patterns) * (len(budgets) + 1)) + "|",
+        ]  # fmt: skip
+        for arm, arm_spec in ft["arms"].items():
+            c = summary["cells"].get(arm, {})
+            row = [_fmt(c.get(nm, {}).get(str(b), {}).get(key, [])) for nm in patterns for b in budgets]
+            method = arm_spec.get("scratch", arm_spec["method"] if arm in ("srste", "maxq") else None)
+            if key == "top1_last":
+                row += [scratch_cell(method, nm) if method else "—" for nm in patterns]
+            else:
+                row += [
+                    _fmt(scratch.get(f"{method}@{nm}", {}).get("val_top1_last", [])) if method else "—"
+                    for nm in patterns
+                ]
+            lines.append(f"| {_arm_label(spec, arm)} | " + " | ".join(row) + " |")
+        dense = scratch.get("dense@dense")
+        if dense:
+            lines.append(f"\nDense from scratch, 20 epochs: {_fmt(dense[key])}.")
+        lines.append("")
+    within = summary["within"]
+    lines += [
+        f"**Fine-tuning epochs to come within {within:g} points of the parent** (mean curve over seeds; 0 = before "
+        "any step; test / val; '>B' = not within the budget B):",
+        "",
+        "| arm | " + " | ".join(f"{nm}, {b} ep" for nm in patterns for b in budgets) + " |",
+        "|---" * (1 + len(patterns) * len(budgets)) + "|",
+    ]
+    for arm in ft["arms"]:
+        row = []
+        for nm in patterns:
+            for b in budgets:
+                c = summary["cells"].get(arm, {}).get(nm, {}).get(str(b))
+                if not c:
+                    row.append("—")
+                    continue
+                t, v = c.get("epochs_within_test_top1"), c.get("epochs_within_val_top1")
+                row.append(f"{t if t is not None else f'>{b}'} / {v if v is not None else f'>{b}'}")
+        lines.append(f"| {_arm_label(spec, arm)} | " + " | ".join(row) + " |")
+    lines.append("")
+    if summary["gaps"]:
+        lines += [
+            "**Paired gaps** (top-1 points, mean ± s.e. over seeds, two-sided paired t-test; test, then held-out val):",
+            "",
+            "| pair | pattern | budget | test gap | p | val gap | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def cell(g: dict[str, Any] | None) -> str:
+            if not g:
+                return "— | —"
+            se = "" if math.isnan(g["se"]) else f" ± {g['se']:.2f}"
+            return f"{g['gap']:+.2f}{se} | " + ("—" if math.isnan(g["p"]) else f"{g['p']:.3f}")
+
+        for pair, by_nm in summary["gaps"].items():
+            for nm, by_b in by_nm.items():
+                for b, g in by_b.items():
+                    pairs = g.get("top1_last", {}).get("pairs", 0)
+                    lines.append(
+                        f"| {pair} | {nm} | {b} ep ({_seeds(pairs)}) | {cell(g.get('top1_last'))} | "
+                        f"{cell(g.get('val_top1_last'))} |"
+                    )
+        lines.append("")
+    verdict = summary["verdict"]
+    if verdict:
+        lines += ["**Best arm by held-out val** (per pattern and budget; the report's draft for the verdict):", ""]
+        for nm, by_b in verdict.items():
+            parts = [
+                f"{b} epochs: {v['arm']} (val {v['val']:.2f}%, test {v['test']:.2f}%)"
+                for b, v in by_b.items()
+                if v.get("test") is not None
+            ]
+            lines.append(f"* {nm}: " + "; ".join(parts))
+        lines.append("")
+    lines += [
+        f"![top-1 against fine-tuning epochs]({plot_path.name})",
+        "",
+        f"Runs: {len(records)} records in `{spec.get('results', 'results')}/`; recipe `{spec.get('recipe')}` under "
+        f"`{json.dumps(spec['base'])}`; ramp over the first {float(ft.get('ramp_share', 0.5)):.0%} of each budget.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_finetune(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
+    """Rows: patterns; columns: budgets. Mean test top-1 per fine-tuning epoch (0 = before any step) per arm, with
+    the parent, the parent minus ``within``, and the from-scratch 20-epoch numbers as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ft = spec["finetune"]
+    patterns, budgets = ft["patterns"], ft["budgets"]
+    fig, axes = plt.subplots(len(patterns), len(budgets), figsize=(6 * len(budgets), 4 * len(patterns)),
+                             squeeze=False)  # fmt: skip
+    parent = (summary.get("parent") or {}).get("top1_last")
+    for nm, row in zip(patterns, axes):
+        for ax, b in zip(row, budgets):
+            lows = []
+            for i, arm in enumerate(ft["arms"]):
+                c = summary["cells"].get(arm, {}).get(nm, {}).get(str(b))
+                if not c:
+                    continue
+                curve = c["curve_test_top1"]
+                xs = [e for e, v in enumerate(curve) if v is not None]
+                ys = [v for v in curve if v is not None]
+                ax.plot(xs, ys, "o-", ms=3, color=f"C{i}", label=f"{arm} ({len(c['seeds'])})")
+                lows += ys[1:] or ys
+            if parent is not None:
+                ax.axhline(parent, color="k", lw=1, label=f"parent ({parent:.2f})")
+                ax.axhline(parent - summary["within"], color="k", lw=1, ls=":", label=f"parent − {summary['within']:g}")
+            for j, method in enumerate(("srste", "maxq")):
+                s = summary.get("scratch", {}).get(f"{method}@{nm}")
+                if s and s["top1_last"]:
+                    mean = statistics.fmean(s["top1_last"])
+                    ax.axhline(mean, color=f"C{j + 6}", lw=1, ls="--", label=f"{method} from scratch ({mean:.2f})")
+            floor = min(lows + ([parent - 3] if parent else []), default=0)
+            ax.set_ylim(bottom=max(0.0, floor - 1))
+            ax.set(xlabel="fine-tuning epoch (0 = before any step)", ylabel="test top-1 (%)",
+                   title=f"{nm}, {b} fine-tuning epochs (mean over seeds)")  # fmt: skip
+            ax.set_xticks(range(b + 1))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_finetune(spec: dict[str, Any], results: Path, docs: Path) -> dict[str, Any]:
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("*.json")) if p.name not in NOT_RECORDS]
+    records = [r for r in records if "variant" in r and "id" in r]
+    summary = summarize_finetune(records, spec)
+    _write_json(results / "summary.json", summary)
+    docs.mkdir(parents=True, exist_ok=True)
+    plot_path = docs / f"{_tag(spec)}_curves.png"
+    try:
+        plot_finetune(summary, spec, plot_path)
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    block = finetune_markdown(summary, spec, records, plot_path)
+    _replace_block(docs / "RESULTS.md", _tag(spec), block)
+    return summary
+
+
+def _replace_block(path: Path, tag: str, block: str) -> None:
+    """Put ``block`` between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` of ``path`` (appended if missing)."""
+    start, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    text = path.read_text() if path.exists() else f"# Results\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{block}{end}{tail}")
+
+
 def _folder(spec: dict[str, Any], key: str, default: str) -> Path:
     return ROOT / spec.get(key, default)
 
@@ -864,6 +1285,11 @@ def main(argv: list[str] | None = None) -> int:
     docs = results if args.quick else (args.docs or _folder(spec, "docs_dir", "docs"))
     summary = report(effective(spec, args.quick), results, docs)
     print("\n".join(closing_lines(summary)))
+
+
+    spec_now = effective(spec, args.quick)
+    summary = (report_finetune if "finetune" in spec else report)(spec_now, results, docs)
+    print(json.dumps(summary.get("verdict", summary["gaps"]), indent=1))
     if missing:
         print(f"{len(missing)} run(s) failed or not started: {missing}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ def _nm(text: str) -> str:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .core.config import CONFIGS
-    from .core.masks import BLOCK_ORDERS
+    from .core.masks import BLOCK_ORDERS, SOFT_WARMUPS
     from .core.schedules import SCHEDULES
     from .train.data import DATASETS
     from .train.models import MODELS
@@ -87,6 +87,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tau", type=float, help="query temperature (absolute, default 0.01)")
     g.add_argument("--queries", action=argparse.BooleanOptionalAction, help="MaxQ soft queries (default on)")
     g.add_argument("--order", choices=BLOCK_ORDERS, help="which blocks stay dense during the ramp")
+    g.add_argument(
+        "--soft-warmup",
+        choices=SOFT_WARMUPS,
+        help="MaxQ's soft factor on a trained model (--init): none (paper), ramp (phased in with the ramp: the "
+        "first forward is the model itself), normalize (kept mask values averaged to 1 per layer); our addition",
+    )
     g.add_argument("--decay-lambda", type=float, help="SR-STE decay (default 2e-4)")
     g.add_argument(
         "--update-every",

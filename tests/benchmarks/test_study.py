@@ -284,3 +284,98 @@ def test_epoch_gaps_are_paired_per_epoch_and_reported(tmp_path):
     assert "| 2 | 85.25 | 86.25 | +1.00 ± 0.00 |" in text
     assert "**MaxQ − SR-STE, 4 epochs vs long**" in text and "+0.40 ± 0.10" in text
     assert (docs / "study_long_curves.png").stat().st_size > 10_000
+
+
+# -- the fine-tuning study (configs/study_finetune.yaml) ------------------------------------------------------------
+
+SPEC_FT = yaml.safe_load((ROOT / "configs" / "study_finetune.yaml").read_text())
+
+
+def test_finetune_plan_matches_the_issue():
+    runs = study.plan(SPEC_FT, quick=False)
+    parent, children = runs[0], runs[1:]
+    assert parent.id == "parent" and parent.options["method"] == "dense" and parent.options["epochs"] == 20
+    long_base = SPEC_LONG["base"]
+    assert {k: parent.options[k] for k in long_base} == long_base  # the long study's recipe
+    cells = {(r.record["arm"], r.record["nm"], r.record["budget"], r.record["seed"]) for r in children}
+    assert len(cells) == len(children) == 5 * 2 * 2 * 3
+    for r in children:
+        assert r.after == ["parent"] and r.options["init"] == "@parent"
+        cfg = TrainConfig.from_dict({k: v for k, v in r.options.items() if k != "init"})
+        assert cfg.epochs == r.record["budget"] and cfg.lr < parent.options["lr"]
+        assert (cfg.dataset, cfg.model, cfg.val_split, cfg.subset) == ("fashion-mnist", "cnn_small", 0.1, 48000)
+        sparse = cfg.sparsity_config()
+        if cfg.method == "maxq":
+            assert cfg.per_step and cfg.resolved_ramp == (0.0, cfg.epochs / 2)
+            assert sparse.soft_warmup == ("ramp" if r.record["arm"] == "maxq_ramp" else "none")
+            assert sparse.queries == (r.record["arm"] != "maxq_noq")
+        else:
+            assert "ramp" not in r.options and "soft_warmup" not in r.options
+    assert len(study.plan(SPEC_FT, quick=True)) == 1 + 5
+
+
+@pytest.mark.slow
+def test_finetune_quick_rehearsal_records_parent_before_and_curves(tmp_path):
+    """The --quick rehearsal end to end on the synthetic set (a few seconds): parent, then every arm from its
+    checkpoint; records, resumability and the report."""
+    quick = {
+        "parent": {"dataset": "synthetic", "epochs": 1, "subset": 256, "batch_size": 32},
+        "base": {"dataset": "synthetic", "subset": 256},
+        "finetune": {"budgets": [1], "patterns": ["1:16"], "seeds": [0]},
+    }
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC_FT, "quick": quick}))
+    results, docs = tmp_path / "results", tmp_path / "results"
+    argv = ["--config", str(spec_path), "--quick", "--results", str(results), "--jobs", "2", "--threads", "1"]
+    assert study.main(argv) == 0
+    parent = json.loads((results / "parent.json").read_text())
+    checkpoint = results / "runs" / "parent" / "checkpoint.pt"
+    assert parent["checkpoint_sha256"] == study.sha256_file(checkpoint) and parent["role"] == "parent"
+    records = {p.stem: json.loads(p.read_text()) for p in results.glob("ft_*.json")}
+    assert len(records) == 5
+    for r in records.values():
+        assert r["parent"]["checkpoint_sha256_now"] == parent["checkpoint_sha256"] == r["parent"]["checkpoint_sha256"]
+        assert len(r["curve"]) == 1 and r["before_finetune"]["val_top1"] is not None and r["nm_ok"]
+    # Every block dense and no soft factor yet: the first forward is the parent itself.
+    for arm in ("maxq_ramp", "maxq_noq"):
+        assert records[f"ft_{arm}_1-16_e1_s0"]["before_finetune"]["test_top1"] == parent["top1_last"]
+    # Resumable: nothing runs again; a record lost after its run finished is rebuilt from the folder.
+    os_record = results / "ft_srste_1-16_e1_s0.json"
+    os_record.unlink()
+    mtime = (results / "runs" / "ft_srste_1-16_e1_s0" / "report.json").stat().st_mtime
+    assert study.main(argv) == 0 and os_record.exists()
+    assert (results / "runs" / "ft_srste_1-16_e1_s0" / "report.json").stat().st_mtime == mtime
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["parent"]["checkpoint_sha256"] == parent["checkpoint_sha256"] and not summary["parent_mismatch"]
+    cell = summary["cells"]["maxq_ramp"]["1:16"]["1"]
+    assert len(cell["curve_test_top1"]) == 2 and cell["curve_test_top1"][0] == parent["top1_last"]
+    assert cell["epochs_within_test_top1"] == 0  # within 0.5 points of the parent before any step
+    text = (docs / "RESULTS.md").read_text()
+    assert "<!-- study_finetune:begin -->" in text and "**Before fine-tuning**" in text and "maxq_ramp" in text
+    assert (docs / "study_finetune_curves.png").stat().st_size > 10_000
+
+
+def test_finetune_gaps_and_epochs_within_from_records():
+    def rec(arm, seed, curve, before=80.0):
+        return {
+            "id": f"ft_{arm}_{seed}", "arm": arm, "method": "maxq", "n": 2, "m": 4, "seed": seed, "budget": 2,
+            "variant": "finetune", "top1_last": curve[-1], "val_top1_last": curve[-1] + 1,
+            "before_finetune": {"test_top1": before, "val_top1": before + 1},
+            "curve": [{"epoch": e + 1, "test_top1": v, "val_top1": v + 1} for e, v in enumerate(curve)],
+        }  # fmt: skip
+
+    parent = {"id": "parent", "role": "parent", "variant": "parent", "top1_last": 92.0, "val_top1_last": 93.0}
+    records = [parent, rec("srste", 0, [90.0, 91.6]), rec("srste", 1, [90.0, 91.0])]
+    records += [rec("oneshot", 0, [89.0, 91.0]), rec("oneshot", 1, [89.0, 90.6])]
+    spec = {**SPEC_FT, "finetune": {**SPEC_FT["finetune"], "patterns": ["2:4"], "budgets": [2]}}
+    spec["report"] = {"within": 0.5, "pairs": [["srste", "oneshot"]]}
+    summary = study.summarize_finetune(records, spec)
+    gap = summary["gaps"]["srste - oneshot"]["2:4"]["2"]["top1_last"]
+    assert gap["gap"] == pytest.approx(0.5) and gap["pairs"] == 2
+    cell = summary["cells"]["srste"]["2:4"]["2"]
+    assert cell["curve_test_top1"] == pytest.approx([80.0, 90.0, 91.3])
+    assert cell["epochs_within_test_top1"] is None  # 91.3 < 92 - 0.5
+    assert summary["cells"]["srste"]["2:4"]["2"]["epochs_within_val_top1"] is None
+    summary = study.summarize_finetune(records, {**spec, "report": {**spec["report"], "within": 1.0}})
+    assert summary["cells"]["srste"]["2:4"]["2"]["epochs_within_test_top1"] == 2
+    assert summary["verdict"]["2:4"]["2"]["arm"] == "srste"

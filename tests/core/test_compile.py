@@ -17,6 +17,8 @@ from ..nets import batch, small_cnn
 CONFIGS = {
     "maxq-mid-ramp": (maxq.MaxQConfig(ramp=(0, 2), per_step=True), 0.5),
     "maxq": (maxq.MaxQConfig(ramp=(0, 2)), 2.0),
+    "maxq-soft-warmup-ramp": (maxq.MaxQConfig(ramp=(0, 2), per_step=True, soft_warmup="ramp"), 0.5),
+    "maxq-soft-warmup-normalize": (maxq.MaxQConfig(ramp=(0, 2), soft_warmup="normalize"), 2.0),
     "srste": (maxq.SRSTEConfig(), None),
     "oneshot": (maxq.OneShotConfig(), None),
 }

@@ -45,3 +45,25 @@ def test_to_dict_round_trip():
     d = cfg.to_dict()
     assert d["method"] == "maxq"
     assert make_config(d.pop("method"), **d) == cfg
+
+
+def test_soft_warmup_is_a_maxq_option_that_the_config_answers():
+    from maxq.core.config import config_options
+
+    assert "soft_warmup" in config_options("maxq") and "soft_warmup" not in config_options("srste")
+    paper, ramp, norm = (MaxQConfig(soft_warmup=s) for s in ("none", "ramp", "normalize"))
+    assert [c.soft_strength(0.25) for c in (paper, ramp, norm)] == [1.0, 0.75, 1.0]
+    assert [c.normalize_soft for c in (paper, ramp, norm)] == [False, False, True]
+    assert SRSTEConfig().soft_strength(0.5) == 1.0 and not SRSTEConfig().normalize_soft
+    with pytest.raises(ValueError, match="soft_warmup"):
+        MaxQConfig(soft_warmup="fade")
+
+
+def test_soft_warmup_reaches_the_training_recipe():
+    from maxq.train.recipe import TrainConfig
+
+    cfg = TrainConfig(method="maxq", soft_warmup="ramp", ramp=(0, 1), per_step=True)
+    assert cfg.sparsity_config().soft_warmup == "ramp"
+    assert TrainConfig(method="srste", soft_warmup="ramp").sparsity_config().method == "srste"
+    with pytest.raises(ValueError, match="soft_warmup"):
+        TrainConfig(method="maxq", soft_warmup="fade")

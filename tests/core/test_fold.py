@@ -46,3 +46,20 @@ def test_fold_leaves_exactly_n_largest(kind, n, m, method):
     largest_pruned = torch.where(kept, -torch.inf, magnitude).amax(-1)
     assert bool((smallest_kept >= largest_pruned).all())  # the kept ones are the N largest
     assert maxq.check_nm(model, n, m).ok
+
+
+@pytest.mark.parametrize("soft_warmup", ["ramp", "normalize"])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 16)])
+def test_soft_warmup_masks_stay_exactly_nm_after_fold(soft_warmup, n, m):
+    from ..nets import batch, small_cnn
+
+    model = small_cnn()
+    sparsifier = maxq.sparsify_(model, maxq.MaxQConfig(n=n, m=m, ramp=(0, 2), per_step=True, soft_warmup=soft_warmup))
+    sparsifier.set_progress(1.0)  # half way: a = 0.5, half the blocks still dense
+    model.eval()
+    x = batch(model)[0]
+    sparsifier.set_progress(2.0)  # ramp over: every block N:M, the soft factor in full
+    before = model(x)
+    maxq.fold_(model)
+    assert maxq.check_nm(model, n, m).ok
+    torch.testing.assert_close(model(x), before)

@@ -102,3 +102,41 @@ def test_maxq_mask_validates():
         maxq_mask(torch.randn(4, 6), 2, 4)
     with pytest.raises(ValueError, match="block order"):
         maxq_mask(torch.randn(4, 8), 2, 4, dense_fraction=0.5, order="middle")
+
+
+# -- the soft factor's warm-up (our addition, METHOD.md §8) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", fused_params())
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 16)])
+@pytest.mark.parametrize("p", [1.0, 0.4, 0.0])
+def test_soft_warmup_ramp_is_the_reference_formula(fused, n, m, p):
+    w = torch.randn(16, 32, 3, 3) * 0.05
+    a = 1.0 - p
+    ref = ref_maxq_mask(w, n, m, dense_fraction=p)
+    hard = (ref != 0).float()
+    got, _ = compute_mask(w, n, m, fused=fused, dense_fraction=p, strength=a)
+    torch.testing.assert_close(got, a * ref + (1 - a) * hard)  # Mask = a * B(1 + Q_f + Q_k) + (1 - a) * B
+    assert torch.equal(got != 0, ref != 0)  # the same weights survive
+    if a == 0.0:
+        assert torch.equal(got, hard)  # the hard mask times 1: the first forward of the ramp is the model itself
+
+
+@pytest.mark.parametrize("fused", fused_params())
+@pytest.mark.parametrize("p", [1.0, 0.0])
+def test_soft_warmup_normalize_has_mean_one_over_kept_weights(fused, p):
+    w = torch.randn(16, 32, 3, 3) * 0.05
+    ref = ref_maxq_mask(w, 1, 16, dense_fraction=p)
+    got, _ = compute_mask(w, 1, 16, fused=fused, dense_fraction=p, normalize=True)
+    kept = got[got != 0]
+    assert float(kept.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(got != 0, ref != 0)
+    torch.testing.assert_close(got, ref / ref[ref != 0].mean())
+
+
+def test_soft_warmup_leaves_hard_masks_alone():
+    w = torch.randn(8, 16) * 0.05
+    hard = maxq_mask(w, 2, 4, soft=False)
+    assert torch.equal(maxq_mask(w, 2, 4, soft=False, strength=0.3, normalize=True), hard)
+    with pytest.raises(ValueError, match="strength"):
+        maxq_mask(w, 2, 4, strength=1.5)

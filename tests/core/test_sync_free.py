@@ -29,8 +29,10 @@ def _train_step(model, sparsifier, opt, x, y, progress=None):
         (maxq.MaxQConfig(ramp=(0, 4)), 4.0),  # after the ramp
         (maxq.SRSTEConfig(), None),
         (maxq.MaxQConfig(n=1, m=16, ramp=(0, 4), order="random"), 2.0),
+        (maxq.MaxQConfig(ramp=(0, 4), per_step=True, soft_warmup="ramp"), 1.5),  # the soft factor phased in
+        (maxq.MaxQConfig(ramp=(0, 4), soft_warmup="normalize"), 4.0),  # kept values averaged to 1
     ],
-    ids=["maxq-mid-ramp", "maxq", "srste", "maxq-1:16-random"],
+    ids=["maxq-mid-ramp", "maxq", "srste", "maxq-1:16-random", "maxq-soft-warmup-ramp", "maxq-soft-warmup-normalize"],
 )
 def test_training_step_on_resnet50_makes_no_host_sync(config, progress):
     torch.manual_seed(0)

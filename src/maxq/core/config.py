@@ -4,7 +4,7 @@ behaviour (which mask, which schedule, which gradient).
 ``dense`` needs no configuration (it is the model without :func:`maxq.sparsify_`). ``CONFIGS`` is the one place a
 method name becomes a config class. The stateful layer (:class:`maxq.Sparsifier`) asks the config -- never the
 method's name -- what to do: ``frozen``, ``straight_through``, ``soft``, ``decay``, :meth:`NMConfig.dense_fraction`
-and :meth:`NMConfig.block_priority`.
+and :meth:`NMConfig.block_priority`, :meth:`NMConfig.soft_strength`, ``normalize_soft``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .masks import BLOCK_ORDERS
+from .masks import BLOCK_ORDERS, SOFT_WARMUPS
 from .nm import validate_nm
 from .schedules import SCHEDULES, dense_fraction
 
@@ -96,6 +96,16 @@ class NMConfig:
         """Share of blocks kept dense at training progress ``progress`` (epochs): 0 without a schedule."""
         return 0.0
 
+    def soft_strength(self, dense_fraction: float) -> float:
+        """``a`` in ``Mask = a * soft + (1 - a) * B``: how much of the soft factor acts at dense fraction ``p``
+        (1: all of it, the paper)."""
+        return 1.0
+
+    @property
+    def normalize_soft(self) -> bool:
+        """Rescale each layer's kept mask values to a mean of 1 after every update."""
+        return False
+
     def block_priority(self, layer_index: int, blocks: int) -> torch.Tensor | None:
         """Per-block scores for the ``random`` block order of layer number ``layer_index`` (else ``None``)."""
         return None
@@ -151,6 +161,10 @@ class MaxQConfig(SRSTEConfig):
         order: which blocks stay dense during the ramp: ``smallest`` L1 (paper), ``largest``, ``random``.
         exp_rate: ``b`` of the ``exp`` schedule, per epoch.
         seed: seed of the ``random`` block order (identical on every DDP rank).
+        soft_warmup: how the soft factor ``1 + Q_f + Q_k`` meets a model that is already trained (our addition,
+            not the paper's; METHOD.md §8): ``none`` (paper), ``ramp`` (phased in with the ramp,
+            ``Mask = a * B(1 + Q_f + Q_k) + (1 - a) * B`` with ``a = 1 - p``, so the first forward of a fully dense
+            ramp is the model itself), ``normalize`` (each layer's kept mask values rescaled to a mean of 1).
     """
 
     method: ClassVar[str] = "maxq"
@@ -163,6 +177,7 @@ class MaxQConfig(SRSTEConfig):
     order: str = "smallest"
     exp_rate: float = 0.05
     seed: int = 0
+    soft_warmup: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,10 +201,19 @@ class MaxQConfig(SRSTEConfig):
         if self.exp_rate <= 0:
             raise ValueError(f"exp_rate must be > 0, got {self.exp_rate}")
         _check_number("seed", self.seed, integer=True)
+        if self.soft_warmup not in SOFT_WARMUPS:
+            raise ValueError(f"unknown soft_warmup {self.soft_warmup!r}; choose one of {list(SOFT_WARMUPS)}")
 
     @property
     def soft(self) -> bool:
         return self.queries
+
+    def soft_strength(self, dense_fraction: float) -> float:
+        return 1.0 - dense_fraction if self.soft_warmup == "ramp" else 1.0
+
+    @property
+    def normalize_soft(self) -> bool:
+        return self.soft_warmup == "normalize"
 
     def dense_fraction(self, progress: float) -> float:
         start, end = self.ramp

@@ -19,10 +19,23 @@ from .._engine.fused import FusedState, fused_available, fused_mask_
 from .nm import _check_layout, block_major, nm_keep, topk_mask, validate_nm
 from .queries import filter_query, kernel_query
 
-__all__ = ["BLOCK_ORDERS", "block_l1", "compute_mask_", "dense_blocks", "dense_count", "hard_mask", "maxq_mask"]
+__all__ = [
+    "BLOCK_ORDERS",
+    "SOFT_WARMUPS",
+    "block_l1",
+    "compute_mask_",
+    "dense_blocks",
+    "dense_count",
+    "hard_mask",
+    "maxq_mask",
+]
 
 #: which blocks stay dense during the ramp: the smallest-L1 ones (paper default), the largest, or random ones.
 BLOCK_ORDERS = ("smallest", "largest", "random")
+
+#: how the soft factor meets a trained model (our addition, METHOD.md §8): as the paper (``none``), phased in with
+#: the ramp (``ramp``), or each layer's kept values rescaled to a mean of 1 (``normalize``).
+SOFT_WARMUPS = ("none", "ramp", "normalize")
 
 
 def dense_count(fraction: float, blocks: int) -> int:
@@ -115,6 +128,8 @@ def maxq_mask(
     priority: Tensor | None = None,
     tau: float = 0.01,
     soft: bool = True,
+    strength: float = 1.0,
+    normalize: bool = False,
 ) -> Tensor:
     """MaxQ mask ``B_t * (1 + Q_f + Q_k)`` of a Linear ``[O, I]`` or Conv2d ``[O, I, kh, kw]`` weight.
 
@@ -127,18 +142,52 @@ def maxq_mask(
         priority: per-block random scores for ``order="random"``.
         tau: query temperature (absolute, in units of ``|W|``); paper default 0.01.
         soft: include the queries; ``False`` gives the hard mask ``B_t`` as 0/1 floats.
+        strength, normalize: the soft factor's warm-up (our addition, see :func:`soften_`).
 
     Returns:
-        float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones.
+        float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones (the paper's
+        mask; ``strength`` < 1 gives ``[1, 1 + 2 * strength]``, ``normalize`` a mean of 1 over kept ones).
 
     Raises:
         ValueError: an invalid pattern, a shape whose input size ``m`` does not divide, ``tau <= 0``,
-            ``dense_fraction`` outside ``[0, 1]`` or an unknown ``order``.
+            ``dense_fraction`` outside ``[0, 1]``, ``strength`` outside ``[0, 1]`` or an unknown ``order``.
     """
     _check(weight, n, m, tau, dense_fraction, order)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    compute_mask_(out, weight, n, m, dense_fraction=dense_fraction, order=order, priority=priority, tau=tau, soft=soft)
+    compute_mask_(
+        out,
+        weight,
+        n,
+        m,
+        dense_fraction=dense_fraction,
+        order=order,
+        priority=priority,
+        tau=tau,
+        soft=soft,
+        strength=strength,
+        normalize=normalize,
+    )
     return out
+
+
+def soften_(mask: Tensor, strength: float = 1.0, normalize: bool = False) -> Tensor:
+    """The soft factor's warm-up, in place on a mask ``B * (1 + Q_f + Q_k)`` (our addition, METHOD.md §8).
+
+    ``strength`` ``a``: ``Mask = a * Mask + (1 - a) * B`` with ``B = [Mask != 0]`` (kept values ``1 + a * Q``);
+    ``a = 0`` is the hard mask, ``a = 1`` leaves the mask alone. ``normalize``: then divide by the mean over kept
+    weights, so the layer's kept values average 1. Pure tensor ops (no host sync, no data-dependent branch);
+    never changes which weights are kept. Returns ``mask``.
+    """
+    if strength != 1.0:
+        kept = mask.ne(0).to(mask.dtype)
+        mask.sub_(kept).mul_(strength).add_(kept)  # B + a * (Mask - B)
+    if normalize:
+        total = mask.sum(dtype=torch.float32)
+        count = mask.ne(0).sum().clamp_min(1).to(torch.float32)
+        mask.div_((total / count).clamp_min(torch.finfo(torch.float32).tiny).to(mask.dtype))
+    return mask
 
 
 def compute_mask_(
@@ -152,6 +201,8 @@ def compute_mask_(
     priority: Tensor | None = None,
     tau: float = 0.01,
     soft: bool = True,
+    strength: float = 1.0,
+    normalize: bool = False,
     state: FusedState | None = None,
     fused: bool = True,
 ) -> Tensor:
@@ -159,7 +210,8 @@ def compute_mask_(
 
     Arguments as :func:`maxq_mask` (not validated here: this is the training hot path). ``state`` carries the
     fused CPU kernels' thresholds from one call to the next (speed only); ``fused=False`` forces the
-    device-agnostic path. Returns ``out``.
+    device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: :func:`soften_`) is applied to
+    the result of either path. Returns ``out``.
     """
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach()
@@ -177,7 +229,7 @@ def compute_mask_(
                 soft=soft,
                 state=state if state is not None else FusedState(),
             )
-            return out
+            return soften_(out, strength, normalize) if soft else out
         a = w.abs().float()
         dense = dense_blocks(block_l1(a, m), count, order, priority) if count > 0 else None
         mask = nm_keep(a, n, m, dense).to(torch.float32)
@@ -186,5 +238,5 @@ def compute_mask_(
             kq = kernel_query(a, n, m, tau)
             if kq is not None:
                 q = q + kq[0]
-            mask = mask * (1 + q)  # B * (1 + Q_f + Q_k)
+            mask = soften_(mask * (1 + q), strength, normalize)  # B * (1 + Q_f + Q_k), warmed up
         return out.copy_(mask)

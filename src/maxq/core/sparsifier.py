@@ -175,6 +175,8 @@ class Sparsifier:
                 priority=layer.priority,
                 tau=cfg.tau,
                 soft=cfg.soft,
+                strength=cfg.soft_strength(self._fraction),
+                normalize=cfg.normalize_soft,
                 state=layer.state,
                 fused=self.fused,
             )

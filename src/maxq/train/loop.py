@@ -213,6 +213,24 @@ def evaluate(
     return from_counts(totals)
 
 
+def _evaluate_before(
+    model: nn.Module,
+    test_loader: DataLoader,
+    val_loader: DataLoader | None,
+    info: DataInfo,
+    device: torch.device,
+    procs: Processes,
+) -> dict[str, float]:
+    """Test (and held-out val) loss and top-1 of the model as it stands, in eval mode: with ``--init``, the
+    sparsified starting model before any fine-tuning step (changes no weights, masks, statistics or RNG)."""
+    test = evaluate(model, test_loader, info, device, procs)
+    result = {"test_loss": test["loss"], "test_top1": test["top1"]}
+    if val_loader is not None:
+        val = evaluate(model, val_loader, info, device, procs)
+        result.update(val_loss=val["loss"], val_top1=val["top1"])
+    return result
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------
 
 
@@ -541,6 +559,14 @@ def _train(
                 optimizer.param_groups[0]["lr"], cfg.method_ramp or "n/a",
             )  # fmt: skip
 
+    # --init: the accuracy before any fine-tuning step -- the sparsified starting model as its first forward sees
+    # it, in eval mode (kept in the checkpoint, so a resumed run reports the same numbers).
+    before = saved.get("before_finetune") if saved is not None else None
+    if cfg.init and saved is None:
+        before = _evaluate_before(model, test_loader, val_loader, info, device, procs)
+        if procs.main:
+            log.info("before fine-tuning (%s from --init): test top-1 %.2f%%", cfg.method, before["test_top1"])
+
     arch = {
         "model": cfg.model,
         "in_channels": info.channels,
@@ -654,6 +680,7 @@ def _train(
                 "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
                 "rng": _rng_state(),
                 "history": history,
+                "before_finetune": before,
             }
             atomic_save(state, out / CHECKPOINT)
             run.checkpoint_epoch = epoch + 1
@@ -668,7 +695,7 @@ def _train(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record, sparsifier)
 
-    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out, arch)
+    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out, arch, before)
     if procs.distributed:
         torch_dist.barrier()
     return report
@@ -701,6 +728,7 @@ def _finish(
     procs: Processes,
     out: Path,
     arch: dict[str, Any],
+    before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Fold, verify, evaluate the folded model, and write report.json, model_folded.pt and the plot."""
     n, m = cfg.n_m
@@ -747,6 +775,8 @@ def _finish(
         "variant": cfg.extra.get("variant"),
         "maxq_version": __version__,
     }
+    if before is not None:
+        report["before_finetune"] = before  # --init: eval of the sparsified starting model, before any step
     if history and "val_top1" in history[-1]:
         vals = [h["val_top1"] for h in history]
         report.update(val_top1_last=vals[-1], val_top1_best=max(vals))

@@ -79,6 +79,7 @@ class TrainConfig:
     tau: float = 0.01
     queries: bool = True
     order: str = "smallest"
+    soft_warmup: str = "none"  # MaxQ: the soft factor on a trained model (our addition, METHOD.md §8)
     decay_lambda: float = 2e-4
     update_every: int = 1
     # run
@@ -101,7 +102,7 @@ class TrainConfig:
         if not isinstance(self.nm, str):
             raise ValueError(f"--nm must be a pattern like '2:4' (keep N of every M), got {self.nm!r}")
         parse_nm(self.nm)
-        for name in ("dataset", "model", "schedule", "order", "device", "out"):
+        for name in ("dataset", "model", "schedule", "order", "soft_warmup", "device", "out"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"--{_flag(name)} must be a non-empty string, got {value!r}")
