@@ -1286,7 +1286,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(effective(spec, args.quick), results, docs)
     print("\n".join(closing_lines(summary)))
 
-
     spec_now = effective(spec, args.quick)
     summary = (report_finetune if "finetune" in spec else report)(spec_now, results, docs)
     print(json.dumps(summary.get("verdict", summary["gaps"]), indent=1))
