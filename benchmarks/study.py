@@ -1283,12 +1283,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = execute(runs, results, ex)
     # A quick study reports next to its records, never into the real docs.
     docs = results if args.quick else (args.docs or _folder(spec, "docs_dir", "docs"))
-    summary = report(effective(spec, args.quick), results, docs)
-    print("\n".join(closing_lines(summary)))
-
     spec_now = effective(spec, args.quick)
-    summary = (report_finetune if "finetune" in spec else report)(spec_now, results, docs)
-    print(json.dumps(summary.get("verdict", summary["gaps"]), indent=1))
+    if "finetune" in spec:
+        summary = report_finetune(spec_now, results, docs)
+        print(json.dumps(_plain(summary.get("verdict")), indent=1))
+        print(f"tables: {docs / 'RESULTS.md'}\nsummary (JSON): {results / 'summary.json'}")
+    else:
+        print("\n".join(closing_lines(report(spec_now, results, docs))))
     if missing:
         print(f"{len(missing)} run(s) failed or not started: {missing}", file=sys.stderr)
         return 1

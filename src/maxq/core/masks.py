@@ -142,7 +142,8 @@ def maxq_mask(
         priority: per-block random scores for ``order="random"``.
         tau: query temperature (absolute, in units of ``|W|``); paper default 0.01.
         soft: include the queries; ``False`` gives the hard mask ``B_t`` as 0/1 floats.
-        strength, normalize: the soft factor's warm-up (our addition, see :func:`soften_`).
+        strength: the soft factor's weight ``a`` in ``[0, 1]`` (our addition, see :func:`soften_`).
+        normalize: rescale each layer's kept mask values to a mean of 1 (our addition, see :func:`soften_`).
 
     Returns:
         float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones (the paper's
