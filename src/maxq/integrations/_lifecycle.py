@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
 
-__all__ = ["adopt_or_sparsify", "finish", "ramp_metrics"]
+__all__ = ["adopt_or_sparsify", "callback_config", "finish", "ramp_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,48 @@ def describe(sparsifier: Sparsifier) -> dict[str, Any]:
     """One line of facts for logs: method, pattern, layers."""
     cfg = sparsifier.config
     return {"method": cfg.method, "nm": f"{cfg.n}:{cfg.m}", "layers": len(sparsifier.layers)}
+
+
+def callback_config(
+    config: NMConfig | None,
+    *,
+    filter_fn: FilterFn | None,
+    per_step: bool | None,
+    fold: bool,
+    fold_force: bool,
+    steps_per_epoch: int | None,
+) -> NMConfig | None:
+    """Validate the options both framework callbacks take and return the config they train with (``per_step``
+    applied). Raises ``ValueError`` with what to pass instead."""
+    if config is not None and not isinstance(config, NMConfig):
+        raise ValueError(
+            "config must be a maxq config such as maxq.MaxQConfig(n=2, m=4, ramp=(0, 2)) (or maxq.SRSTEConfig(...), "
+            f"maxq.OneShotConfig(...)), or None to adopt a model sparsified with maxq.sparsify_; got "
+            f"{type(config).__name__}"
+        )
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(f"filter_fn must be a callable (module, name) -> bool, got {type(filter_fn).__name__}")
+    for name, value in (("fold", fold), ("fold_force", fold_force)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if fold_force and not fold:
+        raise ValueError("fold_force=True needs fold=True (fold_force only says how to fold)")
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+    ):
+        raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps per epoch), got {steps_per_epoch!r}")
+    if per_step is None:
+        return config
+    if not isinstance(per_step, bool):
+        raise ValueError(f"per_step must be True, False or None (the config decides), got {per_step!r}")
+    if config is None:
+        raise ValueError(
+            "per_step needs a config: give the callback one (maxq.MaxQConfig(..., per_step=True)), or set per_step "
+            "in the config you sparsified the model with"
+        )
+    if not any(f.name == "per_step" for f in dataclasses.fields(config)):
+        raise ValueError(
+            f"per_step applies to methods with a ramp, and {type(config).__name__} has none (only maxq.MaxQConfig "
+            "ramps its sparsity); leave per_step=None"
+        )
+    return dataclasses.replace(config, per_step=per_step)

@@ -46,7 +46,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, finish, ramp_metrics
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -94,38 +94,10 @@ class MaxQCallback(TrainerCallback):
         fold_force: bool = False,
         steps_per_epoch: int | None = None,
     ) -> None:
-        if config is not None and not isinstance(config, NMConfig):
-            raise ValueError(
-                f"config must be a maxq config such as maxq.MaxQConfig(n=2, m=4, ramp=(0, 2)), got "
-                f"{type(config).__name__}; pass None to adopt a model sparsified with maxq.sparsify_"
-            )
-        if filter_fn is not None and not callable(filter_fn):
-            raise ValueError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
-        if per_step is not None:
-            if not isinstance(per_step, bool):
-                raise ValueError(f"per_step must be True, False or None, got {per_step!r}")
-            if config is None:
-                raise ValueError(
-                    "per_step needs a config: give the callback one (maxq.MaxQConfig(..., per_step=True)) or set "
-                    "per_step in the config you passed to maxq.sparsify_"
-                )
-            if not _has_ramp(config):
-                raise ValueError(
-                    f"per_step applies to methods with a ramp (maxq.MaxQConfig); {config.method!r} has none: "
-                    "leave per_step=None"
-                )
-            config = dataclasses.replace(config, per_step=per_step)
-        for name, value in (("fold", fold), ("fold_force", fold_force)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        if fold_force and not fold:
-            raise ValueError("fold_force=True needs fold=True (fold_force only says how to fold)")
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(
-                f"steps_per_epoch must be a positive int (optimizer steps per epoch), got {steps_per_epoch!r}"
-            )
+        config = callback_config(
+            config, filter_fn=filter_fn, per_step=per_step, fold=fold, fold_force=fold_force,
+            steps_per_epoch=steps_per_epoch,
+        )  # fmt: skip
         self.config = config
         self.filter_fn = filter_fn
         self.fold = fold

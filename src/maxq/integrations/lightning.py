@@ -42,7 +42,6 @@ included) has the uninterrupted run's progress, dense fraction, step count and m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, finish, ramp_metrics
 
 __all__ = ["MaxQCallback"]
 
@@ -105,36 +104,14 @@ class MaxQCallback(pl.Callback):
         steps_per_epoch: int | None = None,
         log_metrics: bool = True,
     ) -> None:
-        if config is not None and not isinstance(config, NMConfig):
-            raise ValueError(
-                f"config must be a maxq config (maxq.MaxQConfig(...), maxq.SRSTEConfig(...), maxq.OneShotConfig(...))"
-                f" or None to adopt a model sparsified with maxq.sparsify_, got {type(config).__name__}"
-            )
-        if filter_fn is not None and not callable(filter_fn):
-            raise ValueError(f"filter_fn must be a callable (module, name) -> bool, got {type(filter_fn).__name__}")
-        for name, value in (("fold", fold), ("fold_force", fold_force), ("log_metrics", log_metrics)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        if per_step is not None:
-            if not isinstance(per_step, bool):
-                raise ValueError(f"per_step must be True, False or None (the config decides), got {per_step!r}")
-            if config is None:
-                raise ValueError(
-                    "per_step needs a config: give the callback the config (maxq.MaxQConfig(..., per_step=...)), "
-                    "or set per_step in the config you sparsified the model with"
-                )
-            if not any(f.name == "per_step" for f in dataclasses.fields(config)):
-                raise ValueError(
-                    f"per_step applies to a ramp, and {type(config).__name__} has none (only maxq.MaxQConfig "
-                    "ramps its sparsity); leave per_step=None"
-                )
-            config = dataclasses.replace(config, per_step=per_step)
+        config = callback_config(
+            config, filter_fn=filter_fn, per_step=per_step, fold=fold, fold_force=fold_force,
+            steps_per_epoch=steps_per_epoch,
+        )  # fmt: skip
+        if not isinstance(log_metrics, bool):
+            raise ValueError(f"log_metrics must be True or False, got {log_metrics!r}")
         if module is not None and (not isinstance(module, str) or not module.strip(".")):
             raise ValueError(f"module must be an attribute path such as 'model' or 'backbone.encoder', got {module!r}")
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps), got {steps_per_epoch!r}")
         self.config = config
         self.filter_fn = filter_fn
         self.fold = fold
