@@ -13,7 +13,6 @@ Markdown table. No training; a couple of minutes on one thread.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,6 +27,7 @@ from maxq.train.data import load_dataset
 from maxq.train.loop import Processes, _loader, evaluate
 from maxq.train.models import build_model
 from maxq.train.recipe import TrainConfig
+from study import sha256_file  # the study's records hash the same file the same way (benchmarks/ is on sys.path)
 
 #: (label, method, options) measured; MaxQ rows are measured at every ramp position of ``POSITIONS``.
 ARMS: list[tuple[str, str, dict[str, Any]]] = [
@@ -38,14 +38,6 @@ ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("maxq, soft_warmup=normalize", "maxq", {"soft_warmup": "normalize"}),
 ]
 POSITIONS = (1.0, 0.0)  # dense fraction p: the start of the ramp, its end (--positions adds others, e.g. 0.5)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def measure(
@@ -86,7 +78,7 @@ def measure(
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {
         "checkpoint": str(checkpoint),
-        "sha256": sha256(checkpoint),
+        "sha256": sha256_file(checkpoint),
         "epochs": state["epoch"],
         "rows": rows,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),

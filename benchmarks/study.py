@@ -647,14 +647,7 @@ def write_markdown(
         "",
         extra,
     ]
-    block = "\n".join(lines)
-    start, end = f"<!-- {_tag(spec)}:begin -->", f"<!-- {_tag(spec)}:end -->"
-    text = path.read_text() if path.exists() else f"# Results\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    path.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+    _replace_block(path, _tag(spec), "\n".join(lines) + "\n")
 
 
 def _seeds(n: int) -> str:
