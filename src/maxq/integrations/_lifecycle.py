@@ -13,7 +13,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
 
-__all__ = ["adopt_or_sparsify", "callback_config", "finish", "ramp_metrics"]
+__all__ = ["adopt_or_sparsify", "callback_config", "finish", "has_ramp", "ramp_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ def describe(sparsifier: Sparsifier) -> dict[str, Any]:
     return {"method": cfg.method, "nm": f"{cfg.n}:{cfg.m}", "layers": len(sparsifier.layers)}
 
 
+def has_ramp(config: NMConfig) -> bool:
+    """Whether the method ramps its sparsity over training (only then is progress, and so steps per epoch, read)."""
+    return any(f.name == "per_step" for f in dataclasses.fields(config))
+
+
 def callback_config(
     config: NMConfig | None,
     *,
@@ -134,7 +139,7 @@ def callback_config(
             "per_step needs a config: give the callback one (maxq.MaxQConfig(..., per_step=True)), or set per_step "
             "in the config you sparsified the model with"
         )
-    if not any(f.name == "per_step" for f in dataclasses.fields(config)):
+    if not has_ramp(config):
         raise ValueError(
             f"per_step applies to methods with a ramp, and {type(config).__name__} has none (only maxq.MaxQConfig "
             "ramps its sparsity); leave per_step=None"

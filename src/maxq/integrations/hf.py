@@ -30,7 +30,6 @@ What the callback does at each moment of the Trainer's loop (the rules are
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, finish, has_ramp, ramp_metrics
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -54,10 +53,6 @@ log = logging.getLogger(__name__)
 
 #: the file the callback adds to each of the Trainer's checkpoint folders
 STATE_FILE = "maxq_sparsifier.pt"
-
-
-def _has_ramp(config: NMConfig) -> bool:
-    return any(f.name == "per_step" for f in dataclasses.fields(config))
 
 
 class MaxQCallback(TrainerCallback):
@@ -171,7 +166,7 @@ class MaxQCallback(TrainerCallback):
             batches = None
         if batches:  # the Trainer's num_update_steps_per_epoch (set_initial_training_values)
             return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        if not _has_ramp(sp.config):
+        if not has_ramp(sp.config):
             return None  # no ramp: progress is not used
         raise ValueError(
             "the Trainer cannot tell MaxQCallback how many optimizer steps make an epoch (the training dataset has "

@@ -56,7 +56,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, finish, has_ramp, ramp_metrics
 
 __all__ = ["MaxQCallback"]
 
@@ -185,7 +185,7 @@ class MaxQCallback(pl.Callback):
     def _count_steps(self, trainer: pl.Trainer) -> int | None:
         batches = trainer.num_training_batches
         if batches == float("inf") or batches < 1:
-            if not hasattr(self._require().config, "ramp"):
+            if not has_ramp(self._require().config):
                 return None  # no ramp: progress is never read
             raise ValueError(
                 "MaxQCallback: Lightning cannot count the batches of this training loader (an iterable dataset "
