@@ -224,6 +224,8 @@ def _write_record(run: Run, folder: Path, results: Path, command: list[str], ex:
     record.update(epochs=report["epochs"], model=report["model"], dataset=report["dataset"])
     if report.get("before_finetune") is not None:
         record["before_finetune"] = report["before_finetune"]
+    if "ramp" in report:  # the ramp the run followed, in epochs (None: its method prunes at the first step)
+        record["ramp"] = report["ramp"]
     if run.record.get("role") == "parent":
         record["checkpoint_sha256"] = sha256_file(folder / "checkpoint.pt")
     init = str(run.options.get("init", ""))
@@ -927,6 +929,20 @@ def _curve_means(rows: list[dict[str, Any]], key: str) -> list[float | None]:
     return means
 
 
+def final_pattern_epoch(record: dict[str, Any]) -> int | None:
+    """The first fine-tuning epoch after which a run is at its final N:M pattern: 0 for a method without a ramp
+    (oneshot and SR-STE prune at the first step), the end of its ramp rounded up for MaxQ. ``None`` if the record
+    does not say (a MaxQ record without its ramp). Before that epoch some blocks are still dense, so the run is not
+    yet the N:M model a user deploys, whatever its accuracy."""
+    if "ramp" in record:  # written from the run's report.json
+        ramp = record["ramp"]
+    else:  # older records: the ramp option the study passed (MaxQ arms always get one)
+        ramp = (record.get("options") or {}).get("ramp")
+        if ramp is None and record.get("method") == "maxq":
+            return None
+    return 0 if ramp is None else math.ceil(float(ramp[1]) - 1e-9)
+
+
 def _parent_sha(record: dict[str, Any]) -> str | None:
     """The SHA-256 of the parent checkpoint a child run was recorded with."""
     return (record.get("parent") or {}).get("checkpoint_sha256_now")
@@ -969,11 +985,22 @@ def summarize_finetune(records: list[dict[str, Any]], spec: dict[str, Any]) -> d
                         r["before_finetune"][key] for r in rows if (r.get("before_finetune") or {}).get(key) is not None
                     ]
                     cell[f"curve_{key}"] = _curve_means(rows, key)
-                if parent is not None:
+                starts = [final_pattern_epoch(r) for r in rows]
+                cell["final_pattern_epoch"] = None if None in starts else max(starts)
+                if parent is not None and cell["final_pattern_epoch"] is not None:
+                    # Only epochs at the final pattern count: a MaxQ run is within reach of the parent before any
+                    # step because every block is still dense, which says nothing about its N:M model.
                     for key, ref in (("test_top1", "top1_last"), ("val_top1", "val_top1_last")):
                         target = (parent.get(ref) or 0.0) - within
                         curve = cell[f"curve_{key}"]
-                        hit = next((e for e, v in enumerate(curve) if v is not None and v >= target), None)
+                        hit = next(
+                            (
+                                e
+                                for e, v in enumerate(curve)
+                                if e >= cell["final_pattern_epoch"] and v is not None and v >= target
+                            ),
+                            None,
+                        )
                         cell[f"epochs_within_{key}"] = hit
                 summary["cells"].setdefault(arm, {}).setdefault(nm, {})[str(budget)] = cell
     for a, b in spec.get("report", {}).get("pairs", []):
@@ -1097,8 +1124,9 @@ def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: li
         lines.append("")
     within = summary["within"]
     lines += [
-        f"**Fine-tuning epochs to come within {within:g} points of the parent** (mean curve over seeds; 0 = before "
-        "any step; test / val; '>B' = not within the budget B):",
+        f"**Fine-tuning epochs to come within {within:g} points of the parent at the final N:M pattern** (mean "
+        "curve over seeds; 0 = before any step; epochs before a MaxQ ramp ends do not count, some blocks are still "
+        "dense there; test / val; '>B' = not within the budget B):",
         "",
         "| arm | " + " | ".join(f"{nm}, {b} ep" for nm in patterns for b in budgets) + " |",
         "|---" * (1 + len(patterns) * len(budgets)) + "|",
@@ -1160,7 +1188,8 @@ def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: li
 
 def plot_finetune(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> None:
     """Rows: patterns; columns: budgets. Mean test top-1 per fine-tuning epoch (0 = before any step) per arm, with
-    the parent, the parent minus ``within``, and the from-scratch 20-epoch numbers as horizontal lines."""
+    the parent, the parent minus ``within``, and the from-scratch 20-epoch numbers as horizontal lines, and the end
+    of the MaxQ arms' ramp as a vertical one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1173,16 +1202,20 @@ def plot_finetune(summary: dict[str, Any], spec: dict[str, Any], path: Path) -> 
     parent = (summary.get("parent") or {}).get("top1_last")
     for nm, row in zip(patterns, axes):
         for ax, b in zip(row, budgets):
-            lows = []
+            lows, ramp_ends = [], set()
             for i, arm in enumerate(ft["arms"]):
                 c = summary["cells"].get(arm, {}).get(nm, {}).get(str(b))
                 if not c:
                     continue
+                if c.get("final_pattern_epoch"):
+                    ramp_ends.add(c["final_pattern_epoch"])
                 curve = c["curve_test_top1"]
                 xs = [e for e, v in enumerate(curve) if v is not None]
                 ys = [v for v in curve if v is not None]
                 ax.plot(xs, ys, "o-", ms=3, color=f"C{i}", label=f"{arm} ({len(c['seeds'])})")
                 lows += ys[1:] or ys
+            for end in sorted(ramp_ends):  # left of it, MaxQ arms still have dense blocks
+                ax.axvline(end, color="0.6", lw=1, ls="-.", label=f"MaxQ ramp ends (epoch {end})")
             if parent is not None:
                 ax.axhline(parent, color="k", lw=1, label=f"parent ({parent:.2f})")
                 ax.axhline(parent - summary["within"], color="k", lw=1, ls=":", label=f"parent − {summary['within']:g}")

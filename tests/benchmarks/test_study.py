@@ -349,16 +349,21 @@ def test_finetune_quick_rehearsal_records_parent_before_and_curves(tmp_path):
     assert summary["parent"]["checkpoint_sha256"] == parent["checkpoint_sha256"] and not summary["parent_mismatch"]
     cell = summary["cells"]["maxq_ramp"]["1:16"]["1"]
     assert len(cell["curve_test_top1"]) == 2 and cell["curve_test_top1"][0] == parent["top1_last"]
-    assert cell["epochs_within_test_top1"] == 0  # within 0.5 points of the parent before any step
+    # Before any step it is the parent (every block dense), but that is not its N:M model: only epochs from the
+    # end of the ramp (0.5 of 1 epoch -> epoch 1) count.
+    assert cell["final_pattern_epoch"] == 1 and cell["epochs_within_test_top1"] != 0
+    assert records["ft_maxq_ramp_1-16_e1_s0"]["ramp"] == [0.0, 0.5]
+    assert summary["cells"]["oneshot"]["1:16"]["1"]["final_pattern_epoch"] == 0
     text = (docs / "RESULTS.md").read_text()
     assert "<!-- study_finetune:begin -->" in text and "**Before fine-tuning**" in text and "maxq_ramp" in text
     assert (docs / "study_finetune_curves.png").stat().st_size > 10_000
 
 
 def test_finetune_gaps_and_epochs_within_from_records():
-    def rec(arm, seed, curve, before=80.0):
+    def rec(arm, seed, curve, before=80.0, method="srste", options=None):
         return {
-            "id": f"ft_{arm}_{seed}", "arm": arm, "method": "maxq", "n": 2, "m": 4, "seed": seed, "budget": 2,
+            "id": f"ft_{arm}_{seed}", "arm": arm, "method": method, "n": 2, "m": 4, "seed": seed, "budget": 2,
+            "options": options or {},
             "variant": "finetune", "top1_last": curve[-1], "val_top1_last": curve[-1] + 1,
             "before_finetune": {"test_top1": before, "val_top1": before + 1},
             "curve": [{"epoch": e + 1, "test_top1": v, "val_top1": v + 1} for e, v in enumerate(curve)],
@@ -379,3 +384,31 @@ def test_finetune_gaps_and_epochs_within_from_records():
     summary = study.summarize_finetune(records, {**spec, "report": {**spec["report"], "within": 1.0}})
     assert summary["cells"]["srste"]["2:4"]["2"]["epochs_within_test_top1"] == 2
     assert summary["verdict"]["2:4"]["2"]["arm"] == "srste"
+
+
+def test_finetune_epochs_within_count_only_from_the_end_of_the_ramp():
+    """A MaxQ run starts at the parent (every block dense): it is within reach of the parent at epoch 0 and
+    during its ramp, but only epochs at the final N:M pattern count."""
+
+    def rec(arm, seed, curve, **extra):
+        return {
+            "id": f"ft_{arm}_{seed}", "arm": arm, "n": 2, "m": 4, "seed": seed, "budget": 4, "variant": "finetune",
+            "top1_last": curve[-1], "val_top1_last": curve[-1],
+            "before_finetune": {"test_top1": 92.0, "val_top1": 92.0},
+            "curve": [{"epoch": e + 1, "test_top1": v, "val_top1": v} for e, v in enumerate(curve)], **extra,
+        }  # fmt: skip
+
+    parent = {"id": "parent", "role": "parent", "variant": "parent", "top1_last": 92.0, "val_top1_last": 92.0}
+    records = [
+        parent,
+        rec("maxq", 0, [91.9, 80.0, 91.0, 91.8], method="maxq", options={"ramp": [0.0, 2.0]}),
+        rec("maxq_noq", 0, [91.9, 91.9, 91.9, 91.9], method="maxq", ramp=[0.0, 1.5]),  # from report.json: wins
+        rec("srste", 0, [91.9, 91.9, 91.9, 91.9], method="srste"),
+        rec("maxq_ramp", 0, [91.9, 91.9, 91.9, 91.9], method="maxq"),  # no ramp recorded: cannot tell
+    ]
+    spec = {**SPEC_FT, "finetune": {**SPEC_FT["finetune"], "patterns": ["2:4"], "budgets": [4]}}
+    spec["report"] = {"within": 0.5, "pairs": []}
+    cells = study.summarize_finetune(records, spec)["cells"]
+    got = {arm: (c["2:4"]["4"]["final_pattern_epoch"], c["2:4"]["4"].get("epochs_within_test_top1"))
+           for arm, c in cells.items()}  # fmt: skip
+    assert got == {"maxq": (2, 4), "maxq_noq": (2, 2), "srste": (0, 0), "maxq_ramp": (None, None)}
