@@ -44,7 +44,7 @@ import torch
 if TYPE_CHECKING:
     from .sparsifier import Sparsifier
 
-__all__ = ["OptimizerSteps", "torch_optimizer", "unscale_once"]
+__all__ = ["OptimizerSteps", "check_steps_per_epoch", "torch_optimizer", "unscale_once"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         "Pass the torch optimizer itself (accelerate: `optimizer.optimizer`; Lightning: `trainer.optimizers[0]`), "
         "or use maxq.integrations.lightning.MaxQCallback / maxq.integrations.hf.MaxQCallback"
     )
+
+
+def check_steps_per_epoch(steps_per_epoch: int | None) -> int | None:
+    """``steps_per_epoch`` (optimizer steps per epoch) as given, if it is ``None`` or a positive int.
+
+    Raises:
+        ValueError: anything else (a bool, a float, 0 or less).
+    """
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+    ):
+        raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps per epoch), got {steps_per_epoch!r}")
+    return steps_per_epoch
 
 
 def unscale_once(scaler: Any, optimizer: Any) -> None:
@@ -112,12 +125,8 @@ class OptimizerSteps:
     """
 
     def __init__(self, sparsifier: Sparsifier, *, steps_per_epoch: int | None = None, eager: bool = False) -> None:
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps), got {steps_per_epoch!r}")
         self.sparsifier = sparsifier
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch = check_steps_per_epoch(steps_per_epoch)
         self.eager = eager
         self._stepped: bool | None = None  # set by watch()'s post-hook when the optimizer really steps
         self._watching = False

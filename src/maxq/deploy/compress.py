@@ -165,19 +165,14 @@ def save_compressed(
         sparse_bytes += values.numel() * values.element_size() + tensors[f"{key}.indices"].numel()
         bound_bits += blocks.shape[0] * (n * weight.element_size() * 8 + n * bits)
         dense_eq += weight.numel() * weight.element_size()
-    other = 0
-    shared: set[int] = set()
-    for key, value in state_dict.items():
-        if key.removesuffix(".weight") in meta_layers and key.endswith(".weight"):
-            continue
-        if not isinstance(value, Tensor):
-            continue
-        value = value.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        # safetensors refuses tensors sharing memory (tied weights, e.g. GPT-2's lm_head and wte): store a copy
-        tensors[key] = value.clone() if storage in shared else value
-        shared.add(storage)
-        other += value.numel() * value.element_size()
+    from ..train.checkpoint import safetensors_ready
+
+    compressed = {f"{name}.weight" for name in meta_layers}
+    rest = safetensors_ready(
+        {key: value for key, value in state_dict.items() if isinstance(value, Tensor) and key not in compressed}
+    )
+    tensors.update(rest)
+    other = sum(value.numel() * value.element_size() for value in rest.values())
     meta = {
         "format": COMPRESSED_FORMAT,
         "version": _VERSION_TRANSPOSED if transposed else COMPRESSED_VERSION,

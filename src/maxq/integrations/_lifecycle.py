@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+import math
 
 from torch import nn
 
@@ -12,8 +12,9 @@ from ..core.check import NMCheck, check_nm
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
+from ..core.stepping import check_steps_per_epoch
 
-__all__ = ["adopt_or_sparsify", "callback_config", "finish", "has_ramp", "ramp_metrics"]
+__all__ = ["adopt_or_sparsify", "callback_config", "epoch_steps", "finish", "has_ramp", "ramp_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,27 @@ def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMChec
     return result
 
 
-def describe(sparsifier: Sparsifier) -> dict[str, Any]:
-    """One line of facts for logs: method, pattern, layers."""
-    cfg = sparsifier.config
-    return {"method": cfg.method, "nm": f"{cfg.n}:{cfg.m}", "layers": len(sparsifier.layers)}
-
-
 def has_ramp(config: NMConfig) -> bool:
     """Whether the method ramps its sparsity over training (only then is progress, and so steps per epoch, read)."""
     return any(f.name == "per_step" for f in dataclasses.fields(config))
+
+
+def epoch_steps(batches: float | None, accumulation: int, config: NMConfig, framework: str) -> int | None:
+    """Optimizer steps per epoch from a framework's count of training batches per epoch and its gradient
+    accumulation: ``ceil(batches / accumulation)`` (a last, partial accumulation steps too).
+
+    A loader without a length (``batches`` ``None``, 0 or infinite) gives ``None`` for a method without a ramp
+    (progress is never read), and for one with a ramp raises ``ValueError`` saying to pass ``steps_per_epoch``.
+    """
+    if batches is None or batches == float("inf") or batches < 1:
+        if not has_ramp(config):
+            return None
+        raise ValueError(
+            f"MaxQCallback: {framework} cannot count the batches of this training loader (an iterable dataset "
+            "without __len__), so the ramp (in epochs) cannot follow the steps; pass "
+            "MaxQCallback(steps_per_epoch=...) (optimizer steps per epoch)"
+        )
+    return max(math.ceil(int(batches) / accumulation), 1)
 
 
 def callback_config(
@@ -126,10 +139,7 @@ def callback_config(
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if fold_force and not fold:
         raise ValueError("fold_force=True needs fold=True (fold_force only says how to fold)")
-    if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-    ):
-        raise ValueError(f"steps_per_epoch must be a positive int (optimizer steps per epoch), got {steps_per_epoch!r}")
+    check_steps_per_epoch(steps_per_epoch)
     if per_step is None:
         return config
     if not isinstance(per_step, bool):

@@ -31,7 +31,6 @@ What the callback does at each moment of the Trainer's loop (the rules are
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from typing import Any
@@ -45,7 +44,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, finish, has_ramp, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -99,7 +98,6 @@ class MaxQCallback(TrainerCallback):
         self.fold_force = fold_force
         self.steps_per_epoch = steps_per_epoch
         self._sparsifier: Sparsifier | None = None
-        self._attached_at_init = False
         self._driver: OptimizerSteps | None = None
         self._trainer: Trainer | None = None
         self._pending_logs: dict[str, float] | None = None
@@ -120,7 +118,6 @@ class MaxQCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is not None:
             self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
-            self._attached_at_init = True
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, optimizer=None, **kwargs):
         if model is None:
@@ -164,14 +161,8 @@ class MaxQCallback(TrainerCallback):
             batches = len(dataloader) if dataloader is not None else None
         except TypeError:
             batches = None
-        if batches:  # the Trainer's num_update_steps_per_epoch (set_initial_training_values)
-            return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        if not has_ramp(sp.config):
-            return None  # no ramp: progress is not used
-        raise ValueError(
-            "the Trainer cannot tell MaxQCallback how many optimizer steps make an epoch (the training dataset has "
-            "no length); the ramp is in epochs, so pass MaxQCallback(..., steps_per_epoch=N)"
-        )
+        # the Trainer's num_update_steps_per_epoch (set_initial_training_values)
+        return epoch_steps(batches, args.gradient_accumulation_steps, sp.config, "the Trainer")
 
     # -- around every optimizer step -------------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kwargs):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +55,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, finish, has_ramp, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
 
 __all__ = ["MaxQCallback"]
 
@@ -183,16 +182,9 @@ class MaxQCallback(pl.Callback):
         )
 
     def _count_steps(self, trainer: pl.Trainer) -> int | None:
-        batches = trainer.num_training_batches
-        if batches == float("inf") or batches < 1:
-            if not has_ramp(self._require().config):
-                return None  # no ramp: progress is never read
-            raise ValueError(
-                "MaxQCallback: Lightning cannot count the batches of this training loader (an iterable dataset "
-                "without __len__), so the ramp cannot follow the steps; pass MaxQCallback(steps_per_epoch=...) "
-                "(optimizer steps per epoch)"
-            )
-        return math.ceil(int(batches) / trainer.accumulate_grad_batches)
+        return epoch_steps(
+            trainer.num_training_batches, trainer.accumulate_grad_batches, self._require().config, "Lightning"
+        )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -21,6 +21,7 @@ import os
 import pickle
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "read_hf_folder",
     "read_safetensors",
     "safetensors_header",
+    "safetensors_ready",
     "save_safetensors",
     "InitWeights",
     "read_init",
@@ -295,6 +297,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
+def safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` detached, on the CPU and contiguous, as safetensors stores them: it refuses tensors that share
+    memory (tied weights, e.g. GPT-2's ``lm_head`` and ``wte``), so every tensor after the first on a storage is a
+    copy."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, layout: Any = None) -> None:
     """Write a (folded) state dict as safetensors, atomically, with ``layout`` (an ``NMLayout``) in the header
     metadata under :data:`SAFETENSORS_LAYOUT_KEY`, so ``maxq verify`` knows which layers are N:M. Tensors sharing
@@ -303,12 +318,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, layo
 
     from safetensors.torch import save
 
-    tensors, seen = {}, set()
-    for key, value in state_dict.items():
-        value = value.detach().cpu().contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        tensors[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
+    tensors = safetensors_ready(state_dict)
     meta = {"format": "pt"}
     if layout is not None:
         meta[SAFETENSORS_LAYOUT_KEY] = json.dumps(layout.to_dict())
