@@ -968,13 +968,13 @@ def summarize_finetune(records: list[dict[str, Any]], spec: dict[str, Any]) -> d
         "cells": {},
         "gaps": {},
     }
+    by_cell: dict[tuple[str, str, int], dict[int, dict[str, Any]]] = {}  # (arm, pattern, budget) -> seed -> record
+    for r in children:
+        by_cell.setdefault((r["arm"], f"{r['n']}:{r['m']}", r["budget"]), {})[r["seed"]] = r
     for arm in ft["arms"]:
         for nm in ft["patterns"]:
             for budget in ft["budgets"]:
-                rows = sorted(
-                    (r for r in children if r["arm"] == arm and f"{r['n']}:{r['m']}" == nm and r["budget"] == budget),
-                    key=lambda r: r["seed"],
-                )
+                rows = [r for _, r in sorted(by_cell.get((arm, nm, budget), {}).items())]
                 if not rows:
                     continue
                 cell: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
@@ -1006,10 +1006,7 @@ def summarize_finetune(records: list[dict[str, Any]], spec: dict[str, Any]) -> d
     for a, b in spec.get("report", {}).get("pairs", []):
         for nm in ft["patterns"]:
             for budget in ft["budgets"]:
-                ra = {r["seed"]: r for r in children if r["arm"] == a and f"{r['n']}:{r['m']}" == nm
-                      and r["budget"] == budget}  # fmt: skip
-                rb = {r["seed"]: r for r in children if r["arm"] == b and f"{r['n']}:{r['m']}" == nm
-                      and r["budget"] == budget}  # fmt: skip
+                ra, rb = by_cell.get((a, nm, budget), {}), by_cell.get((b, nm, budget), {})
                 seeds = sorted(set(ra) & set(rb))
                 if not seeds:
                     continue
@@ -1032,8 +1029,8 @@ def summarize_finetune(records: list[dict[str, Any]], spec: dict[str, Any]) -> d
 
 
 def _verdict(summary: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """Per pattern, the arm to use: at each budget the arm with the best mean held-out val top-1 (test decides no
-    choice), and the smallest budget at which that arm comes within ``within`` points of the parent on val."""
+    """Per pattern and budget, the arm with the best mean held-out val top-1 (test decides no choice), with its mean
+    val and test top-1: the report's draft for the verdict."""
     out: dict[str, Any] = {}
     ft = spec["finetune"]
     for nm in ft["patterns"]:
@@ -1057,10 +1054,6 @@ def _arm_label(spec: dict[str, Any], arm: str) -> str:
     return f"{arm} ({a['label']})" if a.get("label") else arm
 
 
-def _fmt(values: list[float]) -> str:
-    return _mean_std(values)
-
-
 def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: list[dict[str, Any]], plot_path: Path
                       ) -> str:  # fmt: skip
     ft = spec["finetune"]
@@ -1078,9 +1071,12 @@ def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: li
             lines += [f"**Warning:** runs started from another parent checkpoint: {summary['parent_mismatch']}", ""]
     scratch = summary.get("scratch", {})
 
-    def scratch_cell(method: str, nm: str) -> str:
-        s = scratch.get(f"{method}@{nm}")
-        return f"{_fmt(s['top1_last'])} ({_seeds(len(s['top1_last']))})" if s else "—"
+    def scratch_cell(method: str | None, nm: str, key: str) -> str:
+        """The long study's number beside a cell; the test column also says how many seeds it has."""
+        s = scratch.get(f"{method}@{nm}") if method else None
+        if not s:
+            return "—"
+        return f"{_mean_std(s[key])} ({_seeds(len(s[key]))})" if key == "top1_last" else _mean_std(s[key])
 
     lines += [
         "**Before fine-tuning** (the sparsified parent as the first forward sees it, eval mode; test / val top-1 %):",
@@ -1108,19 +1104,13 @@ def finetune_markdown(summary: dict[str, Any], spec: dict[str, Any], records: li
         ]  # fmt: skip
         for arm, arm_spec in ft["arms"].items():
             c = summary["cells"].get(arm, {})
-            row = [_fmt(c.get(nm, {}).get(str(b), {}).get(key, [])) for nm in patterns for b in budgets]
+            row = [_mean_std(c.get(nm, {}).get(str(b), {}).get(key, [])) for nm in patterns for b in budgets]
             method = arm_spec.get("scratch", arm_spec["method"] if arm in ("srste", "maxq") else None)
-            if key == "top1_last":
-                row += [scratch_cell(method, nm) if method else "—" for nm in patterns]
-            else:
-                row += [
-                    _fmt(scratch.get(f"{method}@{nm}", {}).get("val_top1_last", [])) if method else "—"
-                    for nm in patterns
-                ]
+            row += [scratch_cell(method, nm, key) for nm in patterns]
             lines.append(f"| {_arm_label(spec, arm)} | " + " | ".join(row) + " |")
         dense = scratch.get("dense@dense")
         if dense:
-            lines.append(f"\nDense from scratch, 20 epochs: {_fmt(dense[key])}.")
+            lines.append(f"\nDense from scratch, 20 epochs: {_mean_std(dense[key])}.")
         lines.append("")
     within = summary["within"]
     lines += [
