@@ -30,13 +30,13 @@ PHASES = ("fwd_bwd", "decay", "opt", "mask")
 
 
 def _naive(sparsifier: maxq.Sparsifier) -> None:
-    """Replace the sparsifier's mask update by the full-sort reference (what a straightforward version does)."""
+    """Replace the sparsifier's mask update by the full-sort reference, held as whole float masks (what a
+    straightforward version does)."""
 
     def update_masks() -> None:
-        masks = dict(sparsifier.named_masks())
         with torch.no_grad():
             for name, mask in ref_sparsifier_masks(sparsifier).items():
-                masks[name].copy_(mask)
+                sparsifier._layers[name].param.mask = mask
 
     sparsifier.update_masks = update_masks
 

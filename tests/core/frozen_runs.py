@@ -36,6 +36,10 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _load() -> dict[str, Any]:
+    return json.loads(PATH.read_text())
+
+
 def _digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:

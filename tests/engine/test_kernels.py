@@ -133,7 +133,7 @@ def test_ops_trace_under_compile():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def update(w, mask, state):
-        torch.ops.maxq.mask_(w, mask, state, 2, 4, True, 0.01, 0, 0, None)
+        torch.ops.maxq.mask_(w, mask, state, 2, 4, True, 0.01, 0, 0, None, None, None)
         return mask.sum()
 
     mask = torch.empty_like(w)
@@ -145,7 +145,9 @@ def test_rejects_wrong_inputs():
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.maxq.decay_(torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), 0.1)
     with pytest.raises(RuntimeError, match="state"):
-        torch.ops.maxq.mask_(torch.randn(4, 8), torch.empty(4, 8), torch.empty(3), 2, 4, True, 0.01, 0, 0, None)
+        torch.ops.maxq.mask_(
+            torch.randn(4, 8), torch.empty(4, 8), torch.empty(3), 2, 4, True, 0.01, 0, 0, None, None, None
+        )
 
 
 def test_the_build_line_is_said_only_when_a_build_happens(caplog, monkeypatch):

@@ -105,13 +105,13 @@ def _built(name: str) -> bool:
 
 def _register_ops(ext: ModuleType) -> None:
     """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels)."""
-    if hasattr(torch.ops.maxq, "decay_"):
+    if hasattr(torch.ops.maxq, "mask_grad_"):
         return  # already registered in this process
 
-    @torch.library.custom_op("maxq::mask_", mutates_args=("mask", "state"), device_types="cpu")
+    @torch.library.custom_op("maxq::mask_", mutates_args=("mask", "state", "planes", "thr"), device_types="cpu")
     def mask_(
         w: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         state: Tensor,
         n: int,
         m: int,
@@ -120,12 +120,24 @@ def _register_ops(ext: ModuleType) -> None:
         dense_count: int,
         order: int,
         priority: Tensor | None,
+        planes: Tensor | None,
+        thr: Tensor | None,
     ) -> Tensor:
-        return ext.mask_(w, mask, state, n, m, soft, tau, dense_count, order, priority)
+        return ext.mask_(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr)
 
     @mask_.register_fake
-    def _(w, mask, state, n, m, soft, tau, dense_count, order, priority):
+    def _(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr):
         return w.new_empty(3, dtype=torch.int64)
+
+    @torch.library.custom_op("maxq::apply_", mutates_args=("out",), device_types="cpu")
+    def apply(
+        w: Tensor, planes: Tensor, thr: Tensor | None, soft: bool, tau: float, weighted: int, out: Tensor
+    ) -> None:
+        ext.apply_(w, planes, thr, soft, tau, weighted, out)
+
+    @apply.register_fake
+    def _(w, planes, thr, soft, tau, weighted, out):
+        return None
 
     @torch.library.custom_op("maxq::decay_", mutates_args=("grad",), device_types="cpu")
     def decay(grad: Tensor, w: Tensor, mask: Tensor, lam: float) -> None:
@@ -133,6 +145,22 @@ def _register_ops(ext: ModuleType) -> None:
 
     @decay.register_fake
     def _(grad, w, mask, lam):
+        return None
+
+    @torch.library.custom_op("maxq::decay_bits_", mutates_args=("grad",), device_types="cpu")
+    def decay_bits(grad: Tensor, w: Tensor, planes: Tensor, lam: float) -> None:
+        ext.decay_bits_(grad, w, planes, lam)
+
+    @decay_bits.register_fake
+    def _(grad, w, planes, lam):
+        return None
+
+    @torch.library.custom_op("maxq::mask_grad_", mutates_args=("grad",), device_types="cpu")
+    def mask_grad(grad: Tensor, planes: Tensor) -> None:
+        ext.mask_grad_(grad, planes)
+
+    @mask_grad.register_fake
+    def _(grad, planes):
         return None
 
 

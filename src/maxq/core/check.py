@@ -101,7 +101,7 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
             if parametrize.is_parametrized(module, "weight"):
                 weight = module.parametrizations.weight.original
                 for p in module.parametrizations.weight:
-                    weight = weight * p.mask if isinstance(p, NMMask) else p(weight)
+                    weight = p.effective(weight) if isinstance(p, NMMask) else p(weight)
             else:
                 weight = module.weight
             out[name] = weight.detach()

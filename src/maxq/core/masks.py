@@ -8,26 +8,44 @@ One definition, two implementations with the same results (the same surviving we
 values equal to float rounding): the code here, built from ops that never synchronise with the host (it runs
 on any device and under ``torch.compile``), and the fused CPU kernels of the private engine, used for float32
 CPU weights. :func:`compute_mask_` picks one.
+
+**Lean storage.** A mask is never kept as a weight-sized float tensor. What decides it is its *state*
+(:func:`compute_state_`): bit planes -- which weights are kept (``B_t``) and, for the soft mask, which ones each
+axis query keeps -- and the thresholds ``t`` of the queries (one per filter and one per kernel position). The soft
+values ``1 + Q_f + Q_k`` are a function of the weight and that state, so :func:`masked_weight` recomputes
+``W * Mask`` from them whenever it is needed (the forward, and again in backward), with the very operations of
+the implementation that computed the state: the result is bit for bit the float mask :func:`maxq_mask` gives.
+That holds while the weight is the one the state was computed from -- the paper's mask update after every
+optimizer step -- so a soft mask updated less often keeps its values (:class:`maxq.core.parametrization.NMMask`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .._engine.fused import FusedState, fused_available, fused_mask_
-from .nm import _check_layout, block_major, nm_keep, topk_mask, validate_nm
-from .queries import filter_query, kernel_query
+from .._engine.fused import FusedState, fused_apply_, fused_available, fused_state_
+from .bits import pack_rows, packed_width, unpack_rows
+from .nm import _check_layout, block_major, nm_keep, oi_view, topk_mask, validate_nm
+from .queries import axis_soft, axis_threshold
 
 __all__ = [
     "BLOCK_ORDERS",
     "SOFT_WARMUPS",
+    "MaskSpec",
     "block_l1",
     "compute_mask_",
+    "compute_state_",
     "dense_blocks",
     "dense_count",
     "hard_mask",
+    "kept_mean",
+    "masked_weight",
+    "materialize_mask",
     "maxq_mask",
+    "state_shapes",
 ]
 
 #: which blocks stay dense during the ramp: the smallest-L1 ones (paper default), the largest, or random ones.
@@ -185,10 +203,179 @@ def soften_(mask: Tensor, strength: float = 1.0, normalize: bool = False) -> Ten
         kept = mask.ne(0).to(mask.dtype)
         mask.sub_(kept).mul_(strength).add_(kept)  # B + a * (Mask - B)
     if normalize:
-        total = mask.sum(dtype=torch.float32)
-        count = mask.ne(0).sum().clamp_min(1).to(torch.float32)
-        mask.div_((total / count).clamp_min(torch.finfo(torch.float32).tiny).to(mask.dtype))
+        mask.div_(kept_mean(mask).to(mask.dtype))
     return mask
+
+
+def kept_mean(mask: Tensor) -> Tensor:
+    """Mean of ``mask`` over its nonzero (kept) entries, as a float32 0-dim tensor (at least the smallest normal
+    float, so that dividing by it is safe): the divisor of :func:`soften_`'s ``normalize``."""
+    total = mask.sum(dtype=torch.float32)
+    count = mask.ne(0).sum().clamp_min(1).to(torch.float32)
+    return (total / count).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a layer's mask state means (static per layer; hashable, so ``torch.compile`` guards on it).
+
+    Attributes:
+        n, m: the N:M pattern.
+        soft: the state holds the axis queries (MaxQ's ``1 + Q_f + Q_k``); else the mask is ``B_t`` (0/1).
+        tau: query temperature.
+        input_axis: the axis of the stored weight that runs over its inputs (0 for HF ``Conv1D``).
+        fused: the state was computed by the fused CPU kernels, so the soft values are recomputed with their
+            operations (where the weight is a float32 CPU tensor; elsewhere the device-agnostic ones, equal to float
+            rounding).
+        strength: the soft factor's warm-up strength is not 1 (its value is the ``scale[0]`` tensor).
+        normalize: the kept values are divided by their mean (the divisor is the ``scale[1]`` tensor).
+    """
+
+    n: int
+    m: int
+    soft: bool
+    tau: float = 0.01
+    input_axis: int = 1
+    fused: bool = False
+    strength: bool = False
+    normalize: bool = False
+
+
+def state_shapes(shape: tuple[int, ...], soft: bool, input_axis: int = 1) -> tuple[tuple[int, ...], int]:
+    """``(planes shape, threshold count)`` of the mask state of a weight of stored ``shape``: planes uint8
+    ``[P, O, ceil(L / 8)]`` (``P`` = 1 hard, 2 soft, 3 soft with a kernel larger than 1x1; ``L = I * kh * kw``)
+    and ``2 * O + 2 * K`` float32 thresholds for a soft mask (0 for a hard one)."""
+    oi = (shape[1], shape[0]) if input_axis == 0 else tuple(shape)
+    o, i = oi[0], oi[1]
+    k = 1
+    for d in oi[2:]:
+        k *= d
+    planes = 1 if not soft else (3 if k > 1 else 2)
+    return (planes, o, packed_width(i * k)), (2 * o + 2 * k if soft else 0)
+
+
+def compute_state_(
+    planes: Tensor,
+    thresholds: Tensor,
+    weight: Tensor,
+    n: int,
+    m: int,
+    *,
+    dense_fraction: float = 0.0,
+    order: str = "smallest",
+    priority: Tensor | None = None,
+    tau: float = 0.01,
+    soft: bool = True,
+    state: FusedState | None = None,
+    fused: bool = True,
+) -> bool:
+    """Write the mask state of ``weight`` (an ``[O, I(, kh, kw)]`` view, any device) in place; no gradient.
+
+    ``planes`` (uint8 ``[P, O, ceil(L / 8)]``, :func:`state_shapes`): plane 0 the kept weights of ``B_t`` (the
+    ramp's dense blocks whole); for a soft mask plane 1 the filter query's keep flags and, for kernels larger than
+    1x1, plane 2 the kernel query's. ``thresholds`` (float32 ``[2*O + 2*K]``, soft only): ``t`` and ``a(k)`` of every
+    filter set, then of every kernel set. Other arguments as :func:`maxq_mask` (not validated: the training hot
+    path); ``fused=False`` forces the device-agnostic path. Returns whether the fused kernels computed it.
+    """
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        count = dense_count(dense_fraction, w.numel() // m)
+        if fused and fused_available(w) and planes.device.type == "cpu":
+            fused_state_(
+                planes,
+                thresholds,
+                w,
+                n,
+                m,
+                dense_count=count,
+                order=order,
+                priority=priority,
+                tau=tau,
+                soft=soft,
+                state=state if state is not None else FusedState(),
+            )
+            return True
+        a = w.abs().float()
+        o = a.shape[0]
+        dense = dense_blocks(block_l1(a, m), count, order, priority) if count > 0 else None
+        planes[0].copy_(pack_rows(nm_keep(a, n, m, dense).reshape(o, -1)))
+        if soft:
+            t, cut, keep = axis_threshold(a.reshape(o, -1), n, m, tau, 1)
+            planes[1].copy_(pack_rows(keep))
+            thresholds[:o].copy_(t.view(-1))
+            thresholds[o : 2 * o].copy_(cut.view(-1))
+            k = a[0, 0].numel()
+            if k > 1:
+                t, cut, keep = axis_threshold(a.reshape(-1, k), n, m, tau, 0)
+                planes[2].copy_(pack_rows(keep.reshape(o, -1)))
+                thresholds[2 * o : 2 * o + k].copy_(t.reshape(-1))
+                thresholds[2 * o + k :].copy_(cut.reshape(-1))
+        return False
+
+
+def _materialize_eager(w: Tensor, planes: Tensor, thresholds: Tensor, spec: MaskSpec) -> Tensor:
+    """The float32 mask of the ``[O, I(, kh, kw)]`` view ``w`` from its state (contiguous): the operations of the
+    device-agnostic path of :func:`compute_mask_` as it stood when the masks were stored whole."""
+    a = w.abs().float()
+    o, length = a.shape[0], a[0].numel()
+    mask = unpack_rows(planes[0], length).view(a.shape).to(torch.float32)
+    if spec.soft:
+        q = axis_soft(a.reshape(o, -1), thresholds[:o].view(o, 1), unpack_rows(planes[1], length), spec.tau, 1)
+        q = q.view(a.shape)
+        k = a[0, 0].numel()
+        if k > 1:
+            keep = unpack_rows(planes[2], length).view(-1, k)
+            kq = axis_soft(a.reshape(-1, k), thresholds[2 * o : 2 * o + k].view(1, k), keep, spec.tau, 0)
+            q = q + kq.view(a.shape)
+        mask = mask * (1 + q)
+    return mask
+
+
+def materialize_mask(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
+    """The float32 mask of ``weight`` (stored layout, any device) from its state: 0 on pruned weights, ``>= 1`` on
+    kept ones, warmed up by ``scale`` (``[strength, divisor]``, as ``spec`` says); an ``[O, I(, kh, kw)]`` tensor
+    (for a transposed ``Conv1D`` weight: the transposed view of a stored-layout one). No gradient."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = oi_view(weight.detach(), spec.input_axis)
+        if spec.fused and fused_available(w) and planes.device.type == "cpu":
+            # The layout the fused path wrote the mask in (a contiguous tensor of the stored shape), so that the
+            # warm-up's reduction runs over the same order.
+            out = oi_view(torch.empty(weight.shape, dtype=torch.float32), spec.input_axis)
+            if not _same_walk(out, w):  # e.g. a channels_last weight: the values do not depend on its layout
+                w = oi_view(oi_view(w, spec.input_axis).contiguous(), spec.input_axis)
+            mask = fused_apply_(out, w, planes, thresholds, soft=spec.soft, tau=spec.tau, weighted=False)
+        else:
+            mask = _materialize_eager(w, planes, thresholds, spec)
+        if spec.soft and spec.strength:  # soften_'s operations, with the strength as a tensor (no recompiles)
+            kept = mask.ne(0).to(mask.dtype)
+            mask.sub_(kept).mul_(scale[0]).add_(kept)
+        if spec.soft and spec.normalize:
+            mask.div_(scale[1])
+        return mask
+
+
+def _same_walk(a: Tensor, b: Tensor) -> bool:
+    """Same shape, and the same strides wherever a size is not 1 (the fused kernels walk both alike)."""
+    return a.shape == b.shape and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
+    """``W * Mask`` from the weight and its mask state, in the weight's dtype and memory layout (a new tensor; no
+    gradient): bit for bit ``weight * mask`` with the float mask :func:`compute_mask_` writes."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        out = torch.empty_like(w)
+        oi = oi_view(w, spec.input_axis)
+        fast = not spec.soft or not (spec.strength or spec.normalize)
+        if fast and (spec.fused or not spec.soft) and fused_available(oi) and planes.device.type == "cpu":
+            fused_apply_(oi_view(out, spec.input_axis), oi, planes, thresholds, soft=spec.soft, tau=spec.tau,
+                         weighted=True)  # fmt: skip
+            return out
+        if not spec.soft:
+            keep = unpack_rows(planes[0], oi[0].numel()).view(oi.shape)
+            return torch.mul(w, oi_view(keep, spec.input_axis), out=out)
+        mask = materialize_mask(w, planes, thresholds, scale, spec).to(w.dtype)
+        return torch.mul(w, oi_view(mask, spec.input_axis), out=out)
 
 
 def compute_mask_(
@@ -212,32 +399,20 @@ def compute_mask_(
     Arguments as :func:`maxq_mask` (not validated here: this is the training hot path). ``state`` carries the
     fused CPU kernels' thresholds from one call to the next (speed only); ``fused=False`` forces the
     device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: :func:`soften_`) is applied to
-    the result of either path. Returns ``out``.
+    the result of either path. The mask is the state :func:`compute_state_` computes, materialized by
+    :func:`materialize_mask`: one formula for stored and recomputed masks. Returns ``out``.
     """
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+    with torch.no_grad():
         w = weight.detach()
-        count = dense_count(dense_fraction, w.numel() // m)
-        if fused and fused_available(w, out):
-            fused_mask_(
-                out,
-                w,
-                n,
-                m,
-                dense_count=count,
-                order=order,
-                priority=priority,
-                tau=tau,
-                soft=soft,
-                state=state if state is not None else FusedState(),
-            )
-            return soften_(out, strength, normalize) if soft else out
-        a = w.abs().float()
-        dense = dense_blocks(block_l1(a, m), count, order, priority) if count > 0 else None
-        mask = nm_keep(a, n, m, dense).to(torch.float32)
+        planes_shape, count = state_shapes(tuple(w.shape), soft)
+        planes = torch.empty(planes_shape, dtype=torch.uint8, device=w.device)
+        thresholds = torch.empty(count, dtype=torch.float32, device=w.device)
+        used = compute_state_(
+            planes, thresholds, w, n, m, dense_fraction=dense_fraction, order=order, priority=priority, tau=tau,
+            soft=soft, state=state, fused=fused,
+        )  # fmt: skip
+        spec = MaskSpec(n, m, soft, tau, 1, used)
+        mask = materialize_mask(w, planes, thresholds, w.new_ones(2, dtype=torch.float32), spec)
         if soft:
-            q = filter_query(a, n, m, tau)[0]
-            kq = kernel_query(a, n, m, tau)
-            if kq is not None:
-                q = q + kq[0]
-            mask = soften_(mask * (1 + q), strength, normalize)  # B * (1 + Q_f + Q_k), warmed up
+            mask = soften_(mask, strength, normalize)
         return out.copy_(mask)

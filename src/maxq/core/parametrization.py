@@ -2,11 +2,23 @@
 
 Attached with ``torch.nn.utils.parametrize``, so the model keeps its classes, ``module.weight`` stays the
 effective (masked) weight, and the trainable tensor lives at ``module.parametrizations.weight.original``.
-Folding (:func:`maxq.fold_`) removes it with ``leave_parametrized=True``, keeping the parameter's identity.
+Folding ([`maxq.fold_`][maxq.fold_]) removes it with ``leave_parametrized=True``, keeping the parameter's identity.
 
-The forward is ``W * mask`` and nothing else: no Python state is read and no mask is computed in it, so
-``torch.compile`` traces it without graph breaks. The mask is a buffer that :class:`maxq.Sparsifier` rewrites
-in place, outside the forward, when it updates the masks (``Sparsifier.step()``).
+The forward is ``W * mask`` and nothing else: no mask is computed in it (the sparsifier updates the mask state in
+an explicit ``Sparsifier.step()``), so ``torch.compile`` traces it without graph breaks.
+
+**Masks cost bits, not copies.** The parametrization holds the mask's *state*, not the mask: bit planes (one bit
+per weight: kept or not; MaxQ's soft mask adds one bit per axis query) and the queries' thresholds (one float per
+filter and per kernel position) -- [`maxq.core.masks.compute_state_`][maxq.core.masks.compute_state_]. The forward
+rebuilds ``W * mask`` from the weight and that state ([`maxq.core.masks.masked_weight`][maxq.core.masks.masked_weight],
+bit for bit the product with the float mask), and the copy the layer's op saves for backward is dropped and
+rebuilt when backward needs it ([`maxq.core.saving`][maxq.core.saving]). A one-shot (frozen) mask needs even less:
+its pruned weights are held at exactly zero, so the forward hands the weight itself to the layer (``W * mask`` is
+``W``, bit for bit) and only the gradient is masked, in place where it is not shared (as ASP does).
+
+Two cases keep a weight-sized mask, as every mask was kept before: a soft mask updated less often than every
+optimizer step (``update_every > 1``: its values belong to weights that have moved on since), and a soft mask
+loaded from an older checkpoint, until its next update.
 """
 
 from __future__ import annotations
@@ -14,7 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._engine.fused import fused_available
+from .bits import unpack_rows
+from .masks import MaskSpec, masked_weight, materialize_mask, state_shapes
 from .nm import _check_layout, oi_view
+from .saving import mark
 
 __all__ = ["NMMask"]
 
@@ -31,38 +47,175 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _FromState(torch.autograd.Function):
+    """``W * mask`` rebuilt from the mask state; identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
+        return masked_weight(weight, planes, thresholds, scale, spec)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        return grad, None, None, None, None
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory once, in a layout the kernels walk (contiguous, channels_last, transposed)."""
+    return (
+        t.is_contiguous()
+        or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        or (t.dim() == 2 and t.t().is_contiguous())
+    )
+
+
+def mask_grad(grad: Tensor, planes: Tensor, input_axis: int) -> Tensor:
+    """``grad * kept`` (the one-shot gradient: pruned weights get none), in place when ``grad`` is not shared with
+    another consumer (as AccumulateGrad decides when it may steal a gradient), else a new tensor."""
+    oi = oi_view(grad, input_axis)
+    if torch.compiler.is_compiling():  # a functional graph: the compiler decides what runs in place
+        return grad * oi_view(unpack_rows(planes[0], oi[0].numel()).view(oi.shape), input_axis)
+    in_place = getattr(grad, "_use_count", lambda: 2)() == 1 and _dense(grad)
+    if fused_available(grad):
+        if not in_place:
+            grad = grad.clone(memory_format=torch.contiguous_format)
+            oi = oi_view(grad, input_axis)
+        torch.ops.maxq.mask_grad_(oi, planes)
+        return grad
+    keep = oi_view(unpack_rows(planes[0], oi[0].numel()).view(oi.shape), input_axis)
+    return grad.mul_(keep) if in_place else grad * keep
+
+
+class _Frozen(torch.autograd.Function):
+    """A frozen mask whose pruned weights are exactly zero: the weight itself forward (``W * mask == W``, no copy),
+    the masked gradient backward."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, planes: Tensor, input_axis: int) -> Tensor:
+        ctx.save_for_backward(planes)
+        ctx.input_axis = input_axis
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (planes,) = ctx.saved_tensors
+        return mask_grad(grad, planes, ctx.input_axis), None, None
+
+
 class NMMask(nn.Module):
-    """Parametrization ``W -> W * mask`` of one layer.
+    """Parametrization ``W -> W * mask`` of one layer, holding the mask's state.
 
     Args:
         shape: the weight's stored shape, ``[O, I]``, ``[O, I, kh, kw]`` or (``input_axis=0``) ``[I, O]``.
-        n, m: the layer's N:M pattern (for reports and checks).
-        input_axis: the axis of the stored weight holding the inputs (:func:`maxq.core.layers.input_axis`).
+        n, m: the layer's N:M pattern.
         straight_through: identity gradient (STE: pruned weights keep learning) instead of the masked gradient.
+        input_axis: the axis of the stored weight holding the inputs
+            ([`input_axis`][maxq.core.layers.input_axis]).
+        soft: the mask carries MaxQ's axis queries (``1 + Q_f + Q_k`` on kept weights).
+        tau: the queries' temperature.
+        frozen: the mask never changes and the pruned weights are held at zero (one-shot).
 
-    The ``mask`` buffer is 0 on pruned weights and ``>= 1`` on kept ones. It is not persistent: the model's
-    ``state_dict`` holds weights only; masks travel in ``Sparsifier.state_dict()``.
+    Buffers (not persistent: the model's ``state_dict`` holds weights only; the state travels in
+    ``Sparsifier.state_dict()``): ``planes`` (uint8 ``[P, O, ceil(I * kh * kw / 8)]``), ``thresholds`` (float32
+    ``[2*O + 2*K]``, soft masks), ``scale`` (float32 ``[strength, divisor]`` of the soft factor's warm-up), and
+    ``mask`` (a weight-sized mask, only in the two cases the module docstring names; else empty).
     """
 
     def __init__(
-        self, shape: torch.Size | tuple[int, ...], n: int, m: int, *, straight_through: bool, input_axis: int = 1
+        self,
+        shape: torch.Size | tuple[int, ...],
+        n: int,
+        m: int,
+        *,
+        straight_through: bool,
+        input_axis: int = 1,
+        soft: bool = False,
+        tau: float = 0.01,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
         _check_layout(tuple(oi_view(torch.empty(shape, device="meta"), input_axis).shape), m)
         self.n, self.m = n, m
+        self.shape = tuple(shape)
         self.input_axis = input_axis
         self.straight_through = straight_through
-        self.register_buffer("mask", torch.ones(shape), persistent=False)
+        self.frozen = frozen
+        self.spec = MaskSpec(n, m, soft, tau, input_axis)
+        planes, count = state_shapes(tuple(shape), soft, input_axis)
+        self.register_buffer("planes", torch.zeros(planes, dtype=torch.uint8), persistent=False)
+        # float32 values held as their int32 bits: `model.to(torch.bfloat16)` casts floating buffers, and these must
+        # keep their precision (thresholds, warm-up scale); read them through `thresholds_f32` / `scale_f32`.
+        self.register_buffer("thresholds", torch.zeros(count).view(torch.int32), persistent=False)
+        self.register_buffer("scale", torch.ones(2).view(torch.int32), persistent=False)
+        self.register_buffer("mask", torch.zeros(0), persistent=False)
+
+    @property
+    def thresholds_f32(self) -> Tensor:
+        """The queries' thresholds as float32 ``[2*O + 2*K]`` (a view of the ``thresholds`` buffer)."""
+        return self.thresholds.view(torch.float32)
+
+    @property
+    def scale_f32(self) -> Tensor:
+        """``[strength, divisor]`` of the soft factor's warm-up as float32 (a view of the ``scale`` buffer)."""
+        return self.scale.view(torch.float32)
+
+    @property
+    def materialized(self) -> bool:
+        """Whether a weight-sized mask is held (``update_every > 1`` with a soft mask, or a legacy state)."""
+        return self.mask.numel() > 0
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.straight_through:
-            return _StraightThrough.apply(weight, self.mask)
-        return weight * self.mask
+        if self.materialized:
+            if self.straight_through:
+                return _StraightThrough.apply(weight, self.mask)
+            return weight * self.mask
+        if self.frozen:
+            return _Frozen.apply(weight, self.planes, self.input_axis)
+        w_eff = self._from_state(weight)
+        # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow).
+        mark(w_eff, lambda: self._from_state(weight), (weight, self.planes, self.thresholds, self.scale))
+        return w_eff
+
+    def _from_state(self, weight: Tensor) -> Tensor:
+        return _FromState.apply(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+
+    def effective(self, weight: Tensor) -> Tensor:
+        """``W * mask`` as the forward computes it (no gradient)."""
+        if self.materialized:
+            with torch.no_grad():
+                return weight.detach() * self.mask
+        if self.frozen:  # the pruned weights are zero: W * mask is W (a copy, for callers that keep it)
+            return weight.detach().clone()
+        return masked_weight(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+
+    def mask_for(self, weight: Tensor) -> Tensor:
+        """The mask the next forward multiplies ``weight`` by: stored shape and layout, the weight's dtype (a new
+        tensor; 0 on pruned weights, ``>= 1`` on kept ones)."""
+        with torch.no_grad():
+            if self.materialized:
+                return self.mask.clone()
+            if not self.spec.soft:
+                oi = oi_view(weight, self.input_axis)
+                keep = unpack_rows(self.planes[0], oi[0].numel()).view(oi.shape)
+                return oi_view(keep, self.input_axis).to(weight.dtype).contiguous()
+            mask = materialize_mask(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+            return oi_view(mask, self.input_axis).to(weight.dtype).contiguous()
+
+    @property
+    def oi_shape(self) -> tuple[int, ...]:
+        """The weight's ``[O, I(, kh, kw)]`` shape."""
+        return (self.shape[1], self.shape[0]) if self.input_axis == 0 else self.shape
+
+    def kept(self) -> Tensor:
+        """Bool ``[O, I(, kh, kw)]``: the weights the mask keeps (a new tensor)."""
+        shape = self.oi_shape
+        return unpack_rows(self.planes[0], self.planes.new_empty(shape[1:], device="meta").numel()).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the mask state this module holds (every buffer)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         axis = ", input_axis=0" if self.input_axis == 0 else ""
-        return f"{self.n}:{self.m}, straight_through={self.straight_through}{axis}"
-
-    def oi_mask(self) -> Tensor:
-        """The mask as ``[O, I(, kh, kw)]`` (a view: :func:`maxq.core.nm.oi_view`)."""
-        return oi_view(self.mask, self.input_axis)
+        kind = "frozen" if self.frozen else ("soft" if self.spec.soft else "hard")
+        return f"{self.n}:{self.m}, {kind}, straight_through={self.straight_through}{axis}"

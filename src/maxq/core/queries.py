@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .nm import key_value, order_keys
 
-__all__ = ["axis_query", "filter_query", "kernel_query", "kth_pair", "pruned_count"]
+__all__ = ["axis_query", "axis_soft", "axis_threshold", "filter_query", "kernel_query", "kth_pair", "pruned_count"]
 
 
 def pruned_count(length: int, n: int, m: int) -> int:
@@ -53,6 +53,49 @@ def kth_pair(x: Tensor, k: int, dim: int = 1) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
+def axis_threshold(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """The hard part of the query of every set along ``dim`` of the 2-D magnitudes ``x``: which entries it keeps and
+    where its sigmoid is centred (what a mask's state stores; :func:`axis_soft` turns it into ``Q``).
+
+    Args:
+        x: ``|W|`` viewed as ``[R, L]`` (sets are rows, ``dim=1``) or ``[L, R]`` (sets are columns, ``dim=0``).
+        n, m: the N:M pattern; the query keeps the same density ``n / m``.
+        tau: sigmoid temperature (only for a set too small to prune anything).
+
+    Returns:
+        ``(t, cut, keep)``: the thresholds ``t = (a(k) + a(k+1)) / 2`` and ``cut = a(k)`` (``x``'s shape with ``dim``
+        reduced to 1), and bool ``keep`` of ``x``'s shape: not among the ``k`` smallest of its set (ties: the lower
+        index counts as larger).
+    """
+    k = pruned_count(x.shape[dim], n, m)
+    if k == 0:  # a set too small to prune anything: all entries kept, threshold just below the smallest
+        t = x.amin(dim, keepdim=True) - tau
+        return t, t, torch.ones_like(x, dtype=torch.bool)
+    if dim == 0:  # selections are far faster along contiguous rows
+        t, cut, keep = axis_threshold(x.t().contiguous(), n, m, tau, 1)
+        return t.t(), cut.t(), keep.t()
+    # Unique keys (value, then index; the lower index counts as larger): the k smallest are the keys up to the
+    # k-th smallest one, ties included, with no tie handling.
+    keys = order_keys(x, 1)
+    kth = keys.kthvalue(k, dim=1, keepdim=True).values
+    keep = keys > kth
+    nxt = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+    cut = key_value(kth)
+    t = (cut + key_value(nxt)) / 2  # (a(k) + a(k+1)) / 2
+    return t, cut, keep
+
+
+def axis_soft(x: Tensor, t: Tensor, keep: Tensor, tau: float, dim: int = 1) -> Tensor:
+    """``Q = keep * sigmoid((x - t) / tau)`` of every set along ``dim`` (``t``, ``keep`` from :func:`axis_threshold`).
+
+    The sigmoid is evaluated on a contiguous copy with the sets along rows, so its values do not depend on the
+    layout ``x`` comes in (CPU kernels treat a vector's tail apart).
+    """
+    if dim == 0:
+        return axis_soft(x.t().contiguous(), t.t(), keep.t(), tau, 1).t()
+    return torch.sigmoid((x - t) / tau) * keep
+
+
 def axis_query(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple[Tensor, Tensor]:
     """Soft query of every set along ``dim`` of the 2-D magnitudes ``x``.
 
@@ -65,21 +108,8 @@ def axis_query(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple[Ten
         ``(Q, t)``: ``Q`` of ``x``'s shape with values in ``{0} U [0.5, 1]``, and the thresholds ``t``
         (``x``'s shape with ``dim`` reduced to 1).
     """
-    k = pruned_count(x.shape[dim], n, m)
-    if k == 0:  # a set too small to prune anything: all entries kept, threshold just below the smallest
-        t = x.amin(dim, keepdim=True) - tau
-        return torch.sigmoid((x - t) / tau), t
-    if dim == 0:  # selections are far faster along contiguous rows
-        q, t = axis_query(x.t().contiguous(), n, m, tau, 1)
-        return q.t(), t.t()
-    # Unique keys (value, then index; the lower index counts as larger): the k smallest are the keys up to the
-    # k-th smallest one, ties included, with no tie handling.
-    keys = order_keys(x, 1)
-    kth = keys.kthvalue(k, dim=1, keepdim=True).values
-    keep = keys > kth
-    nxt = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
-    t = (key_value(kth) + key_value(nxt)) / 2  # (a(k) + a(k+1)) / 2
-    return torch.sigmoid((x - t) / tau) * keep, t
+    t, _, keep = axis_threshold(x, n, m, tau, dim)
+    return axis_soft(x, t, keep, tau, dim), t
 
 
 def filter_query(a: Tensor, n: int, m: int, tau: float) -> tuple[Tensor, Tensor]:

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._engine.fused import FusedState
-from .._engine.kernels import decay_
+from .._engine.fused import FusedState, fused_available
+from . import saving
+from .bits import pack_rows
 from .config import CONFIGS, NMConfig
 from .layers import FilterFn, LayerChoice, input_axis, select_layers
 from .layout import NMLayout
-from .masks import compute_mask_
+from .masks import MaskSpec, compute_state_, kept_mean, masked_weight, materialize_mask
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
 
-__all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
+__all__ = [
+    "STATE_FORMAT",
+    "LayerReport",
+    "Report",
+    "Sparsifier",
+    "saved_masked_weight",
+    "sparsifier_of",
+    "sparsify_",
+]
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "maxq.sparsifier/2"
+STATE_FORMAT = "maxq.sparsifier/3"
+_STATE_FORMAT_V2 = "maxq.sparsifier/2"  # maxq 0.2: every layer's mask as a weight-sized tensor
 _STATE_FORMAT_V1 = "maxq.sparsifier/1"  # maxq 0.1: masks were recomputed inside the training forward
 _ATTR = "_maxq_sparsifier"
 
@@ -40,6 +50,7 @@ class LayerReport:
     dense_block_fraction: float | None = None  # share of blocks currently not N:M (ramp)
     mean_soft_scale: float | None = None  # mean Mask value over kept weights (1 without queries)
     skipped: str = ""  # reason the layer is not sparsified
+    mask_bytes: int | None = None  # bytes maxq holds for the layer's mask (its state), see Sparsifier.mask_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "shape": list(self.shape)}
@@ -65,7 +76,7 @@ class Report:
         return {"method": self.method, "progress": self.progress, "layers": [r.to_dict() for r in self.layers]}
 
     def __str__(self) -> str:
-        head = ("layer", "type", "shape", "n:m", "dense blocks", "soft scale", "skipped")
+        head = ("layer", "type", "shape", "n:m", "dense blocks", "soft scale", "mask bytes", "skipped")
         rows = [head]
         for r in self.layers:
             rows.append(
@@ -76,6 +87,7 @@ class Report:
                     r.nm,
                     "" if r.dense_block_fraction is None else f"{r.dense_block_fraction:.3f}",
                     "" if r.mean_soft_scale is None else f"{r.mean_soft_scale:.3f}",
+                    "" if r.mask_bytes is None else str(r.mask_bytes),
                     r.skipped,
                 )
             )
@@ -145,28 +157,43 @@ class Sparsifier:
             module = modules[choice.name]
             weight = module.weight
             param = NMMask(
-                weight.shape, cfg.n, cfg.m, straight_through=cfg.straight_through, input_axis=input_axis(module)
+                weight.shape,
+                cfg.n,
+                cfg.m,
+                straight_through=cfg.straight_through,
+                input_axis=input_axis(module),
+                soft=cfg.soft,
+                tau=cfg.tau,
+                frozen=cfg.frozen,
             )
-            param.to(device=weight.device, dtype=weight.dtype)
+            param.to(device=weight.device)  # the state keeps its own dtypes (bits, float32 thresholds)
             parametrize.register_parametrization(module, "weight", param)
-            self._layers[choice.name] = _Layer(module, param, cfg.block_priority(index, weight.numel() // cfg.m))
+            self._layers[choice.name] = _Layer(module, param, _priority(cfg, index, weight.numel() // cfg.m))
+        # W * mask is rebuilt in backward instead of kept from the forward (maxq.core.saving).
+        self._hooks = saving.install([self.model, *(layer.module for layer in self._layers.values())])
         self.update_masks()
         if cfg.frozen:  # one-shot hands the optimizer dense weights with zeros; masked gradients keep them zero
-            with torch.no_grad():
-                for layer in self._layers.values():
-                    layer.weight.mul_(layer.param.mask)
+            self._zero_pruned()
+
+    def _zero_pruned(self) -> None:
+        """Set the pruned weights of a frozen mask to exactly zero (its forward then uses the weight itself)."""
+        with torch.no_grad():
+            for layer in self._layers.values():
+                layer.weight.mul_(oi_view(layer.param.kept(), layer.param.input_axis))
 
     # -- mask updates (explicit, outside the forward) -----------------------------------------------------------
     def update_masks(self) -> None:
-        """Recompute every layer's mask from its current weight now (no gradient, autocast off)."""
+        """Recompute every layer's mask state from its current weight now (no gradient, autocast off)."""
         self._check_attached()
         cfg = self.config
+        strength = cfg.soft_strength(self._fraction)
         for layer in self._layers.values():
-            weight = layer.weight
+            weight, param = layer.weight, layer.param
             if layer.priority is not None and layer.priority.device != weight.device:
                 layer.priority = layer.priority.to(weight.device)
-            compute_mask_(  # on [O, I] views: an [in, out] (Conv1D) mask is written through its transposed view
-                layer.param.oi_mask(),
+            fused = compute_state_(  # on [O, I] views: an [in, out] (Conv1D) state is that of its transposed view
+                param.planes,
+                param.thresholds_f32,
                 layer.oi_weight,
                 cfg.n,
                 cfg.m,
@@ -175,11 +202,39 @@ class Sparsifier:
                 priority=layer.priority,
                 tau=cfg.tau,
                 soft=cfg.soft,
-                strength=cfg.soft_strength(self._fraction),
-                normalize=cfg.normalize_soft,
                 state=layer.state,
                 fused=self.fused,
             )
+            self._finish_state(param, weight, fused, strength)
+            if cfg.frozen:  # never updated again: the kernels' guesses for the next update are not needed
+                layer.state = FusedState()
+
+    def _finish_state(self, param: NMMask, weight: Tensor, fused: bool, strength: float) -> None:
+        """After a state update: which formula rebuilds the mask, the warm-up's scale, and whether a weight-sized
+        mask must be held (a soft mask not updated at every step keeps the values of the weights it came from)."""
+        cfg = self.config
+        spec = MaskSpec(
+            cfg.n,
+            cfg.m,
+            cfg.soft,
+            cfg.tau,
+            param.input_axis,
+            fused,
+            cfg.soft and getattr(cfg, "soft_warmup", "none") == "ramp",
+            cfg.soft and cfg.normalize_soft,
+        )
+        if spec != param.spec:
+            param.spec = spec
+        scale = param.scale_f32
+        if spec.strength:
+            scale[0] = strength
+        if spec.normalize:
+            warmed = materialize_mask(weight, param.planes, param.thresholds_f32, scale, replace(spec, normalize=False))
+            scale[1].copy_(kept_mean(warmed))
+        if param.materialized:
+            param.mask = param.mask.new_zeros(0)
+        if cfg.soft and cfg.update_every > 1:
+            param.mask = param.mask_for(weight)
 
     def step(self, progress: float | None = None) -> bool:
         """Count one optimizer step; call it once right after every ``optimizer.step()``.
@@ -222,9 +277,14 @@ class Sparsifier:
         return changed
 
     def _after_load(self, module: nn.Module, incompatible: Any) -> None:
-        """New weights were loaded into the model: their masks replace the old ones (a one-shot mask stays)."""
-        if not self.folded and not self.config.frozen:
-            self.update_masks()
+        """New weights were loaded into the model: their masks replace the old ones. A one-shot mask is taken
+        afresh from the loaded weights and frozen again (its pruned weights set to zero, as its forward expects);
+        a checkpoint's own mask then comes with ``load_state_dict``."""
+        if self.folded:
+            return
+        self.update_masks()
+        if self.config.frozen:
+            self._zero_pruned()
 
     @property
     def dense_fraction(self) -> float:
@@ -252,13 +312,18 @@ class Sparsifier:
             return
         with torch.no_grad():
             for layer in self._layers.values():
-                weight, mask = layer.weight, layer.param.mask
+                weight, param = layer.weight, layer.param
                 grad = weight.grad
                 if grad is None:
                     continue
-                # Mask is 0 exactly on pruned weights (kept ones are >= 1), so 1 - clamp(Mask, 0, 1) = [Mask == 0].
-                if not decay_(grad, weight, mask, lam):
-                    grad.add_(weight.masked_fill(mask != 0, 0.0), alpha=lam)
+                # Kept weights have Mask >= 1 and pruned ones 0, so 1 - clamp(Mask, 0, 1) = [not kept].
+                if _fusable(grad) and _fusable(weight) and fused_available(weight):
+                    torch.ops.maxq.decay_bits_(
+                        oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis), param.planes, lam
+                    )
+                else:
+                    keep = oi_view(param.kept(), param.input_axis)
+                    grad.add_(weight.masked_fill(keep, 0.0), alpha=lam)
 
     def hook_optimizer(self, optimizer: Any, steps_per_epoch: int | None = None) -> list[Any]:
         """Automatic mode: :meth:`regularize_` before and :meth:`step` after every ``optimizer.step()``.
@@ -302,47 +367,81 @@ class Sparsifier:
         return NMLayout(self.config.n, self.config.m, tuple(self._layers), self.config.method, transposed)
 
     def named_masks(self) -> Iterator[tuple[str, Tensor]]:
-        """``(name, mask)`` of every sparsified layer (the mask the next forward uses)."""
+        """``(name, mask)`` of every sparsified layer: the mask the next forward multiplies the weight by (stored
+        shape, the weight's dtype; 0 on pruned weights, ``>= 1`` on kept ones). Each is a new tensor, rebuilt
+        from the layer's mask state: maxq does not keep weight-sized masks."""
         for name, layer in self._layers.items():
-            yield name, layer.param.mask
+            yield name, layer.param.mask_for(layer.weight)
+
+    def mask_bytes(self) -> dict[str, int]:
+        """Bytes maxq holds for every sparsified layer's mask: its state (bit planes, thresholds, warm-up scale, a
+        weight-sized mask where one is kept), the random block order's priorities and the fused kernels' guesses.
+        Divide by the weight's bytes for the cost per weight byte (1 bit per weight of fp32 is 1/32)."""
+        out = {}
+        for name, layer in self._layers.items():
+            extra = 0 if layer.priority is None else layer.priority.numel() * layer.priority.element_size()
+            out[name] = layer.param.nbytes + extra + layer.state.nbytes
+        return out
 
     def report(self) -> Report:
-        """Per-layer table: shape, n:m, dense-block fraction, mean soft scale, and why skipped layers are dense."""
+        """Per-layer table: shape, n:m, dense-block fraction, mean soft scale, mask bytes, and why skipped layers are
+        dense."""
         rows = []
+        bytes_ = self.mask_bytes()
         for choice in self.choices:
             if choice.name not in self._layers:
                 rows.append(LayerReport(choice.name, choice.kind, choice.shape, "dense", skipped=choice.reason))
                 continue
-            param = self._layers[choice.name].param
+            layer = self._layers[choice.name]
+            param = layer.param
             with torch.no_grad():
-                mask = param.mask
-                kept_per_block = _blocks_nonzero(param.oi_mask(), param.m)
+                kept_per_block = _blocks_nonzero(param.kept(), param.m)
                 dense = float((kept_per_block > param.n).float().mean())
+                mask = param.mask_for(layer.weight)
                 kept = mask[mask != 0]
                 scale = float(kept.float().mean()) if kept.numel() else 0.0
-            rows.append(LayerReport(choice.name, choice.kind, choice.shape, f"{param.n}:{param.m}", dense, scale))
+            row = LayerReport(choice.name, choice.kind, choice.shape, f"{param.n}:{param.m}", dense, scale)
+            row.mask_bytes = bytes_[choice.name]
+            rows.append(row)
         return Report(self.config.method, self.progress, rows)
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: config, progress, step counter and every layer's mask."""
+        """Everything needed to resume exactly: config, progress, step counter and every layer's mask state (bit
+        planes, thresholds, warm-up scale; a weight-sized mask only where one is held)."""
+        layers = {}
+        for name, layer in self._layers.items():
+            param = layer.param
+            entry: dict[str, Any] = {
+                "planes": param.planes.detach().clone(),
+                "thresholds": param.thresholds_f32.detach().clone(),
+                "scale": param.scale_f32.detach().clone(),
+                "fused": param.spec.fused,
+                "input_axis": param.input_axis,
+                "dense_fraction": self._fraction,
+            }
+            if param.materialized:
+                entry["mask"] = param.mask.detach().clone()
+            layers[name] = entry
         return {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "progress": self.progress,
             "step": self.steps,
             "dense_fraction": self._fraction,
-            "layers": {
-                name: {"mask": layer.param.mask.detach().clone(), "dense_fraction": self._fraction}
-                for name, layer in self._layers.items()
-            },
+            "layers": layers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (load the model's weights first); raises ``ValueError`` naming the mismatch
-        if it is for another setup."""
-        if not isinstance(state, dict) or state.get("format") not in (STATE_FORMAT, _STATE_FORMAT_V1):
-            raise ValueError(f"not a maxq sparsifier state (expected format {STATE_FORMAT!r})")
+        if it is for another setup. States written by earlier maxq versions (whole float masks) load too."""
+        formats = (STATE_FORMAT, _STATE_FORMAT_V2, _STATE_FORMAT_V1)
+        if not isinstance(state, dict) or state.get("format") not in formats:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"not a maxq sparsifier state (format {found!r}; this maxq reads {list(formats)}): pass the dict "
+                "Sparsifier.state_dict() returned"
+            )
         saved = state["config"]
         mine = self.config.to_dict()
         for key in ("method", "n", "m"):
@@ -357,16 +456,39 @@ class Sparsifier:
         if set(layers) != set(self._layers):
             missing, extra = sorted(set(self._layers) - set(layers)), sorted(set(layers) - set(self._layers))
             raise ValueError(f"sparsifier state has other layers: missing {missing}, unexpected {extra}")
+        legacy = state["format"] != STATE_FORMAT
         for name, entry in layers.items():
-            saved_shape, shape = tuple(entry["mask"].shape), tuple(self._layers[name].param.mask.shape)
-            if saved_shape != shape:
-                raise ValueError(f"sparsifier state: mask of {name} has shape {saved_shape}, the layer has {shape}")
+            param = self._layers[name].param
+            if legacy:
+                found, expected = tuple(entry["mask"].shape), param.shape
+                what = "mask"
+            else:
+                found, expected = tuple(entry["planes"].shape), tuple(param.planes.shape)
+                what = "mask state (bit planes)"
+                if found == expected and entry["thresholds"].numel() != param.thresholds.numel():
+                    found, expected = (entry["thresholds"].numel(),), (param.thresholds.numel(),)
+                    what = "mask state (thresholds)"
+            if found != expected:
+                raise ValueError(f"sparsifier state: {what} of {name} has shape {found}, the layer has {expected}")
+        strength = self.config.soft_strength(float(state.get("dense_fraction", 0.0)))
         for name, entry in layers.items():
-            self._layers[name].param.mask.copy_(entry["mask"])
+            layer = self._layers[name]
+            if legacy:
+                self._load_legacy_mask(layer, entry["mask"])
+                continue
+            param = layer.param
+            param.planes.copy_(entry["planes"])
+            param.thresholds_f32.copy_(entry["thresholds"])
+            self._finish_state(param, layer.weight, bool(entry["fused"]), strength)
+            param.scale_f32.copy_(entry["scale"])
+            if "mask" in entry:
+                param.mask = entry["mask"].detach().clone().to(param.mask.device)
         fractions = [float(e["dense_fraction"]) for e in layers.values()]
         self._fraction = float(state.get("dense_fraction", max(fractions, default=0.0)))
         self.progress = state["progress"]
         self.steps = int(state["step"])
+        if self.config.frozen:
+            self._zero_pruned()
         if (
             state["format"] == _STATE_FORMAT_V1
             and not self.config.frozen
@@ -374,6 +496,18 @@ class Sparsifier:
         ):
             # maxq 0.1 recomputed masks at the next training forward when its counter said so; do it now.
             self.update_masks()
+
+    def _load_legacy_mask(self, layer: _Layer, mask: Tensor) -> None:
+        """A whole float mask (maxq 0.2 and earlier): its kept bits exactly, and for a soft mask the mask itself,
+        held whole until the next update (which returns to the lean state)."""
+        param = layer.param
+        mask = mask.to(param.planes.device)
+        keep = oi_view(mask, param.input_axis) != 0
+        param.planes[0].copy_(pack_rows(keep.reshape(keep.shape[0], -1)))
+        if param.spec.soft:
+            param.mask = mask.detach().clone().to(layer.weight.dtype)
+        elif param.materialized:
+            param.mask = param.mask.new_zeros(0)
 
     # -- folding ---------------------------------------------------------------------------------------------
     def fold_(self, force: bool = False) -> nn.Module:
@@ -389,10 +523,49 @@ class Sparsifier:
     def _detach(self) -> None:
         """Forget the model (after folding)."""
         self._load_hook.remove()
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
         self._layers.clear()
         self.folded = True
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
+
+
+def saved_masked_weight(weight: Tensor, entry: dict[str, Any], config: dict[str, Any]) -> Tensor:
+    """``W * Mask`` of a stored weight from one layer entry of a saved ``Sparsifier.state_dict()`` (any format) and
+    its ``config`` record: what an eval forward of the saved model would use, without building the model."""
+    if "mask" in entry:  # a whole mask (maxq 0.2 and earlier; a soft mask held whole)
+        return weight * entry["mask"].to(weight.dtype)
+    from .config import config_options, make_config
+
+    method = config["method"]
+    cfg = make_config(method, **{k: (tuple(v) if k == "ramp" else v) for k, v in config.items()
+                                 if k in config_options(method)})  # fmt: skip
+    spec = MaskSpec(
+        cfg.n,
+        cfg.m,
+        cfg.soft,
+        cfg.tau,
+        int(entry.get("input_axis", 1)),
+        bool(entry.get("fused", False)),
+        cfg.soft and getattr(cfg, "soft_warmup", "none") == "ramp",
+        cfg.soft and cfg.normalize_soft,
+    )
+    planes, thresholds, scale = entry["planes"], entry["thresholds"], entry["scale"]
+    return masked_weight(weight, planes, thresholds.to(torch.float32), scale.to(torch.float32), spec)
+
+
+def _priority(config: NMConfig, index: int, blocks: int) -> Tensor | None:
+    """The random block order's per-block scores of layer ``index``, as the smallest integer type that holds them
+    (the scores are a permutation of ``0 .. blocks - 1``, exact in float32 wherever they are used)."""
+    scores = config.block_priority(index, blocks)
+    if scores is None:
+        return None
+    return scores.to(torch.int16 if blocks <= 2**15 else torch.int32)
+
+
+def _fusable(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def sparsifier_of(model: nn.Module) -> Sparsifier | None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..core.layout import LAYOUT_ATTR, NMLayout
 from ..core.nm import parse_nm
+from ..core.sparsifier import saved_masked_weight
 from ..train.checkpoint import (
     CHECKPOINT_FORMAT,
     FOLDED_FORMAT,
@@ -174,7 +175,8 @@ def _from_checkpoint(state: dict[str, Any]) -> Weights:
         return Weights(model, None, None, None, "checkpoint", dense=cfg.get("method") == "dense")
     tensors = {k: v for k, v in model.items() if ".parametrizations." not in k}
     for name, entry in sparsifier["layers"].items():
-        tensors[f"{name}.weight"] = model[f"{name}.parametrizations.weight.original"] * entry["mask"]
+        weight = model[f"{name}.parametrizations.weight.original"]
+        tensors[f"{name}.weight"] = saved_masked_weight(weight, entry, sparsifier["config"])
     n, m = parse_nm(cfg["nm"])
     note = "unfolded checkpoint: checked W * Mask" + (
         "; ramp unfinished" if any(e["dense_fraction"] > 0 for e in sparsifier["layers"].values()) else ""

@@ -14,6 +14,12 @@
 // every entry in its block, the dense blocks, and the soft scale 1 + Q_f + Q_k. Memory traffic: two reads of
 // the weight and one write of the mask.
 //
+// Lean storage (maxq.core.masks): mask_ can also (or only) write the layer's mask *state* -- bit planes (the kept
+// entries B; for the soft mask also the filter and kernel query's keep flags) and the thresholds t and cuts a(k) of
+// every query set -- and apply_ recomputes the mask, or W * mask, from the weight and that state with exactly the
+// float operations of pass B below (the same inline soft_scale), so a mask stored as bits multiplies the weight
+// bit for bit like the float mask mask_ writes.
+//
 // Built with -fno-trapping-math so that the compiler may if-convert and vectorize the branch-free loops below.
 
 #include <torch/extension.h>
@@ -64,6 +70,18 @@ inline float exp_approx(float x) {
 }
 
 inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+// The soft scale 1 + Q_f + Q_k of an entry of magnitude a: the one expression every pass uses (pass B's two loops
+// and apply_), so that the compiler forms the same operations (contractions included) everywhere.
+inline float soft_scale_fk(float a, float inv_tau, float shift, float cut, float tk, float ck) {
+  const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
+  const float qk = static_cast<float>(a > ck) * sigmoid_approx((a - tk) * inv_tau);
+  return 1.0f + qf + qk;
+}
+
+inline float soft_scale_f(float a, float inv_tau, float shift, float cut) {
+  return 1.0f + static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
+}
 
 void check_float(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), what,
@@ -345,17 +363,9 @@ __attribute__((noinline)) void soft_kept(const float* __restrict__ T, const floa
     const float* __restrict__ tv = top + v * Q;
     float* __restrict__ sv = S + v * Q;
     if (tk != nullptr) {
-      for (int64_t q = 0; q < Q; ++q) {
-        const float a = tv[q];
-        const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
-        const float qk = static_cast<float>(a > ck[q]) * sigmoid_approx((a - tk[q]) * inv_tau);
-        sv[q] = 1.0f + qf + qk;
-      }
+      for (int64_t q = 0; q < Q; ++q) sv[q] = soft_scale_fk(tv[q], inv_tau, shift, cut, tk[q], ck[q]);
     } else {
-      for (int64_t q = 0; q < Q; ++q) {
-        const float a = tv[q];
-        sv[q] = 1.0f + static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
-      }
+      for (int64_t q = 0; q < Q; ++q) sv[q] = soft_scale_f(tv[q], inv_tau, shift, cut);
     }
   }
   // A kept entry equals one of its block's n largest values (equal values, equal scale): pick that one's scale.
@@ -384,44 +394,127 @@ __attribute__((noinline)) void soft_row(const float* __restrict__ row, float* __
   const float shift = -t * inv_tau;
   if (tk != nullptr) {
     for (int64_t idx = 0; idx < L; ++idx) {
-      const float a = std::fabs(row[idx]);
-      const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
-      const float qk = static_cast<float>(a > ck[idx]) * sigmoid_approx((a - tk[idx]) * inv_tau);
-      mrow[idx] = mrow[idx] * (1.0f + qf + qk);
+      mrow[idx] = mrow[idx] * soft_scale_fk(std::fabs(row[idx]), inv_tau, shift, cut, tk[idx], ck[idx]);
     }
   } else {
     for (int64_t idx = 0; idx < L; ++idx) {
-      const float a = std::fabs(row[idx]);
-      const float qf = static_cast<float>(a > cut) * sigmoid_approx(a * inv_tau + shift);
-      mrow[idx] = mrow[idx] * (1.0f + qf);
+      mrow[idx] = mrow[idx] * soft_scale_f(std::fabs(row[idx]), inv_tau, shift, cut);
     }
   }
 }
 
+// ---- bit planes: bit j of a row is byte j / 8, bit j % 8 (lowest first); rows are padded to whole bytes ----------
+
+inline void set_bit(uint8_t* row, int64_t j) { row[j >> 3] = static_cast<uint8_t>(row[j >> 3] | (1u << (j & 7))); }
+
+inline bool get_bit(const uint8_t* row, int64_t j) { return (row[j >> 3] >> (j & 7)) & 1u; }
+
+// Eight 0/1 bytes (lowest first) into one byte of bits (lowest first): the multiply gathers bit 0 of every byte
+// into the top byte.
+inline uint8_t pack8(const uint8_t* flags) {
+  uint64_t x;
+  std::memcpy(&x, flags, 8);
+  return static_cast<uint8_t>((x * 0x0102040810204080ULL) >> 56);
+}
+
+// 0/1 bytes f[j], j < L, into `out` (ceil(L / 8) bytes, overwritten; the tail byte's spare bits 0).
+inline void pack_bytes(const uint8_t* f, uint8_t* out, int64_t L) {
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) out[j >> 3] = pack8(f + j);
+  if (j < L) {
+    uint32_t bits = 0;
+    for (int b = 0; j + b < L; ++b) bits |= static_cast<uint32_t>(f[j + b]) << b;
+    out[j >> 3] = static_cast<uint8_t>(bits);
+  }
+}
+
+// Row flags as bytes first (branch-free loops that vectorize), then packed.
+void pack_nonzero(const float* __restrict__ vals, uint8_t* out, int64_t L, uint8_t* __restrict__ f) {
+  for (int64_t j = 0; j < L; ++j) f[j] = static_cast<uint8_t>(vals[j] != 0.0f);
+  pack_bytes(f, out, L);
+}
+
+void pack_above(const float* __restrict__ row, float cut, uint8_t* out, int64_t L, uint8_t* __restrict__ f) {
+  for (int64_t j = 0; j < L; ++j) f[j] = static_cast<uint8_t>(std::fabs(row[j]) > cut);
+  pack_bytes(f, out, L);
+}
+
+void pack_above_each(const float* __restrict__ row, const float* __restrict__ cut, uint8_t* out, int64_t L,
+                     uint8_t* __restrict__ f) {
+  for (int64_t j = 0; j < L; ++j) f[j] = static_cast<uint8_t>(std::fabs(row[j]) > cut[j]);
+  pack_bytes(f, out, L);
+}
+
+// 0/1 floats of every bit of a packed row (a table of the 256 byte values: one 32-byte copy per byte).
+struct BitFloats {
+  float table[256][8];
+  BitFloats() {
+    for (int v = 0; v < 256; ++v) {
+      for (int b = 0; b < 8; ++b) table[v][b] = static_cast<float>((v >> b) & 1);
+    }
+  }
+};
+
+inline void unpack_floats(const uint8_t* bits, int64_t L, float* __restrict__ out) {
+  static const BitFloats lut;
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) std::memcpy(out + j, lut.table[bits[j >> 3]], 8 * sizeof(float));
+  for (; j < L; ++j) out[j] = static_cast<float>((bits[j >> 3] >> (j & 7)) & 1);
+}
+
 }  // namespace
 
-// The MaxQ mask of w into `mask` (both [O, I, ...] float32, contiguous), in place.
+// The MaxQ mask of w into `mask` (both [O, I, ...] float32, contiguous), in place, and/or its state.
+//   mask: the float mask (optional: without it nothing is multiplied by the soft scale, only the state is written).
 //   state: float32 [2*O + 2*K + 2]: per filter set (guess, bracket half-width), per kernel set (guess, width),
 //          then the dense-block cut (guess, width); NaN = no guess. Updated for the next call.
 //   soft: multiply by 1 + Q_f + Q_k (Q_k only for K > 1); tau: the query temperature.
 //   dense_count: how many blocks stay whole (the ramp); order: 0 smallest L1, 1 largest L1, 2 largest priority.
+//   planes (optional): uint8 [P, O, ceil(L / 8)], bit j of row o = entry (o, j) of the [O, L] view, lowest bit
+//          first: plane 0 the kept entries B (dense blocks whole); with `soft` plane 1 the filter query's keep flags
+//          (not among the k smallest of the row, ties to the lower index) and, for K > 1, plane 2 the kernel
+//          query's. thr (optional, with planes and soft): float32 [2*O + 2*K]: t_f, a_k of every filter set, then
+//          t_k, a_k of every kernel set.
 // Returns int64 [3]: query sets solved by the exact fallback (filter, kernel) and whether the dense cut was.
-torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, int64_t n, int64_t m, bool soft,
-                    double tau, int64_t dense_count, int64_t order, c10::optional<torch::Tensor> priority) {
+torch::Tensor mask_(torch::Tensor w, c10::optional<torch::Tensor> mask_opt, torch::Tensor state, int64_t n, int64_t m,
+                    bool soft, double tau, int64_t dense_count, int64_t order, c10::optional<torch::Tensor> priority,
+                    c10::optional<torch::Tensor> planes_opt, c10::optional<torch::Tensor> thr_opt) {
   check_float(w, "weight");
-  check_float(mask, "mask");
   check_float(state, "state");
   TORCH_CHECK(w.dim() >= 2 && w.numel() > 0, "weight must be [O, I, ...] and not empty");
   const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K;
   TORCH_CHECK(m >= 2 && n >= 1 && n < m && I % m == 0, "bad N:M pattern for this weight");
-  TORCH_CHECK(mask.numel() == w.numel(), "mask must have the weight's shape");
+  const bool has_mask = mask_opt.has_value() && mask_opt->defined();
+  const bool has_planes = planes_opt.has_value() && planes_opt->defined();
+  TORCH_CHECK(has_mask || has_planes, "mask_ needs a mask or planes to write");
+  if (has_mask) {
+    check_float(*mask_opt, "mask");
+    TORCH_CHECK(mask_opt->numel() == w.numel(), "mask must have the weight's shape");
+  }
   TORCH_CHECK(state.numel() == 2 * O + 2 * K + 2, "state must hold 2 * O + 2 * K + 2 floats");
   const int64_t B = I / m, Q = B * K, G = O * Q;
   const bool has_f = soft, has_k = soft && K > 1;
+  const int64_t Lb = (L + 7) / 8;
+  const int64_t P = soft ? (K > 1 ? 3 : 2) : 1;
+  uint8_t* pl = nullptr;
+  float* pt = nullptr;
+  if (has_planes) {
+    const auto& pt_ = *planes_opt;
+    TORCH_CHECK(pt_.device().is_cpu() && pt_.scalar_type() == torch::kUInt8 && pt_.is_contiguous() &&
+                    pt_.numel() == P * O * Lb,
+                "planes must be a contiguous uint8 CPU tensor of [P, O, ceil(L / 8)] bytes");
+    pl = pt_.data_ptr<uint8_t>();
+    if (soft) {
+      TORCH_CHECK(thr_opt.has_value() && thr_opt->defined(), "a soft mask's state needs thr");
+      check_float(*thr_opt, "thr");
+      TORCH_CHECK(thr_opt->numel() == 2 * O + 2 * K, "thr must hold 2 * O + 2 * K floats");
+      pt = thr_opt->data_ptr<float>();
+    }
+  }
   const bool all_dense = dense_count >= G, use_dense = dense_count > 0 && !all_dense;
   const int64_t k_f = (m - n) * L / m, k_k = (m - n) * O * I / m;  // both >= 1 since L, O * I >= m
   const float* pw = w.data_ptr<float>();
-  float* pm = mask.data_ptr<float>();
+  float* pm = has_mask ? mask_opt->data_ptr<float>() : nullptr;
   float* st = state.data_ptr<float>();
   float* gf = st;            // [O] filter guesses
   float* df = st + O;        // [O] filter widths
@@ -601,16 +694,16 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
     }
   }
 
-  // ---- pass B: N:M rank, dense blocks, soft scale ----
+  // ---- pass B: N:M rank, dense blocks, soft scale (with a mask), bit planes (with planes) ----
   const float inv_tau = static_cast<float>(1.0 / tau);
-  std::vector<float> tk_row(has_k && (use_dense || all_dense) ? L : 0), ck_row(tk_row.size());
+  std::vector<float> tk_row(has_k && (use_dense || all_dense || has_planes) ? L : 0), ck_row(tk_row.size());
   for (int64_t idx = 0; idx < static_cast<int64_t>(tk_row.size()); ++idx) {
     tk_row[idx] = t_k[idx % K];
     ck_row[idx] = cut_k[idx % K];
   }
   // Without dense blocks the soft scale is computed per kept value in block-major order (soft_kept), else per
   // entry in row order (soft_row). Kernel thresholds per block position q = b * K + k:
-  const bool kept_only = has_f && !use_dense && !all_dense;
+  const bool kept_only = has_mask && has_f && !use_dense && !all_dense;
   std::vector<float> tk_q(kept_only && has_k ? Q : 0), ck_q(kept_only && has_k ? Q : 0);
   for (int64_t q = 0; q < static_cast<int64_t>(tk_q.size()); ++q) {
     tk_q[q] = t_k[q % K];
@@ -618,9 +711,11 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
   }
   at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
     std::vector<float> T(L), R(L), M(kept_only ? L : 0), top((n + 2) * Q), S(kept_only ? n * Q : 0);
+    std::vector<float> own(has_mask ? 0 : L);  // the row's keep flags when no mask is written
+    std::vector<uint8_t> flags(has_planes ? L + 8 : 0);
     for (int64_t o = o0; o < o1; ++o) {
       const float* row = pw + o * L;
-      float* mrow = pm + o * L;
+      float* mrow = has_mask ? pm + o * L : own.data();
       if (all_dense) {
         std::fill(mrow, mrow + L, 1.0f);
       } else {
@@ -637,20 +732,37 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
                     static_cast<int>(m), t_f[o], cut_f[o], has_k ? tk_q.data() : nullptr,
                     has_k ? ck_q.data() : nullptr, inv_tau);
           keep_to_row(M.data(), nullptr, mrow, B, static_cast<int>(m), K);
-          continue;
+        } else {
+          keep_to_row(R.data(), use_dense ? dense.data() + o * Q : nullptr, mrow, B, static_cast<int>(m), K);
         }
-        keep_to_row(R.data(), use_dense ? dense.data() + o * Q : nullptr, mrow, B, static_cast<int>(m), K);
       }
-      if (has_f) {
+      if (has_planes) {  // B is where the row is nonzero: the keep flags, or the mask (values >= 1 where kept)
+        pack_nonzero(mrow, pl + o * Lb, L, flags.data());
+        if (has_f) {
+          pack_above(row, cut_f[o], pl + (O + o) * Lb, L, flags.data());
+          if (has_k) pack_above_each(row, ck_row.data(), pl + (2 * O + o) * Lb, L, flags.data());
+        }
+      }
+      if (has_mask && has_f && !kept_only) {
         soft_row(row, mrow, L, t_f[o], cut_f[o], has_k ? tk_row.data() : nullptr, has_k ? ck_row.data() : nullptr,
                  inv_tau);
       }
     }
   });
+  if (pt != nullptr) {
+    for (int64_t o = 0; o < O; ++o) {
+      pt[o] = t_f[o];
+      pt[O + o] = cut_f[o];
+    }
+    for (int64_t kk = 0; kk < (has_k ? K : 0); ++kk) {
+      pt[2 * O + kk] = t_k[kk];
+      pt[2 * O + K + kk] = cut_k[kk];
+    }
+  }
 
   // ---- ties at a query cut (a(k) == a(k+1)): pass B gated with |w| > a(k), dropping every tied entry; by the
   // index rule the lowest-index ones among them stay, each with Q = sigmoid(0) = 0.5 (where B keeps them) ----
-  auto fix = [&](auto at, int64_t length, int64_t k, float v) {
+  auto fix = [&](auto at, int64_t length, int64_t k, float v, int64_t plane) {
     int64_t below = 0, equal = 0;
     for (int64_t r = 0; r < length; ++r) {
       const float a = std::fabs(pw[at(r)]);
@@ -661,16 +773,17 @@ torch::Tensor mask_(torch::Tensor w, torch::Tensor mask, torch::Tensor state, in
     for (int64_t r = 0; r < length && stay > 0; ++r) {
       const int64_t e = at(r);
       if (std::fabs(pw[e]) == v) {
-        pm[e] += pm[e] != 0.0f ? 0.5f : 0.0f;
+        if (pm != nullptr) pm[e] += pm[e] != 0.0f ? 0.5f : 0.0f;
+        if (pl != nullptr) set_bit(pl + (plane * O + e / L) * Lb, e % L);
         --stay;
       }
     }
   };
   for (int64_t o = 0; has_f && o < O; ++o) {
-    if (tie_f[o]) fix([&](int64_t r) { return o * L + r; }, L, k_f, cut_f[o]);
+    if (tie_f[o]) fix([&](int64_t r) { return o * L + r; }, L, k_f, cut_f[o], 1);
   }
   for (int64_t kk = 0; has_k && kk < K; ++kk) {
-    if (tie_k[kk]) fix([&](int64_t r) { return r * K + kk; }, O * I, k_k, cut_k[kk]);
+    if (tie_k[kk]) fix([&](int64_t r) { return r * K + kk; }, O * I, k_k, cut_k[kk], 2);
   }
   return fallbacks;
 }
@@ -690,7 +803,265 @@ void decay_(torch::Tensor grad, torch::Tensor w, torch::Tensor mask, double lam)
   });
 }
 
+namespace {
+
+// The [O, I, K] view of a weight-shaped tensor in any memory layout (contiguous, channels_last, transposed): how to
+// find entry j = i * K + k of row o. Rows of a contiguous view are read in place; others go through a row buffer.
+struct RowView {
+  int64_t O, I, K, L;
+  int64_t s0, s1, sk;  // strides of o, i, k
+  bool contiguous;
+
+  RowView(const torch::Tensor& t, int64_t O_, int64_t I_, int64_t K_) : O(O_), I(I_), K(K_), L(I_ * K_) {
+    s0 = t.stride(0);
+    s1 = t.stride(1);
+    sk = 1;
+    if (t.dim() == 4 && K > 1) {  // kh * kw must be one strided dimension (contiguous or channels_last kernels)
+      TORCH_CHECK(t.size(3) == 1 || t.size(2) == 1 || t.stride(2) == t.stride(3) * t.size(3),
+                  "the kernel dimensions of a weight must be mergeable (contiguous or channels_last)");
+      sk = t.size(3) == 1 ? t.stride(2) : t.stride(3);
+    }
+    contiguous = t.is_contiguous();
+  }
+
+  template <typename Fn>
+  void each(int64_t o, const Fn& fn) const {  // fn(storage offset, j)
+    const int64_t base = o * s0;
+    for (int64_t i = 0; i < I; ++i) {
+      for (int64_t k = 0; k < K; ++k) fn(base + i * s1 + k * sk, i * K + k);
+    }
+  }
+  void gather(const float* src, int64_t o, float* row) const {
+    each(o, [&](int64_t e, int64_t j) { row[j] = src[e]; });
+  }
+  void scatter(const float* row, int64_t o, float* dst) const {
+    each(o, [&](int64_t e, int64_t j) { dst[e] = row[j]; });
+  }
+};
+
+bool same_walk(const torch::Tensor& t, const torch::Tensor& w) {
+  if (t.sizes() != w.sizes()) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1 && t.stride(d) != w.stride(d)) return false;
+  }
+  return true;
+}
+
+void check_view(const torch::Tensor& t, const torch::Tensor& w, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && same_walk(t, w), what,
+              " must be a float32 CPU tensor with the weight's shape and strides");
+}
+
+void check_planes(const torch::Tensor& planes, int64_t count) {
+  TORCH_CHECK(planes.device().is_cpu() && planes.scalar_type() == torch::kUInt8 && planes.is_contiguous() &&
+                  planes.numel() >= count,
+              "planes must be a contiguous uint8 CPU tensor of [P, O, ceil(L / 8)] bytes");
+}
+
+// The soft mask of one row (all entries), branch-free: M = B * (1 + Q_f + Q_k), + 0.5 where kept at a tied cut.
+// B, F, Kf: the row's planes as 0/1 floats; tk, ck: the kernel sets' thresholds along the row (or null).
+__attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, const float* __restrict__ B,
+                                             const float* __restrict__ F, const float* __restrict__ Kf,
+                                             float* __restrict__ out, int64_t L, float t, float cut,
+                                             const float* __restrict__ tk, const float* __restrict__ ck,
+                                             float inv_tau, bool weighted) {
+  const float shift = -t * inv_tau;
+  if (tk != nullptr) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float a = std::fabs(row[j]);
+      float mval = B[j] * soft_scale_fk(a, inv_tau, shift, cut, tk[j], ck[j]);
+      mval = mval + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (mval != 0.0f)) * 0.5f;
+      mval = mval + static_cast<float>((Kf[j] != 0.0f) & !(a > ck[j]) & (mval != 0.0f)) * 0.5f;
+      out[j] = weighted ? row[j] * mval : mval;
+    }
+  } else {
+    for (int64_t j = 0; j < L; ++j) {
+      const float a = std::fabs(row[j]);
+      float mval = B[j] * soft_scale_f(a, inv_tau, shift, cut);
+      mval = mval + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (mval != 0.0f)) * 0.5f;
+      out[j] = weighted ? row[j] * mval : mval;
+    }
+  }
+}
+
+// The same for the kept entries only (gathered: their magnitudes a, tie flags and kernel thresholds), into s.
+__attribute__((noinline)) void soft_kept_values(const float* __restrict__ a, const float* __restrict__ tf,
+                                                const float* __restrict__ tkf, float* __restrict__ s, int64_t n,
+                                                float t, float cut, const float* __restrict__ tk,
+                                                const float* __restrict__ ck, float inv_tau) {
+  const float shift = -t * inv_tau;
+  if (tk != nullptr) {
+    for (int64_t c = 0; c < n; ++c) {
+      float mval = 1.0f * soft_scale_fk(a[c], inv_tau, shift, cut, tk[c], ck[c]);
+      mval = mval + static_cast<float>((tf[c] != 0.0f) & !(a[c] > cut) & (mval != 0.0f)) * 0.5f;
+      mval = mval + static_cast<float>((tkf[c] != 0.0f) & !(a[c] > ck[c]) & (mval != 0.0f)) * 0.5f;
+      s[c] = mval;
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      float mval = 1.0f * soft_scale_f(a[c], inv_tau, shift, cut);
+      mval = mval + static_cast<float>((tf[c] != 0.0f) & !(a[c] > cut) & (mval != 0.0f)) * 0.5f;
+      s[c] = mval;
+    }
+  }
+}
+
+inline int64_t popcount_row(const uint8_t* bits, int64_t Lb) {
+  int64_t count = 0;
+  for (int64_t b = 0; b < Lb; ++b) count += __builtin_popcount(bits[b]);
+  return count;
+}
+
+}  // namespace
+
+// Recompute the mask (weighted = 0) or W * mask (weighted = 1) of w from its state (planes, thr: see mask_) into
+// out, with exactly pass B's float operations: B * (1 + Q_f + Q_k) (soft) or B (hard), +0.5 for the entries kept
+// at a tied query cut. w and out: float32 [O, I(, kh, kw)] views with the same strides (any layout); planes are
+// in the [O, L] order of the logical view. A row whose blocks all keep exactly n (no dense blocks) computes the
+// soft scale of its kept entries only.
+void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> thr_opt, bool soft, double tau,
+            int64_t weighted_, torch::Tensor out) {
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 4, "weight must be [O, I] or [O, I, kh, kw]");
+  check_view(w, w, "weight");
+  check_view(out, w, "out");
+  const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K, Lb = (L + 7) / 8;
+  const bool has_k = soft && K > 1;
+  check_planes(planes, (soft ? (K > 1 ? 3 : 2) : 1) * O * Lb);
+  const float* thr = nullptr;
+  if (soft) {
+    TORCH_CHECK(thr_opt.has_value() && thr_opt->defined(), "a soft mask needs its thresholds");
+    check_float(*thr_opt, "thr");
+    TORCH_CHECK(thr_opt->numel() == 2 * O + 2 * K, "thr must hold 2 * O + 2 * K floats");
+    thr = thr_opt->data_ptr<float>();
+  }
+  const bool weighted = weighted_ == 1;
+  const float inv_tau = static_cast<float>(1.0 / tau);
+  const RowView view(w, O, I, K);
+  const float* pw = w.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const uint8_t* pb = planes.data_ptr<uint8_t>();
+  std::vector<float> tk_row(has_k ? L : 0), ck_row(has_k ? L : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(tk_row.size()); ++j) {
+    tk_row[j] = thr[2 * O + j % K];
+    ck_row[j] = thr[2 * O + K + j % K];
+  }
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<float> wbuf(view.contiguous ? 0 : L), obuf(view.contiguous ? 0 : L), B(L);
+    std::vector<float> F(soft ? L : 0), Kf(has_k ? L : 0);
+    std::vector<float> ca, cf, ck_, ctk, ckf, cs;  // the kept entries, gathered
+    std::vector<int64_t> cj;
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* row = view.contiguous ? pw + o * L : wbuf.data();
+      if (!view.contiguous) view.gather(pw, o, wbuf.data());
+      float* orow = view.contiguous ? po + o * L : obuf.data();
+      const uint8_t* brow = pb + o * Lb;
+      unpack_floats(brow, L, B.data());
+      if (!soft) {
+        for (int64_t j = 0; j < L; ++j) orow[j] = weighted ? row[j] * B[j] : B[j];
+      } else {
+        unpack_floats(pb + (O + o) * Lb, L, F.data());
+        if (has_k) unpack_floats(pb + (2 * O + o) * Lb, L, Kf.data());
+        const float t = thr[o], cut = thr[O + o];
+        const int64_t kept = popcount_row(brow, Lb);
+        if (2 * kept <= L) {  // sparse row: the sigmoids of its kept entries only
+          ca.resize(kept);
+          cf.resize(kept);
+          cj.resize(kept);
+          cs.resize(kept);
+          if (has_k) {
+            ctk.resize(kept);
+            ck_.resize(kept);
+            ckf.resize(kept);
+          }
+          int64_t c = 0;
+          for (int64_t b = 0; b < Lb; ++b) {
+            uint32_t byte = brow[b];
+            while (byte) {
+              const int64_t j = b * 8 + __builtin_ctz(byte);
+              byte &= byte - 1;
+              cj[c] = j;
+              ca[c] = std::fabs(row[j]);
+              cf[c] = F[j];
+              if (has_k) {
+                ctk[c] = tk_row[j];
+                ck_[c] = ck_row[j];
+                ckf[c] = Kf[j];
+              }
+              ++c;
+            }
+          }
+          soft_kept_values(ca.data(), cf.data(), has_k ? ckf.data() : nullptr, cs.data(), kept, t, cut,
+                           has_k ? ctk.data() : nullptr, has_k ? ck_.data() : nullptr, inv_tau);
+          std::fill(orow, orow + L, 0.0f);
+          if (weighted) {
+            for (int64_t j = 0; j < L; ++j) orow[j] = row[j] * 0.0f;  // pruned: W * 0 (its sign, as the product)
+            for (int64_t x = 0; x < kept; ++x) orow[cj[x]] = row[cj[x]] * cs[x];
+          } else {
+            for (int64_t x = 0; x < kept; ++x) orow[cj[x]] = cs[x];
+          }
+        } else {
+          soft_mask_row(row, B.data(), F.data(), has_k ? Kf.data() : nullptr, orow, L, t, cut,
+                        has_k ? tk_row.data() : nullptr, has_k ? ck_row.data() : nullptr, inv_tau, weighted);
+        }
+      }
+      if (!view.contiguous) view.scatter(orow, o, po);
+    }
+  });
+}
+
+// SR-STE decay from the kept bits: grad += lam * w * [not kept], in place (grad: a view with the weight's strides).
+void decay_bits_(torch::Tensor grad, torch::Tensor w, torch::Tensor planes, double lam) {
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 4, "weight must be [O, I] or [O, I, kh, kw]");
+  check_view(w, w, "weight");
+  check_view(grad, w, "grad");
+  const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K, Lb = (L + 7) / 8;
+  check_planes(planes, O * Lb);
+  const RowView view(w, O, I, K);
+  const float* pw = w.data_ptr<float>();
+  float* pg = grad.data_ptr<float>();
+  const uint8_t* pb = planes.data_ptr<uint8_t>();
+  const float l = static_cast<float>(lam);
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<float> wbuf(view.contiguous ? 0 : L), gbuf(view.contiguous ? 0 : L), B(L);
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* row = view.contiguous ? pw + o * L : wbuf.data();
+      float* grow = view.contiguous ? pg + o * L : gbuf.data();
+      if (!view.contiguous) {
+        view.gather(pw, o, wbuf.data());
+        view.gather(pg, o, gbuf.data());
+      }
+      unpack_floats(pb + o * Lb, L, B.data());
+      for (int64_t j = 0; j < L; ++j) grow[j] += static_cast<float>(B[j] == 0.0f) * (l * row[j]);
+      if (!view.contiguous) view.scatter(grow, o, pg);
+    }
+  });
+}
+
+// grad *= kept bits, in place (the one-shot gradient: pruned weights get none).
+void mask_grad_(torch::Tensor grad, torch::Tensor planes) {
+  TORCH_CHECK(grad.dim() == 2 || grad.dim() == 4, "grad must be [O, I] or [O, I, kh, kw]");
+  check_view(grad, grad, "grad");
+  const int64_t O = grad.size(0), I = grad.size(1), K = grad.numel() / (O * I), L = I * K, Lb = (L + 7) / 8;
+  check_planes(planes, O * Lb);
+  const RowView view(grad, O, I, K);
+  float* pg = grad.data_ptr<float>();
+  const uint8_t* pb = planes.data_ptr<uint8_t>();
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<float> gbuf(view.contiguous ? 0 : L), B(L);
+    for (int64_t o = o0; o < o1; ++o) {
+      float* grow = view.contiguous ? pg + o * L : gbuf.data();
+      if (!view.contiguous) view.gather(pg, o, gbuf.data());
+      unpack_floats(pb + o * Lb, L, B.data());
+      for (int64_t j = 0; j < L; ++j) grow[j] = grow[j] * B[j];
+      if (!view.contiguous) view.scatter(grow, o, pg);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("mask_", &mask_, "MaxQ mask of one layer in two passes (see the file header)");
   mod.def("decay_", &decay_, "SR-STE decay on pruned weights");
+  mod.def("apply_", &apply_, "the mask, or W * mask, from the mask state (bit planes, thresholds)");
+  mod.def("decay_bits_", &decay_bits_, "SR-STE decay on pruned weights, from the kept bits");
+  mod.def("mask_grad_", &mask_grad_, "grad *= kept bits, in place");
 }

@@ -1,0 +1,253 @@
+"""Masks cost bits, not copies: what maxq adds to a model's training memory, counted from the tensors themselves.
+
+Two parts make up everything maxq adds: the buffers it holds per layer (the mask state, the random order's
+priorities, the fused kernels' guesses: ``Sparsifier.mask_bytes``, checked against the buffers themselves) and the
+tensors autograd saves for backward that a dense model would not save. The bounds (in units of the sparsified
+layers' weight bytes): 0.10 for one-shot, 0.15 for SR-STE, 0.35 for MaxQ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import maxq
+from maxq.core import saving
+from maxq.core.parametrization import NMMask
+
+from ..conftest import PATTERNS
+
+GOALS = {"oneshot": 0.10, "srste": 0.15, "maxq": 0.35}
+
+
+def _config(method: str, n: int, m: int) -> maxq.NMConfig:
+    options = {"ramp": (0.0, 0.0)} if method == "maxq" else {}
+    return maxq.make_config(method, n=n, m=m, **options)
+
+
+class _Net(nn.Module):
+    """Layers of realistic width: a 3x3 conv (kernel query), a 1x1 conv, Linears, as one classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = nn.Conv2d(64, 64, 3, padding=1)
+        self.bn = nn.BatchNorm2d(64)
+        self.point = nn.Conv2d(64, 128, 1)
+        self.fc1 = nn.Linear(128, 256)
+        self.norm = nn.LayerNorm(256)
+        self.fc2 = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(torch.relu(self.stem(x)))))
+        x = torch.relu(self.point(x)).mean((2, 3))
+        return self.head(torch.relu(self.fc2(self.norm(torch.relu(self.fc1(x))))))
+
+
+def _weight_bytes(sp: maxq.Sparsifier) -> dict[str, int]:
+    modules = dict(sp.model.named_modules())
+    out = {}
+    for name in sp.layers:
+        w = modules[name].parametrizations.weight.original
+        out[name] = w.numel() * w.element_size()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("method", list(GOALS))
+def test_mask_state_per_layer_is_below_the_goal(method, n, m, dtype):
+    model = _Net().to(dtype)
+    sp = maxq.sparsify_(model, _config(method, n, m))
+    held = sp.mask_bytes()
+    weights = _weight_bytes(sp)
+    modules = dict(model.named_modules())
+    for name in sp.layers:
+        param = modules[name].parametrizations.weight[0]
+        assert isinstance(param, NMMask)
+        own = sum(b.numel() * b.element_size() for b in param.buffers())
+        layer = sp._layers[name]
+        extra = layer.state.nbytes + (0 if layer.priority is None else layer.priority.numel() * 2)
+        assert held[name] >= own  # the accounting covers every buffer of the parametrization
+        assert held[name] <= own + extra + 64
+        assert not param.materialized  # no weight-sized mask
+        ratio = held[name] / weights[name]
+        assert ratio <= GOALS[method], (name, ratio)
+    total = sum(held.values()) / sum(weights.values())
+    assert total <= GOALS[method], total
+
+
+def test_mask_state_sizes_follow_the_layout():
+    """One bit per weight per plane, rows padded to bytes; two floats per query set."""
+    model = _Net()
+    maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0)))
+    conv = model.conv.parametrizations.weight[0]
+    assert conv.planes.dtype == torch.uint8
+    assert tuple(conv.planes.shape) == (3, 64, 64 * 9 // 8)  # kept, filter query, kernel query
+    assert conv.thresholds.numel() == 2 * 64 + 2 * 9
+    fc = model.fc1.parametrizations.weight[0]
+    assert tuple(fc.planes.shape) == (2, 256, 128 // 8)  # no kernel query for a Linear
+    hard = maxq.sparsify_(_Net(), maxq.SRSTEConfig(n=1, m=16))
+    param = hard.model.fc2.parametrizations.weight[0]
+    assert tuple(param.planes.shape) == (1, 256, 256 // 8) and param.thresholds.numel() == 0
+
+
+def test_random_block_order_priorities_are_small_integers():
+    sp = maxq.sparsify_(_Net(), maxq.MaxQConfig(ramp=(0, 1), order="random"))
+    for layer in sp._layers.values():
+        assert layer.priority is not None and layer.priority.dtype == torch.int16
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, sparse: bool) -> tuple[int, int]:
+    """Bytes of the tensors autograd saves in one forward that are not parameters, buffers or the input (new
+    memory kept until backward), and the number of W * mask copies replaced by tokens."""
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
+    seen: dict[int, int] = {}
+    tokens = 0
+
+    def record(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    if sparse:
+        original = saving._pack
+
+        def pack(t):
+            nonlocal tokens
+            out = original(t)
+            if isinstance(out, saving._Token):
+                tokens += 1
+            else:
+                record(out)
+            return out
+
+        saving._pack = pack
+        try:
+            out = model(x)
+        finally:
+            saving._pack = original
+    else:
+
+        def pack_dense(t):
+            record(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_dense, lambda t: t):
+            out = model(x)
+    out.float().sum().backward()
+    return sum(seen.values()), tokens
+
+
+@pytest.mark.parametrize("method", list(GOALS))
+def test_backward_keeps_no_masked_copy(method):
+    torch.manual_seed(0)
+    dense = _Net()
+    sparse = _Net()
+    sparse.load_state_dict(dense.state_dict())
+    sp = maxq.sparsify_(sparse, _config(method, 2, 4))
+    x = torch.randn(4, 3, 8, 8)
+    dense_bytes, _ = _saved_bytes(dense, x, sparse=False)
+    sparse_bytes, tokens = _saved_bytes(sparse, x, sparse=True)
+    # Every sparsified layer but the first (its input needs no gradient) saved its W * mask: all were tokens.
+    assert tokens == (0 if method == "oneshot" else len(sp.layers))
+    extra = sparse_bytes - dense_bytes
+    assert extra <= 0.01 * sum(_weight_bytes(sp).values()), extra
+
+
+def test_one_shot_forward_hands_the_weight_itself_to_the_layer():
+    model = _Net()
+    maxq.sparsify_(model, maxq.OneShotConfig())
+    original = model.fc2.parametrizations.weight.original
+    assert model.fc2.weight.untyped_storage().data_ptr() == original.untyped_storage().data_ptr()
+
+
+def test_one_shot_gradient_shared_with_another_input_is_not_masked_in_place():
+    """``W + P`` hands the same gradient tensor to both: masking it in place would zero part of P's gradient."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    root = nn.Sequential(layer)
+    maxq.sparsify_(root, maxq.OneShotConfig(skip_last=False))
+    extra = torch.zeros(8, 16, requires_grad=True)
+    x = torch.randn(4, 16)
+    torch.nn.functional.linear(x, layer.weight + extra).sum().backward()
+    expected = torch.ones(4, 8).t() @ x  # d(sum(x @ (W + P)^T)) / dP
+    torch.testing.assert_close(extra.grad, expected)
+    kept = dict(root._maxq_sparsifier.named_masks())["0"] != 0
+    torch.testing.assert_close(layer.parametrizations.weight.original.grad, expected * kept)
+
+
+@pytest.mark.parametrize("method", ["srste", "maxq"])
+def test_changing_the_weight_between_forward_and_backward_is_refused(method):
+    model = _Net()
+    sp = maxq.sparsify_(model, _config(method, 2, 4))
+    loss = model(torch.randn(2, 3, 8, 8)).sum()
+    with torch.no_grad():
+        model.fc2.parametrizations.weight.original.mul_(2)
+    with pytest.raises(RuntimeError, match="changed between its forward and backward"):
+        loss.backward()
+    assert sp is not None
+
+
+@pytest.mark.parametrize("method", list(GOALS))
+def test_activation_checkpointing_gives_the_same_gradients(method):
+    """Checkpointing's own saved-tensor hooks take precedence (ours stand aside inside its region)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = _Net()
+        maxq.sparsify_(model, _config(method, 2, 4))
+        x = torch.randn(2, 3, 8, 8)
+        if use_checkpoint:
+            out = checkpoint(model, x, use_reentrant=False)
+        else:
+            out = model(x)
+        out.sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=0, atol=0)
+
+
+def test_second_order_gradients_flow_through_the_rebuilt_weight():
+    """``create_graph=True``: the W * mask rebuilt in backward carries a graph, as the kept copy did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2))
+    reference = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2))
+    reference.load_state_dict(model.state_dict())
+    sp = maxq.sparsify_(model, maxq.SRSTEConfig(skip_last=False))
+    masks = dict(sp.named_masks())
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def penalty(net, weight_of):
+        out = net(x)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return gx.pow(2).sum(), weight_of(net)
+
+    loss, w = penalty(model, lambda net: net[2].parametrizations.weight.original)
+    loss.backward()
+
+    # Plain reference: the same network with W_eff = W * mask written out and a straight-through gradient.
+    ws = {name: reference[int(name)].weight for name in masks}
+    x.grad = None
+
+    def ref_forward(inp):
+        h = inp
+        for i, layer in enumerate(reference):
+            if isinstance(layer, nn.Linear):
+                weight = layer.weight
+                if str(i) in masks:
+                    weight = weight + (weight * masks[str(i)] - weight).detach()
+                h = torch.nn.functional.linear(h, weight, layer.bias)
+            else:
+                h = layer(h)
+        return h
+
+    out = ref_forward(x)
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    torch.testing.assert_close(w.grad, ws["2"].grad)
