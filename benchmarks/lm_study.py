@@ -415,6 +415,7 @@ def run_one(spec: dict[str, Any], results: Path, run: Run, threads: int, command
     hf_logging.disable_progress_bar()  # the logs are the runs' own
     torch.set_num_threads(threads)
     started = time.time()
+    code = versions()  # the code the run starts with (the tree may move on while it runs)
     data = prepare(spec, results, train_tokenizer=run.arm is None)
     body = run_parent(spec, results, data, threads) if run.arm is None else run_child(spec, results, data, run, threads)
     record = {
@@ -425,7 +426,7 @@ def run_one(spec: dict[str, Any], results: Path, run: Run, threads: int, command
         "tokens": {k: len(v) for k, v in data["streams"].items()},
         "model": spec["model"],
         "command": command,
-        "versions": versions(),
+        "versions": code,
         "wall_time_s": time.time() - started,
     }
     _write_json(results / f"{run.id}.json", record)

@@ -309,7 +309,7 @@ def calibrate_(
         filter_fn: ``(module, qualified_name) -> bool`` choosing layers, as in [`maxq.sparsify_`][maxq.sparsify_];
             default: every eligible layer except the first conv and the last classifier.
         forward: ``(model, batch) -> Any``, how a batch runs through the model; default
-            [`default_forward`][maxq.calibrate.driver.default_forward] (tensor, mapping as keywords, or the first
+            [`default_forward`][maxq.calibrate.default_forward] (tensor, mapping as keywords, or the first
             element of a tuple).
         progress: a tqdm bar over layer groups (default: when stderr is a terminal).
 

@@ -17,7 +17,7 @@ __all__ = ["wanda_prune", "wanda_scores"]
 
 def wanda_scores(weight: Tensor, mean_square: Tensor) -> Tensor:
     """``|W_ij| * sqrt(mean_square_j)``: ``weight`` ``[O, D]``, ``mean_square`` ``[D]`` (``||X_j||^2 / T``, see
-    [`InputStats`][maxq.calibrate.stats.InputStats]), broadcast along the inputs (columns)."""
+    [`InputStats`][maxq.calibrate.InputStats]), broadcast along the inputs (columns)."""
     if mean_square.shape != weight.shape[1:]:
         shapes = f"weight {tuple(weight.shape)}, statistics {tuple(mean_square.shape)}"
         raise ValueError(f"one statistic per input column is needed: {shapes}")
