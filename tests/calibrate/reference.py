@@ -7,38 +7,31 @@ import torch
 from torch import Tensor
 
 
-def keep_top(scores: list[float], n: int) -> list[bool]:
-    """The ``n`` largest of one block; ties go to the lower index."""
-    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
-    chosen = set(order[:n])
-    return [j in chosen for j in range(len(scores))]
+def keep_top(scores: Tensor, n: int) -> Tensor:
+    """Bool mask of the ``n`` largest scores of every row of ``scores`` ``[R, m]`` (one block per row); ties go to
+    the lower index (a stable sort of the negated scores)."""
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :n]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def _prune_blocks(weight: Tensor, scores: Tensor, n: int, m: int) -> Tensor:
+    """Zero, in every block of ``m`` consecutive columns of every row, all but the ``n`` best-scored weights."""
+    out = weight.clone()
+    for b in range(0, weight.shape[1], m):
+        keep = keep_top(scores[:, b : b + m], n)
+        out[:, b : b + m] = torch.where(keep, weight[:, b : b + m], torch.zeros_like(keep, dtype=weight.dtype))
+    return out
 
 
 def ref_magnitude(weight: Tensor, n: int, m: int) -> Tensor:
-    out = weight.clone()
-    rows, cols = weight.shape
-    for o in range(rows):
-        for b in range(0, cols, m):
-            keep = keep_top([abs(float(weight[o, b + j])) for j in range(m)], n)
-            for j in range(m):
-                if not keep[j]:
-                    out[o, b + j] = 0.0
-    return out
+    return _prune_blocks(weight, weight.abs(), n, m)
 
 
 def ref_wanda(weight: Tensor, inputs: Tensor, n: int, m: int) -> Tensor:
     """Wanda: score ``|W_oj| * ||X_j||_2`` over the calibration rows ``inputs`` ``[T, D]``; per output row and
     block of ``m`` inputs keep the ``n`` best; kept weights unchanged."""
-    rows, cols = weight.shape
-    norms = [float(torch.linalg.vector_norm(inputs[:, j].double())) for j in range(cols)]
-    out = weight.clone()
-    for o in range(rows):
-        for b in range(0, cols, m):
-            keep = keep_top([abs(float(weight[o, b + j])) * norms[b + j] for j in range(m)], n)
-            for j in range(m):
-                if not keep[j]:
-                    out[o, b + j] = 0.0
-    return out
+    norms = torch.stack([torch.linalg.vector_norm(inputs[:, j].double()) for j in range(inputs.shape[1])])
+    return _prune_blocks(weight, weight.abs().double() * norms.unsqueeze(0), n, m)
 
 
 def ref_hessian(inputs: Tensor) -> Tensor:
@@ -68,11 +61,8 @@ def ref_sparsegpt(weight: Tensor, hessian: Tensor, n: int, m: int, damp: float =
     keep = torch.zeros_like(w, dtype=torch.bool)
     for k in range(cols):
         if k % m == 0:
-            diag = [float(torch.linalg.inv(h[c:, c:])[0, 0]) for c in range(k, k + m)]
-            for o in range(w.shape[0]):
-                choice = keep_top([float(w[o, k + j]) ** 2 / diag[j] for j in range(m)], n)
-                for j in range(m):
-                    keep[o, k + j] = choice[j]
+            diag = torch.stack([torch.linalg.inv(h[c:, c:])[0, 0] for c in range(k, k + m)])
+            keep[:, k : k + m] = keep_top(w[:, k : k + m] ** 2 / diag.unsqueeze(0), n)
         hinv = torch.linalg.inv(h[k:, k:])
         q = torch.where(keep[:, k], w[:, k], torch.zeros_like(w[:, k]))
         w[:, k:] -= ((w[:, k] - q) / hinv[0, 0]).unsqueeze(1) * hinv[0].unsqueeze(0)
