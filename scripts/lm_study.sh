@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The language-model study of docs/RESULTS.md §8 (configs/study_lm.yaml), in the background and resumable:
 #
-#   mkdir -p results/lm && setsid nohup nice -n 19 scripts/lm_study.sh > results/lm/study.log 2>&1 &
+#   mkdir -p results/lm/logs && setsid nohup nice -n 19 scripts/lm_study.sh > results/lm/logs/study.log 2>&1 &
 #   kill -- -PGID          # stop it (the study and its runs: one process group); run the line above to continue
 #
 # 1. The parent (tokenizer, then a GPT-2-architecture model trained from scratch; checkpointed every 500 steps, so an
