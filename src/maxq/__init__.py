@@ -17,6 +17,7 @@ Quick use::
 """
 
 from ._compat import install as _install_aliases
+from .calibrate import CalibrationConfig, CalibrationReport, calibrate_
 from .core.check import LayerCheck, NMCheck, check_nm
 from .core.config import CONFIGS, MaxQConfig, NMConfig, OneShotConfig, SRSTEConfig, make_config
 from .core.fold import fold_, nm_layout
@@ -35,6 +36,8 @@ _install_aliases()
 
 __all__ = [
     "CONFIGS",
+    "CalibrationConfig",
+    "CalibrationReport",
     "SCHEDULES",
     "LayerCheck",
     "MaxQConfig",
@@ -46,6 +49,7 @@ __all__ = [
     "Sparsifier",
     "__version__",
     "accelerate_",
+    "calibrate_",
     "check_nm",
     "dense_fraction",
     "fold_",

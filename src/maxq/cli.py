@@ -28,6 +28,7 @@ def _nm(text: str) -> str:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .calibrate.config import CALIBRATION_METHODS
     from .core.config import CONFIGS
     from .core.masks import BLOCK_ORDERS, SOFT_WARMUPS
     from .core.schedules import SCHEDULES
@@ -99,6 +100,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="K",
         help="recompute masks every K steps (default 1; larger is faster but can cost accuracy)",
+    )
+    g.add_argument(
+        "--calibrate",
+        choices=CALIBRATION_METHODS,
+        help="with --init: prune the trained model once by wanda (|W| x activation norm) or sparsegpt (OBS with "
+        "weight reconstruction) from training batches, layer by layer, before training; --method oneshot then "
+        "fine-tunes with that mask fixed, srste/maxq start from it",
+    )
+    g.add_argument(
+        "--calibration-batches",
+        type=int,
+        metavar="K",
+        help="training batches (of --batch-size, seeded by --seed, not augmented) that --calibrate reads",
     )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)

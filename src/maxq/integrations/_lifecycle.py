@@ -5,16 +5,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Any
 
 from torch import nn
 
+from ..calibrate.config import CalibrationConfig, calibration_for
 from ..core.check import NMCheck, check_nm
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
 from ..core.stepping import check_steps_per_epoch
 
-__all__ = ["adopt_or_sparsify", "callback_config", "epoch_steps", "finish", "has_ramp", "ramp_metrics"]
+__all__ = [
+    "adopt_or_sparsify",
+    "callback_calibration",
+    "callback_config",
+    "epoch_steps",
+    "finish",
+    "has_ramp",
+    "ramp_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +165,23 @@ def callback_config(
             "ramps its sparsity); leave per_step=None"
         )
     return dataclasses.replace(config, per_step=per_step)
+
+
+def callback_calibration(
+    config: NMConfig | None, calibration: str | CalibrationConfig | None, data: Any
+) -> CalibrationConfig | None:
+    """Validate a callback's calibration options: the [`CalibrationConfig`][maxq.CalibrationConfig] to run before
+    sparsifying (``None``: no calibration). Raises ``ValueError`` with what to pass instead."""
+    if calibration is None:
+        if data is not None:
+            raise ValueError("calibration_data was given without calibration: pass calibration='sparsegpt' or 'wanda'")
+        return None
+    if config is None:
+        raise ValueError(
+            "calibration needs the callback's config (it prunes before the callback sparsifies); for a model you "
+            "sparsify yourself, call maxq.calibrate_(model, data, ...) before maxq.sparsify_"
+        )
+    result = calibration_for(config, calibration)
+    if result.needs_data and data is None:
+        raise ValueError(f"calibration={result.method!r} needs calibration_data (a DataLoader or a list of batches)")
+    return result

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,11 +41,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..calibrate import CalibrationConfig, CalibrationReport, calibrate_
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_calibration, callback_config, epoch_steps, finish, ramp_metrics
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -69,6 +71,11 @@ class MaxQCallback(TrainerCallback):
         steps_per_epoch: optimizer steps per epoch, only where the Trainer cannot tell (an iterable dataset
             without a length). Default: the Trainer's own count, ``ceil(len(train_dataloader) /
             gradient_accumulation_steps)``.
+        calibration: prune the trained model once before training, from ``calibration_data``: ``"wanda"``,
+            ``"sparsegpt"`` (the pattern and layer selection of ``config``) or a
+            [`maxq.CalibrationConfig`][maxq.CalibrationConfig]; see [`maxq.calibrate_`][maxq.calibrate_]. The
+            config's method then starts from the calibrated weights (``OneShotConfig``: that mask, fixed).
+        calibration_data: the calibration batches (a DataLoader or list of the model's input dicts).
 
     Raises:
         ValueError: an argument is invalid (the message says what to pass).
@@ -87,11 +94,17 @@ class MaxQCallback(TrainerCallback):
         fold: bool = True,
         fold_force: bool = False,
         steps_per_epoch: int | None = None,
+        calibration: str | CalibrationConfig | None = None,
+        calibration_data: Iterable[Any] | None = None,
     ) -> None:
         config = callback_config(
             config, filter_fn=filter_fn, per_step=per_step, fold=fold, fold_force=fold_force,
             steps_per_epoch=steps_per_epoch,
         )  # fmt: skip
+        self.calibration = callback_calibration(config, calibration, calibration_data)
+        self.calibration_data = calibration_data
+        #: what the calibration did (a [`CalibrationReport`][maxq.CalibrationReport]), once the Trainer exists
+        self.calibration_report: CalibrationReport | None = None
         self.config = config
         self.filter_fn = filter_fn
         self.fold = fold
@@ -116,6 +129,9 @@ class MaxQCallback(TrainerCallback):
 
     # -- start ---------------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is not None and self.calibration is not None and sparsifier_of(model) is None:
+            # before sparsifying: the masks then start from the calibrated weights
+            self.calibration_report = calibrate_(model, self.calibration_data, self.calibration, self.filter_fn)
         if model is not None:
             self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, de
 from tqdm import tqdm
 
 from .. import __version__
+from ..calibrate import calibrate_, calibration_for
 from ..core.check import check_nm
 from ..core.fold import fold_, nm_layout
 from ..core.sparsifier import Sparsifier, sparsify_
@@ -509,6 +510,9 @@ def _train(
     elif sparse_cfg is not None and sparse_cfg.frozen and not saved:
         log.warning("oneshot without --init prunes the random initialization; pass --init DENSE_RUN/checkpoint.pt")
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    calibration = saved.get("calibration") if saved is not None else None
+    if cfg.calibrate and saved is None:  # a resumed run's weights are already calibrated (and trained)
+        calibration = _calibrate(model, splits.train, info, device, procs, cfg, sparse_cfg)
     sparsifier: Sparsifier | None = sparsify_(model, sparse_cfg) if sparse_cfg is not None else None
     if sparsifier is not None:
         _warn_skipped(model, sparsifier, cfg)
@@ -681,6 +685,7 @@ def _train(
                 "rng": _rng_state(),
                 "history": history,
                 "before_finetune": before,
+                "calibration": calibration,
             }
             atomic_save(state, out / CHECKPOINT)
             run.checkpoint_epoch = epoch + 1
@@ -695,10 +700,42 @@ def _train(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record, sparsifier)
 
-    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out, arch, before)
+    report = _finish(cfg, model, sparsifier, history, test_loader, info, device, procs, out, arch, before, calibration)
     if procs.distributed:
         torch_dist.barrier()
     return report
+
+
+def _calibrate(
+    model: nn.Module,
+    train_set: Dataset,
+    info: DataInfo,
+    device: torch.device,
+    procs: Processes,
+    cfg: TrainConfig,
+    sparse_cfg: Any,
+) -> dict[str, Any]:
+    """``--calibrate``: prune the ``--init`` model once by Wanda or SparseGPT, from ``cfg.calibration_batches``
+    batches of training samples (a permutation seeded by ``--seed``, the same on every process; normalised, not
+    augmented), with the training method's pattern and layer selection. The sparsifier that follows keeps exactly
+    these survivors (one-shot: fixed; SR-STE and MaxQ start from them). Returns the calibration report."""
+    count = min(cfg.calibration_batches * cfg.batch_size, len(train_set))
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))[:count].tolist()
+    batches = []
+    for start in range(0, count, cfg.batch_size):
+        x, _ = default_collate([train_set[i] for i in order[start : start + cfg.batch_size]])
+        batches.append(_prepare(x, info, device, None))
+    calibration = calibration_for(sparse_cfg, cfg.calibrate)
+    report = calibrate_(model, batches, calibration, progress=procs.main and cfg.progress)
+    if procs.distributed:  # every process starts from rank 0's weights (float rounding may differ by device)
+        for module in (model.get_submodule(r.name) for r in report.pruned):
+            torch_dist.broadcast(module.weight.data, 0)
+    if procs.main:
+        log.info(
+            "calibrated %s %s on %d layer(s) from %d samples in %.1f s", cfg.calibrate, cfg.nm, len(report.pruned),
+            count, report.seconds,
+        )  # fmt: skip
+    return {**report.to_dict(), "samples": count}
 
 
 def _weight_layers(model: nn.Module) -> list[str]:
@@ -729,6 +766,7 @@ def _finish(
     out: Path,
     arch: dict[str, Any],
     before: dict[str, float] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fold, verify, evaluate the folded model, and write report.json, model_folded.pt and the plot."""
     n, m = cfg.n_m
@@ -777,6 +815,8 @@ def _finish(
     }
     if before is not None:
         report["before_finetune"] = before  # --init: eval of the sparsified starting model, before any step
+    if calibration is not None:
+        report["calibration"] = calibration  # --calibrate: what the calibrated one-shot prune did, per layer
     if history and "val_top1" in history[-1]:
         vals = [h["val_top1"] for h in history]
         report.update(val_top1_last=vals[-1], val_top1_best=max(vals))

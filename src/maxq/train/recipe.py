@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..calibrate.config import CALIBRATION_METHODS
 from ..core.config import NMConfig, config_options, make_config
 from ..core.nm import parse_nm
 
@@ -82,6 +83,9 @@ class TrainConfig:
     soft_warmup: str = "none"  # MaxQ: the soft factor on a trained model (our addition, METHOD.md §8)
     decay_lambda: float = 2e-4
     update_every: int = 1
+    # calibrated one-shot start (with --init): prune the trained model by wanda/sparsegpt before training
+    calibrate: str | None = None
+    calibration_batches: int = 16  # training batches (of --batch-size) drawn for calibration
     # run
     seed: int = 0
     out: str = "runs/run"
@@ -125,7 +129,7 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.amp is not None and not isinstance(self.amp, bool):
             raise ValueError(f"amp must be true, false or left unset (on with CUDA), got {self.amp!r}")
-        for name in ("epochs", "batch_size", "update_every", "image_size"):
+        for name in ("epochs", "batch_size", "update_every", "image_size", "calibration_batches"):
             _check_int(name, getattr(self, name), low=1)
         _check_int("workers", self.workers, low=0)
         _check_int("seed", self.seed, low=0)
@@ -156,6 +160,15 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a mapping, got {self.extra!r}")
+        if self.calibrate is not None:
+            if self.calibrate not in CALIBRATION_METHODS:
+                raise ValueError(f"--calibrate must be one of {list(CALIBRATION_METHODS)}, got {self.calibrate!r}")
+            if self.method == "dense":
+                raise ValueError("--calibrate prunes the model N:M before training: it needs an N:M --method")
+            if self.init is None:
+                raise ValueError(
+                    "--calibrate prunes a trained model from its activations: pass its weights with --init RUN"
+                )
         if self.extend and not self.resume:
             raise ValueError("--extend continues a run past its --epochs; it needs --resume (and a larger --epochs)")
         self.sparsity_config()  # validates ramp, schedule, tau, order, ... with the library's own messages
