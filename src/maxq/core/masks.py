@@ -30,6 +30,7 @@ from .._engine.fused import FusedState, fused_apply_, fused_available, fused_sta
 from .bits import pack_rows, packed_width, unpack_rows
 from .nm import _check_layout, block_major, nm_keep, oi_view, topk_mask, validate_nm
 from .queries import axis_soft, axis_threshold
+from .sharding import RowSharding, Span
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -74,7 +75,9 @@ def block_l1(a: Tensor, m: int) -> Tensor:
     return total.flatten()
 
 
-def dense_blocks(l1: Tensor, count: int, order: str = "smallest", priority: Tensor | None = None) -> Tensor:
+def dense_blocks(
+    l1: Tensor, count: int, order: str = "smallest", priority: Tensor | None = None, span: Span | None = None
+) -> Tensor:
     """Pick ``count`` blocks to keep dense (ties go to the lower block index).
 
     Args:
@@ -82,18 +85,20 @@ def dense_blocks(l1: Tensor, count: int, order: str = "smallest", priority: Tens
         count: how many (see :func:`dense_count`).
         order: ``"smallest"`` L1 (paper default: high-norm blocks become N:M first), ``"largest"`` or ``"random"``.
         priority: ``[G]`` random scores, required for ``"random"`` (keep it fixed across steps).
+        span: the layer's blocks are spread over ranks and ``l1`` (``priority``) hold this rank's
+            ([`maxq.core.sharding.Span`][maxq.core.sharding.Span]; ``count`` then counts over all ranks).
 
     Returns:
-        bool ``[G]`` with exactly ``min(max(count, 0), G)`` True.
+        bool ``[G]`` with exactly ``min(max(count, 0), G)`` True (over all ranks, with ``span``).
     """
     if order not in BLOCK_ORDERS:
         raise ValueError(f"unknown block order {order!r}; choose one of {BLOCK_ORDERS}")
     if order == "random":
         if priority is None or priority.shape != l1.shape:
             raise ValueError("order='random' needs a priority tensor with one score per block")
-        return topk_mask(priority.to(l1.device), count)
+        return topk_mask(priority.to(l1.device), count, span=span)
     # "smallest": the count largest of -l1 (negation is exact), ties to the lower index either way.
-    return topk_mask(-l1 if order == "smallest" else l1, count)
+    return topk_mask(-l1 if order == "smallest" else l1, count, span=span)
 
 
 def _check(weight: Tensor, n: int, m: int, tau: float, dense_fraction: float, order: str) -> None:
@@ -268,6 +273,7 @@ def compute_state_(
     soft: bool = True,
     state: FusedState | None = None,
     fused: bool = True,
+    sharding: RowSharding | None = None,
 ) -> bool:
     """Write the mask state of ``weight`` (an ``[O, I(, kh, kw)]`` view, any device) in place; no gradient.
 
@@ -275,15 +281,22 @@ def compute_state_(
     ramp's dense blocks whole); for a soft mask plane 1 the filter query's keep flags and, for kernels larger than
     1x1, plane 2 the kernel query's. ``thresholds`` (float32 ``[2*O + 2*K]``, soft only): ``t`` and ``a(k)`` of every
     filter set, then of every kernel set. Other arguments as :func:`maxq_mask` (not validated: the training hot
-    path); ``fused=False`` forces the device-agnostic path. Returns whether the fused kernels computed it.
+    path); ``fused=False`` forces the device-agnostic path. With ``sharding`` (a
+    [`RowSharding`][maxq.core.sharding.RowSharding]), ``weight``, ``planes`` and ``priority`` hold this rank's rows
+    and ``thresholds`` the whole layer's: the layer-wide order statistics (kernel query, the ramp's dense blocks)
+    are collectives, and the rows' own are written here only. Returns whether the fused kernels computed it.
     """
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach()
-        count = dense_count(dense_fraction, w.numel() // m)
-        if fused and fused_available(w) and planes.device.type == "cpu":
+        per_row = w[0].numel() // m if w.shape[0] else 0
+        count = dense_count(dense_fraction, per_row * sharding.rows if sharding else w.numel() // m)
+        layer_wide = sharding is not None and (count > 0 or (soft and w[0, 0].numel() > 1))
+        if fused and not layer_wide and fused_available(w) and planes.device.type == "cpu" and w.shape[0] > 0:
+            # Sharded: the kernel writes this rank's rows' thresholds (no kernel query here: it is layer-wide).
+            local_thr = thresholds if sharding is None or not soft else thresholds.new_empty(2 * w.shape[0] + 2)
             fused_state_(
                 planes,
-                thresholds,
+                local_thr,
                 w,
                 n,
                 m,
@@ -294,23 +307,43 @@ def compute_state_(
                 soft=soft,
                 state=state if state is not None else FusedState(),
             )
+            if sharding is not None and soft:
+                o, rows, first = w.shape[0], sharding.rows, sharding.offset
+                thresholds[first : first + o].copy_(local_thr[:o])
+                thresholds[rows + first : rows + first + o].copy_(local_thr[o : 2 * o])
+                _gather_row_thresholds(thresholds, sharding)
             return True
         a = w.abs().float()
         o = a.shape[0]
-        dense = dense_blocks(block_l1(a, m), count, order, priority) if count > 0 else None
+        rows, first = (sharding.rows, sharding.offset) if sharding else (o, 0)
+        k = w[0, 0].numel() if w.dim() == 4 else 1
+        dense = None
+        if count > 0:
+            span = sharding.span(per_row) if sharding else None
+            dense = dense_blocks(block_l1(a, m), count, order, priority, span)
         planes[0].copy_(pack_rows(nm_keep(a, n, m, dense).reshape(o, -1)))
         if soft:
             t, cut, keep = axis_threshold(a.reshape(o, -1), n, m, tau, 1)
             planes[1].copy_(pack_rows(keep))
-            thresholds[:o].copy_(t.view(-1))
-            thresholds[o : 2 * o].copy_(cut.view(-1))
-            k = a[0, 0].numel()
+            thresholds[first : first + o].copy_(t.view(-1))
+            thresholds[rows + first : rows + first + o].copy_(cut.view(-1))
             if k > 1:
-                t, cut, keep = axis_threshold(a.reshape(-1, k), n, m, tau, 0)
+                span = sharding.span(a.shape[1]) if sharding else None
+                t, cut, keep = axis_threshold(a.reshape(-1, k), n, m, tau, 0, span)
                 planes[2].copy_(pack_rows(keep.reshape(o, -1)))
-                thresholds[2 * o : 2 * o + k].copy_(t.reshape(-1))
-                thresholds[2 * o + k :].copy_(cut.reshape(-1))
+                thresholds[2 * rows : 2 * rows + k].copy_(t.reshape(-1))
+                thresholds[2 * rows + k :].copy_(cut.reshape(-1))
+            if sharding is not None:
+                _gather_row_thresholds(thresholds, sharding)
         return False
+
+
+def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:
+    """Every rank wrote its rows' ``t`` and ``a(k)``; make the layer's whole (replicated) copy on every rank."""
+    rows, first, local = sharding.rows, sharding.offset, sharding.local
+    part = thresholds[: 2 * rows].view(2, rows)
+    mine = part[:, first : first + local].contiguous()
+    part.copy_(sharding.from_local(mine, 1, (2, rows)).full_tensor())
 
 
 def _materialize_eager(w: Tensor, planes: Tensor, thresholds: Tensor, spec: MaskSpec) -> Tensor:

@@ -120,20 +120,25 @@ def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     return blocks.reshape(shape)
 
 
-def order_keys(x: Tensor, dim: int = -1) -> Tensor:
+def order_keys(x: Tensor, dim: int = -1, offset: int = 0, total: int | None = None) -> Tensor:
     """int64 keys, one per entry, that order the entries along ``dim`` by value and break every tie by index, the
     lower index counting as larger: the tie rule of the whole library as a plain integer order.
 
     The high 32 bits are the float32 value made sortable as an integer (IEEE bits, with the negative half
     flipped; NaN sorts above +inf), the low 32 bits the reversed index. All keys along ``dim`` are distinct, so a
     selection needs no tie handling: no data-dependent branch and no host synchronisation.
+
+    ``offset``, ``total``: the entries along ``dim`` are entries ``offset ..`` of a set of ``total`` (a shard of
+    it, [`maxq.core.sharding`][maxq.core.sharding]): the index is the one in the whole set.
     """
     bits = (x.detach().to(torch.float32) + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger bits are smaller values
     length = x.shape[dim]
+    total = length if total is None else total
     shape = [1] * x.dim()
     shape[dim] = length
-    reverse = torch.arange(length - 1, -1, -1, device=x.device, dtype=torch.int64).view(shape)
+    first = total - 1 - offset
+    reverse = torch.arange(first, first - length, -1, device=x.device, dtype=torch.int64).view(shape)
     return bits.to(torch.int64) * 2**32 + reverse
 
 
@@ -143,7 +148,7 @@ def key_value(keys: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
 
 
-def topk_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
+def topk_mask(scores: Tensor, k: int, dim: int = -1, span=None) -> Tensor:
     """Boolean mask of the ``k`` largest entries along ``dim``; ties go to the lower index.
 
     Exact, deterministic (unlike ``torch.topk`` indices on ties) and free of host synchronisation: one k-th
@@ -152,15 +157,26 @@ def topk_mask(scores: Tensor, k: int, dim: int = -1) -> Tensor:
     Args:
         scores: floating scores, ``L`` entries along ``dim``.
         k: how many to keep per set (a Python int).
+        span: a [`Span`][maxq.core.sharding.Span] when ``scores`` holds this rank's part of 1-D sets spread over
+            ranks (``k`` counts over the whole set; the selection is a collective).
 
     Returns:
-        bool tensor of ``scores``' shape with exactly ``k`` True per set.
+        bool tensor of ``scores``' shape with exactly ``k`` True per set (over all ranks, with ``span``).
     """
-    length = scores.shape[dim]
+    sharded = span is not None and span.group is not None
+    length = span.total if sharded else scores.shape[dim]
     if k >= length:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if sharded:
+        from .sharding import global_kth
+
+        keys = order_keys(scores, dim, span.offset, span.total)
+        flat = keys.reshape(1, -1) if scores.dim() == 1 else keys.movedim(dim, -1)
+        kth = global_kth(flat.reshape(-1, flat.shape[-1]), length - k + 1, span.group)
+        kth = kth.view(1) if scores.dim() == 1 else kth.view(*flat.shape[:-1], 1).movedim(-1, dim)
+        return keys >= kth
     keys = order_keys(scores, dim)
     # The k-th largest key is the (L - k + 1)-th smallest.
     return keys >= keys.kthvalue(length - k + 1, dim=dim, keepdim=True).values

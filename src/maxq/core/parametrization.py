@@ -23,6 +23,8 @@ loaded from an older checkpoint, until its next update.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +33,7 @@ from .bits import unpack_rows
 from .masks import MaskSpec, masked_weight, materialize_mask, state_shapes
 from .nm import _check_layout, oi_view
 from .saving import mark
+from .sharding import is_dtensor
 
 __all__ = ["NMMask"]
 
@@ -163,57 +166,73 @@ class NMMask(nn.Module):
         """Whether a weight-sized mask is held (``update_every > 1`` with a soft mask, or a legacy state)."""
         return self.mask.numel() > 0
 
+    # -- sharded weights (FSDP2): the state holds this rank's rows; the forward sees the whole weight --------------
+    def _full(self, t: Tensor) -> Tensor:
+        """A state tensor whole (``t`` itself, or the gathered DTensor: a collective)."""
+        return t.full_tensor() if is_dtensor(t) else t
+
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        return t.to_local() if is_dtensor(t) else t
+
     def forward(self, weight: Tensor) -> Tensor:
         if self.materialized:
+            mask = self._full(self.mask)
             if self.straight_through:
-                return _StraightThrough.apply(weight, self.mask)
-            return weight * self.mask
+                return _StraightThrough.apply(weight, mask)
+            return weight * mask
         if self.frozen:
-            return _Frozen.apply(weight, self.planes, self.input_axis)
+            return _Frozen.apply(weight, self._full(self.planes), self.input_axis)
         w_eff = self._from_state(weight)
         # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow).
-        mark(w_eff, lambda: self._from_state(weight), (weight, self.planes, self.thresholds, self.scale))
+        versions = (weight, self._local(self.planes), self.thresholds, self.scale)
+        mark(w_eff, lambda: self._from_state(weight), versions)
         return w_eff
 
     def _from_state(self, weight: Tensor) -> Tensor:
-        return _FromState.apply(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+        return _FromState.apply(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)
 
     def effective(self, weight: Tensor) -> Tensor:
-        """``W * mask`` as the forward computes it (no gradient)."""
+        """``W * mask`` as the forward computes it (no gradient; a sharded weight is gathered: a collective)."""
+        weight = self._full(weight.detach())
         if self.materialized:
             with torch.no_grad():
-                return weight.detach() * self.mask
+                return weight * self._full(self.mask)
         if self.frozen:  # the pruned weights are zero: W * mask is W (a copy, for callers that keep it)
-            return weight.detach().clone()
-        return masked_weight(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+            return weight.clone()
+        return masked_weight(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)
 
     def mask_for(self, weight: Tensor) -> Tensor:
         """The mask the next forward multiplies ``weight`` by: stored shape and layout, the weight's dtype (a new
-        tensor; 0 on pruned weights, ``>= 1`` on kept ones)."""
+        tensor; 0 on pruned weights, ``>= 1`` on kept ones). Whole, for a sharded weight too (a collective)."""
         with torch.no_grad():
             if self.materialized:
-                return self.mask.clone()
+                return self._full(self.mask).clone()
+            weight = self._full(weight.detach())
+            planes = self._full(self.planes)
             if not self.spec.soft:
                 oi = oi_view(weight, self.input_axis)
-                keep = unpack_rows(self.planes[0], oi[0].numel()).view(oi.shape)
+                keep = unpack_rows(planes[0], oi[0].numel()).view(oi.shape)
                 return oi_view(keep, self.input_axis).to(weight.dtype).contiguous()
-            mask = materialize_mask(weight, self.planes, self.thresholds_f32, self.scale_f32, self.spec)
+            mask = materialize_mask(weight, planes, self.thresholds_f32, self.scale_f32, self.spec)
             return oi_view(mask, self.input_axis).to(weight.dtype).contiguous()
 
     @property
     def oi_shape(self) -> tuple[int, ...]:
-        """The weight's ``[O, I(, kh, kw)]`` shape."""
+        """The weight's ``[O, I(, kh, kw)]`` shape (whole)."""
         return (self.shape[1], self.shape[0]) if self.input_axis == 0 else self.shape
 
-    def kept(self) -> Tensor:
-        """Bool ``[O, I(, kh, kw)]``: the weights the mask keeps (a new tensor)."""
-        shape = self.oi_shape
-        return unpack_rows(self.planes[0], self.planes.new_empty(shape[1:], device="meta").numel()).view(shape)
+    def kept(self, whole: bool = False) -> Tensor:
+        """Bool ``[O, I(, kh, kw)]``: the weights the mask keeps (a new tensor); of this rank's rows where the state
+        is sharded, unless ``whole`` (then gathered: a collective)."""
+        planes = self._full(self.planes) if whole else self._local(self.planes)
+        shape = (planes.shape[1], *self.oi_shape[1:])
+        return unpack_rows(planes[0], math.prod(shape[1:])).view(shape)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the mask state this module holds (every buffer)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the mask state this module holds on this rank (every buffer; a sharded one's local part)."""
+        return sum(self._local(b).numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         axis = ", input_axis=0" if self.input_axis == 0 else ""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .nm import key_value, order_keys
+from .sharding import Span, global_kth, global_min
 
 __all__ = ["axis_query", "axis_soft", "axis_threshold", "filter_query", "kernel_query", "kth_pair", "pruned_count"]
 
@@ -53,7 +54,9 @@ def kth_pair(x: Tensor, k: int, dim: int = 1) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def axis_threshold(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+def axis_threshold(
+    x: Tensor, n: int, m: int, tau: float, dim: int = 1, span: Span | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The hard part of the query of every set along ``dim`` of the 2-D magnitudes ``x``: which entries it keeps and
     where its sigmoid is centred (what a mask's state stores; :func:`axis_soft` turns it into ``Q``).
 
@@ -61,25 +64,35 @@ def axis_threshold(x: Tensor, n: int, m: int, tau: float, dim: int = 1) -> tuple
         x: ``|W|`` viewed as ``[R, L]`` (sets are rows, ``dim=1``) or ``[L, R]`` (sets are columns, ``dim=0``).
         n, m: the N:M pattern; the query keeps the same density ``n / m``.
         tau: sigmoid temperature (only for a set too small to prune anything).
+        span: the sets are spread over ranks and ``x`` holds this rank's entries of each
+            ([`maxq.core.sharding.Span`][maxq.core.sharding.Span]); the order statistics are then collectives.
 
     Returns:
         ``(t, cut, keep)``: the thresholds ``t = (a(k) + a(k+1)) / 2`` and ``cut = a(k)`` (``x``'s shape with ``dim``
         reduced to 1), and bool ``keep`` of ``x``'s shape: not among the ``k`` smallest of its set (ties: the lower
         index counts as larger).
     """
-    k = pruned_count(x.shape[dim], n, m)
+    sharded = span is not None and span.group is not None
+    k = pruned_count(span.total if sharded else x.shape[dim], n, m)
     if k == 0:  # a set too small to prune anything: all entries kept, threshold just below the smallest
-        t = x.amin(dim, keepdim=True) - tau
+        low = x.amin(dim, keepdim=True)
+        t = (global_min(low, span.group) if sharded else low) - tau
         return t, t, torch.ones_like(x, dtype=torch.bool)
     if dim == 0:  # selections are far faster along contiguous rows
-        t, cut, keep = axis_threshold(x.t().contiguous(), n, m, tau, 1)
+        t, cut, keep = axis_threshold(x.t().contiguous(), n, m, tau, 1, span)
         return t.t(), cut.t(), keep.t()
     # Unique keys (value, then index; the lower index counts as larger): the k smallest are the keys up to the
     # k-th smallest one, ties included, with no tie handling.
-    keys = order_keys(x, 1)
-    kth = keys.kthvalue(k, dim=1, keepdim=True).values
+    if sharded:
+        keys = order_keys(x, 1, span.offset, span.total)
+        kth = global_kth(keys, k, span.group)
+    else:
+        keys = order_keys(x, 1)
+        kth = keys.kthvalue(k, dim=1, keepdim=True).values
     keep = keys > kth
     nxt = keys.masked_fill(~keep, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+    if sharded:
+        nxt = global_min(nxt, span.group)
     cut = key_value(kth)
     t = (cut + key_value(nxt)) / 2  # (a(k) + a(k+1)) / 2
     return t, cut, keep

@@ -20,6 +20,7 @@ from .layout import NMLayout
 from .masks import MaskSpec, compute_state_, kept_mean, masked_weight, materialize_mask
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
+from .sharding import RowSharding, is_dtensor, move_fsdp_param, row_sharding
 
 __all__ = [
     "STATE_FORMAT",
@@ -106,14 +107,22 @@ class _Layer:
     priority: Tensor | None  # per-block scores of the random block order
     state: FusedState = field(default_factory=FusedState)  # the fused kernels' thresholds (speed only)
 
+    sharding: RowSharding | None = None  # how the weight is sharded over its rows (FSDP2), if it is
+
     @property
     def weight(self) -> Tensor:
         return self.module.parametrizations.weight.original
 
     @property
+    def local_weight(self) -> Tensor:
+        """The trainable weight as stored, this rank's rows of it if it is sharded."""
+        weight = self.weight
+        return weight.to_local() if is_dtensor(weight) else weight
+
+    @property
     def oi_weight(self) -> Tensor:
-        """The trainable weight as ``[O, I(, kh, kw)]`` (a view)."""
-        return oi_view(self.weight, self.param.input_axis)
+        """The trainable weight (this rank's rows, if sharded) as ``[O, I(, kh, kw)]`` (a view)."""
+        return oi_view(self.local_weight, self.param.input_axis)
 
 
 class Sparsifier:
@@ -167,7 +176,12 @@ class Sparsifier:
                 frozen=cfg.frozen,
             )
             param.to(device=weight.device)  # the state keeps its own dtypes (bits, float32 thresholds)
-            parametrize.register_parametrization(module, "weight", param)
+            sharded = is_dtensor(weight)
+            if sharded:  # already sharded (fully_shard before sparsify_): FSDP must find it where it moves
+                row_sharding(weight, param.input_axis, choice.name)  # refuse a placement that splits N:M groups
+            parametrize.register_parametrization(module, "weight", param, unsafe=sharded)
+            if sharded:
+                move_fsdp_param(self.model, weight, module.parametrizations.weight, "original")
             self._layers[choice.name] = _Layer(module, param, _priority(cfg, index, weight.numel() // cfg.m))
         # W * mask is rebuilt in backward instead of kept from the forward (maxq.core.saving).
         self._hooks = saving.install([self.model, *(layer.module for layer in self._layers.values())])
@@ -179,22 +193,43 @@ class Sparsifier:
         """Set the pruned weights of a frozen mask to exactly zero (its forward then uses the weight itself)."""
         with torch.no_grad():
             for layer in self._layers.values():
-                layer.weight.mul_(oi_view(layer.param.kept(), layer.param.input_axis))
+                layer.local_weight.mul_(oi_view(layer.param.kept(), layer.param.input_axis))
+
+    def _shard(self, name: str, layer: _Layer) -> RowSharding | None:
+        """The layer's row sharding now; the first time its weight is found sharded (``fully_shard`` after
+        ``sparsify_``), its state is cut to this rank's rows."""
+        sharding = row_sharding(layer.weight, layer.param.input_axis, name)
+        if sharding is None or layer.sharding is not None:
+            return sharding if sharding is not None else layer.sharding
+        param = layer.param
+        if not is_dtensor(param.planes):
+            param.planes = sharding.distribute(param.planes, 1)
+        if param.materialized and not is_dtensor(param.mask):
+            param.mask = sharding.distribute(param.mask, sharding.row_dim)
+        if layer.priority is not None:  # per block, row-major: this rank's rows' blocks
+            per_row = layer.priority.numel() // sharding.rows
+            layer.priority = layer.priority[sharding.offset * per_row : (sharding.offset + sharding.local) * per_row]
+        layer.state = FusedState()
+        layer.sharding = sharding
+        return sharding
 
     # -- mask updates (explicit, outside the forward) -----------------------------------------------------------
     def update_masks(self) -> None:
-        """Recompute every layer's mask state from its current weight now (no gradient, autocast off)."""
+        """Recompute every layer's mask state from its current weight now (no gradient, autocast off). On a sharded
+        model every rank must call it (the layer-wide statistics are collectives)."""
         self._check_attached()
         cfg = self.config
         strength = cfg.soft_strength(self._fraction)
-        for layer in self._layers.values():
-            weight, param = layer.weight, layer.param
+        for name, layer in self._layers.items():
+            param = layer.param
+            sharding = self._shard(name, layer)
+            weight = layer.oi_weight
             if layer.priority is not None and layer.priority.device != weight.device:
                 layer.priority = layer.priority.to(weight.device)
-            fused = compute_state_(  # on [O, I] views: an [in, out] (Conv1D) state is that of its transposed view
-                param.planes,
+            compute_state_(  # on [O, I] views: an [in, out] (Conv1D) state is that of its transposed view
+                param.planes.to_local() if sharding is not None else param.planes,
                 param.thresholds_f32,
-                layer.oi_weight,
+                weight,
                 cfg.n,
                 cfg.m,
                 dense_fraction=self._fraction,
@@ -204,8 +239,11 @@ class Sparsifier:
                 soft=cfg.soft,
                 state=layer.state,
                 fused=self.fused,
+                sharding=sharding,
             )
-            self._finish_state(param, weight, fused, strength)
+            # The state is the same whichever path computed it; the soft values are rebuilt with the fused kernels'
+            # operations wherever they run (as the float mask was written), else with the device-agnostic ones.
+            self._finish_state(param, layer.weight, self.fused and fused_available(weight), strength)
             if cfg.frozen:  # never updated again: the kernels' guesses for the next update are not needed
                 layer.state = FusedState()
 
@@ -228,13 +266,16 @@ class Sparsifier:
         scale = param.scale_f32
         if spec.strength:
             scale[0] = strength
-        if spec.normalize:
-            warmed = materialize_mask(weight, param.planes, param.thresholds_f32, scale, replace(spec, normalize=False))
+        if spec.normalize:  # over the whole layer (gathered where sharded: the same sum as one process)
+            whole, planes = replace(spec, normalize=False), param._full(param.planes)
+            warmed = materialize_mask(param._full(weight), planes, param.thresholds_f32, scale, whole)
             scale[1].copy_(kept_mean(warmed))
         if param.materialized:
-            param.mask = param.mask.new_zeros(0)
+            param.mask = torch.zeros(0, dtype=param.mask.dtype, device=param.thresholds.device)
         if cfg.soft and cfg.update_every > 1:
-            param.mask = param.mask_for(weight)
+            mask = param.mask_for(weight)
+            sharding = row_sharding(weight, param.input_axis)
+            param.mask = sharding.distribute(mask, sharding.row_dim) if sharding is not None else mask
 
     def step(self, progress: float | None = None) -> bool:
         """Count one optimizer step; call it once right after every ``optimizer.step()``.
@@ -312,14 +353,17 @@ class Sparsifier:
             return
         with torch.no_grad():
             for layer in self._layers.values():
-                weight, param = layer.weight, layer.param
-                grad = weight.grad
+                param = layer.param
+                grad = layer.weight.grad
                 if grad is None:
                     continue
+                grad = grad.to_local() if is_dtensor(grad) else grad  # sharded: this rank's rows, like the state
+                weight = layer.local_weight
                 # Kept weights have Mask >= 1 and pruned ones 0, so 1 - clamp(Mask, 0, 1) = [not kept].
                 if _fusable(grad) and _fusable(weight) and fused_available(weight):
+                    planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
                     torch.ops.maxq.decay_bits_(
-                        oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis), param.planes, lam
+                        oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis), planes, lam
                     )
                 else:
                     keep = oi_view(param.kept(), param.input_axis)
@@ -395,7 +439,7 @@ class Sparsifier:
             layer = self._layers[choice.name]
             param = layer.param
             with torch.no_grad():
-                kept_per_block = _blocks_nonzero(param.kept(), param.m)
+                kept_per_block = _blocks_nonzero(param.kept(whole=True), param.m)
                 dense = float((kept_per_block > param.n).float().mean())
                 mask = param.mask_for(layer.weight)
                 kept = mask[mask != 0]
@@ -473,16 +517,19 @@ class Sparsifier:
         strength = self.config.soft_strength(float(state.get("dense_fraction", 0.0)))
         for name, entry in layers.items():
             layer = self._layers[name]
+            sharding = self._shard(name, layer)
             if legacy:
-                self._load_legacy_mask(layer, entry["mask"])
+                self._load_legacy_mask(layer, entry["mask"], sharding)
                 continue
             param = layer.param
-            param.planes.copy_(entry["planes"])
-            param.thresholds_f32.copy_(entry["thresholds"])
-            self._finish_state(param, layer.weight, bool(entry["fused"]), strength)
-            param.scale_f32.copy_(entry["scale"])
+            _assign(param.planes, entry["planes"], 1, sharding)
+            param.thresholds_f32.copy_(_whole(entry["thresholds"]))
+            fused = bool(entry["fused"]) and self.fused and fused_available(layer.oi_weight)
+            self._finish_state(param, layer.weight, fused, strength)
+            param.scale_f32.copy_(_whole(entry["scale"]))
             if "mask" in entry:
-                param.mask = entry["mask"].detach().clone().to(param.mask.device)
+                mask = _whole(entry["mask"]).detach().to(param.thresholds.device)
+                param.mask = sharding.distribute(mask, sharding.row_dim) if sharding is not None else mask.clone()
         fractions = [float(e["dense_fraction"]) for e in layers.values()]
         self._fraction = float(state.get("dense_fraction", max(fractions, default=0.0)))
         self.progress = state["progress"]
@@ -497,17 +544,21 @@ class Sparsifier:
             # maxq 0.1 recomputed masks at the next training forward when its counter said so; do it now.
             self.update_masks()
 
-    def _load_legacy_mask(self, layer: _Layer, mask: Tensor) -> None:
+    def _load_legacy_mask(self, layer: _Layer, mask: Tensor, sharding: RowSharding | None) -> None:
         """A whole float mask (maxq 0.2 and earlier): its kept bits exactly, and for a soft mask the mask itself,
         held whole until the next update (which returns to the lean state)."""
         param = layer.param
-        mask = mask.to(param.planes.device)
+        mask = _whole(mask).to(param.thresholds.device)
         keep = oi_view(mask, param.input_axis) != 0
-        param.planes[0].copy_(pack_rows(keep.reshape(keep.shape[0], -1)))
+        if sharding is not None:
+            keep = keep.narrow(0, sharding.offset, sharding.local)
+        planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
+        planes[0].copy_(pack_rows(keep.reshape(keep.shape[0], -1)))
         if param.spec.soft:
-            param.mask = mask.detach().clone().to(layer.weight.dtype)
+            mask = mask.detach().clone().to(layer.local_weight.dtype)
+            param.mask = sharding.distribute(mask, sharding.row_dim) if sharding is not None else mask
         elif param.materialized:
-            param.mask = param.mask.new_zeros(0)
+            param.mask = torch.zeros(0, dtype=param.mask.dtype, device=param.thresholds.device)
 
     # -- folding ---------------------------------------------------------------------------------------------
     def fold_(self, force: bool = False) -> nn.Module:
@@ -562,6 +613,24 @@ def _priority(config: NMConfig, index: int, blocks: int) -> Tensor | None:
     if scores is None:
         return None
     return scores.to(torch.int16 if blocks <= 2**15 else torch.int32)
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A saved tensor whole (a DTensor is gathered: a collective)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def _assign(dst: Tensor, src: Tensor, dim: int, sharding: RowSharding | None) -> None:
+    """Copy a saved state tensor into ``dst`` (a DTensor holding this rank's rows along ``dim``, or whole), whatever
+    the sharding it was saved with."""
+    if is_dtensor(dst):
+        if is_dtensor(src) and tuple(src.placements) == tuple(dst.placements):
+            dst.to_local().copy_(src.to_local())
+            return
+        assert sharding is not None
+        dst.to_local().copy_(_whole(src).narrow(dim, sharding.offset, sharding.local))
+        return
+    dst.copy_(_whole(src))
 
 
 def _fusable(t: Tensor) -> bool:
