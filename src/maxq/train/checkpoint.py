@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -294,7 +295,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {_one_line(exc)}") from None
     meta = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return in_name_order(tensors), {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders the numbers inside names as numbers: ``layer.2`` before ``layer.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
+def in_name_order(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` ordered by name, numbers as numbers (``h.2`` before ``h.10``). A safetensors file does not keep
+    the state dict's order (its reader returns the tensors in no fixed order), so reports list its layers in this
+    one, the same on every read."""
+    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
 
 
 def safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -371,6 +384,8 @@ def read_hf_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"{file}: not a state dict of tensors")
         tensors.update(part)
+    if files[0].suffix == ".safetensors":  # no order kept across shards either: by name, as for one file
+        tensors = in_name_order(tensors)
     return tensors, config, meta or {}
 
 
