@@ -19,6 +19,7 @@ from .layout import NMLayout
 from .masks import compute_mask_
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
+from .stepping import check_manual_call
 
 __all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
 
@@ -195,6 +196,7 @@ class Sparsifier:
             whether the masks were recomputed.
         """
         self._check_attached()
+        check_manual_call(self, "step")
         changed = self._set_fraction(progress) if progress is not None else False
         self.steps += 1
         if self.config.frozen or not (changed or self.steps % self.config.update_every == 0):
@@ -247,6 +249,7 @@ class Sparsifier:
         Call after ``backward()`` (and after ``GradScaler.unscale_``), before ``optimizer.step()``. A no-op for
         methods without decay; parameters without a gradient are left alone.
         """
+        check_manual_call(self, "regularize_")
         lam = self.config.decay
         if lam == 0.0:
             return
@@ -277,10 +280,13 @@ class Sparsifier:
                 :meth:`set_progress` calls are needed.
 
         Returns:
-            the hook handles (``.remove()`` them to go back to explicit calls).
+            the hook handles (``.remove()`` one of them to take both hooks off and go back to explicit calls).
 
         Raises:
             TypeError: ``optimizer`` is no torch optimizer and wraps none (the message says what to pass).
+            RuntimeError: this sparsifier's optimizer is hooked already (remove those hooks first). Once hooked,
+                calling :meth:`regularize_` or :meth:`step` by hand raises ``RuntimeError`` too: the hooks make
+                those calls, and making them twice would count every step twice and double the decay.
         """
         from .stepping import OptimizerSteps
 
