@@ -119,6 +119,39 @@ def test_save_pretrained_after_fold_loads_without_maxq(tmp_path):
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(folder))
     assert maxq.check_nm(reloaded, 2, 4, layers).ok
+    assert callback.result.ok and [r.name for r in callback.report.sparsified] == layers  # as Lightning's
+
+
+def test_fold_false_then_save_model_writes_an_ordinary_model(tmp_path):
+    # Issue 27: with fold=False, save_model wrote ...parametrizations.weight.original keys, which from_pretrained
+    # reported missing and initialised at random, silently.
+    from transformers import AutoModelForSequenceClassification
+
+    callback = MaxQCallback(MAXQ(ramp=(0, 1)), fold=False)
+    trainer = make_trainer(str(tmp_path / "run"), [callback], n=32, num_train_epochs=2, save_strategy="no")
+    layers = callback.sparsifier.layers
+    trainer.train()
+    sp = callback.sparsifier
+    assert not sp.folded and sparsifier_attached(trainer.model)  # the masks stay, as asked
+    assert callback.result is None and [r.name for r in callback.report.sparsified] == layers
+    ids = WordsDataset(4, seed=3).ids
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+    trainer.save_model(str(tmp_path / "model"))
+    reloaded, info = AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "model"), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+    assert maxq.check_nm(reloaded, 2, 4, layers).ok
+    # The sparsified model takes that ordinary state dict back: the weights become its trainable ones (renamed on
+    # load) and the masks are recomputed from them.
+    trainer.model.load_state_dict(reloaded.state_dict())
+    for name in layers:
+        loaded = trainer.model.get_submodule(name).parametrizations.weight.original
+        assert torch.equal(loaded, reloaded.get_submodule(name).weight)
 
 
 # -- resume mid-epoch: the uninterrupted run's sparsifier state, step by step, and its weights bit for bit -----------

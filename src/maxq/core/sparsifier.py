@@ -19,6 +19,7 @@ from .layout import NMLayout
 from .masks import compute_mask_
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
+from .state_keys import plain_to_original_
 from .stepping import check_manual_call
 
 __all__ = ["STATE_FORMAT", "LayerReport", "Report", "Sparsifier", "sparsifier_of", "sparsify_"]
@@ -136,6 +137,7 @@ class Sparsifier:
         self.folded = False
         self._layers: dict[str, _Layer] = {}
         self._load_hook = model.register_load_state_dict_post_hook(self._after_load)
+        self._plain_hook = model._register_load_state_dict_pre_hook(self._before_load)  # public from torch 2.5
         setattr(model, _ATTR, self)
 
     # -- attaching -------------------------------------------------------------------------------------------
@@ -222,6 +224,21 @@ class Sparsifier:
         changed = fraction != self._fraction
         self._fraction = fraction
         return changed
+
+    def _before_load(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A plain state dict (dense, or folded) is loading: its ``<layer>.weight`` go to the sparsified layers'
+        ``...parametrizations.weight.original`` (:func:`maxq.core.state_keys.plain_to_original_`); the masks are
+        then recomputed from them (:meth:`_after_load`). A one-shot mask is computed once, at ``sparsify_``, so
+        new dense weights would keep a mask that is not theirs: refused, saying what to do."""
+        if self.folded or not plain_to_original_(state_dict, prefix, self._layers):
+            return
+        if self.config.frozen:
+            raise ValueError(
+                "loading plain (dense) weights into a model sparsified with OneShotConfig: its mask was computed "
+                "once, from the weights it had at maxq.sparsify_, and would not be the new weights' mask. Load the "
+                "weights first, then call maxq.sparsify_ (or resume with a state dict saved from the sparsified "
+                "model, plus sparsifier.state_dict())"
+            )
 
     def _after_load(self, module: nn.Module, incompatible: Any) -> None:
         """New weights were loaded into the model: their masks replace the old ones (a one-shot mask stays)."""
@@ -395,6 +412,7 @@ class Sparsifier:
     def _detach(self) -> None:
         """Forget the model (after folding)."""
         self._load_hook.remove()
+        self._plain_hook.remove()
         self._layers.clear()
         self.folded = True
         if getattr(self.model, _ATTR, None) is self:

@@ -5,16 +5,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.check import NMCheck, check_nm
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of, sparsify_
+from ..core.state_keys import original_to_plain_
 from ..core.stepping import check_steps_per_epoch
 
-__all__ = ["adopt_or_sparsify", "callback_config", "epoch_steps", "finish", "has_ramp", "ramp_metrics"]
+__all__ = [
+    "adopt_or_sparsify",
+    "callback_config",
+    "epoch_steps",
+    "finish",
+    "has_ramp",
+    "ramp_metrics",
+    "save_folded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +67,29 @@ def ramp_metrics(sparsifier: Sparsifier) -> dict[str, float]:
     }
 
 
-def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMCheck | None:
-    """End of training: log the per-layer report; with ``fold``, fold the masks into plain weights (the model
-    is then an ordinary model that saves and loads without maxq) and check that every sparsified layer is exactly
-    N:M.
+def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> tuple[Report | None, NMCheck | None]:
+    """End of training: log the per-layer report (at INFO, on the ``maxq`` logger); with ``fold``, fold the masks
+    into plain weights (the model is then an ordinary model that saves and loads without maxq) and check that
+    every sparsified layer is exactly N:M.
 
     Args:
         fold: fold and check (otherwise only report).
         force: fold even if the ramp is unfinished (the remaining dense blocks are pruned first; a warning says so).
 
     Returns:
-        the :class:`~maxq.NMCheck` of the folded model, or ``None`` without ``fold``.
+        the per-layer [`Report`][maxq.Report] at the end of training (``None`` if the model was folded already)
+        and the [`NMCheck`][maxq.NMCheck] of the folded model (``None`` without ``fold``).
 
     Raises:
         RuntimeError: the folded model is not exactly N:M (never expected), or the ramp is unfinished and not
             ``force`` (the message says so).
     """
     if sparsifier.folded:
-        return None
-    log.info("maxq: per-layer report at the end of training\n%s", sparsifier.report())
+        return None, None
+    report = sparsifier.report()
+    log.info("maxq: per-layer report at the end of training\n%s", report)
     if not fold:
-        return None
+        return report, None
     model, cfg, layers = sparsifier.model, sparsifier.config, sparsifier.layers
     if not sparsifier.ramp_finished and not force:
         raise RuntimeError(
@@ -89,7 +102,27 @@ def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMChec
     if not result.ok:
         raise RuntimeError(f"folded model is not {cfg.n}:{cfg.m}:\n{result}")
     log.info("maxq: folded; %d layer(s) exactly %d:%d", len(layers), cfg.n, cfg.m)
-    return result
+    return report, result
+
+
+def save_folded(sparsifier: Sparsifier) -> Any:
+    """From now until the returned handle's ``remove()``, the state dict of the sparsifier's model is the folded
+    model's: each sparsified layer's ``...parametrizations.weight.original`` becomes ``<layer>.weight`` holding
+    ``W * Mask`` (what [`maxq.fold_`][maxq.fold_] would write), so whatever saves it (``trainer.save_model``,
+    ``save_pretrained``, ``torch.save(model.state_dict())``) writes an ordinary model, while the masks stay
+    attached. Loading such a state dict back into the sparsified model works too (the sparsifier renames plain
+    weights on load)."""
+    model = sparsifier.model
+
+    def folded_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if sparsifier.folded:
+            return
+        with torch.no_grad():
+            weights = {name: model.get_submodule(name).weight.detach() for name in sparsifier.layers}
+        original_to_plain_(state_dict, prefix, weights)
+
+    register = getattr(model, "register_state_dict_post_hook", None)  # public from torch 2.5
+    return (register or model._register_state_dict_hook)(folded_names)
 
 
 def has_ramp(config: NMConfig) -> bool:

@@ -24,7 +24,8 @@ What the callback does at each moment of the Trainer's loop (the rules are
 ``on_epoch_end``            ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged
                             through ``Trainer.log`` (every reporting integration, ``state.log_history``)
 ``on_save``                 the sparsifier's state (masks, step, progress) into the checkpoint folder
-``on_train_end``            fold, check N:M, log the per-layer report (``fold=True``, the default)
+``on_train_end``            log the per-layer report (``callback.report``); fold and check N:M
+                            (``fold=True``, the default; ``callback.result``)
 ==========================  ===========================================================================
 """
 
@@ -40,11 +41,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier, sparsifier_of
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics, save_folded
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -64,7 +66,9 @@ class MaxQCallback(TrainerCallback):
         per_step: a smooth ramp that moves every optimizer step (``True``) or the paper's once-per-epoch
             staircase (``False``); default: the config's ``per_step``. Only for methods with a ramp (MaxQ).
         fold: at the end of training fold the masks into the weights and check N:M, so ``trainer.save_model``
-            writes an ordinary model (default). ``False`` leaves the model sparsified (masks still attached).
+            writes an ordinary model (default). ``False`` leaves the masks attached (to train on, or to inspect);
+            ``trainer.save_model`` still writes an ordinary model: from the end of ``train()`` on, the model's
+            ``state_dict()`` holds the folded weights ``W * Mask`` under their ordinary names.
         fold_force: fold even if the ramp has not finished (the blocks still dense are pruned; a warning says so).
         steps_per_epoch: optimizer steps per epoch, only where the Trainer cannot tell (an iterable dataset
             without a length). Default: the Trainer's own count, ``ceil(len(train_dataloader) /
@@ -101,6 +105,9 @@ class MaxQCallback(TrainerCallback):
         self._driver: OptimizerSteps | None = None
         self._trainer: Trainer | None = None
         self._pending_logs: dict[str, float] | None = None
+        self._save_folded: Any = None  # fold=False, after train(): the state-dict hook that saves the folded model
+        self.result: NMCheck | None = None  #: the N:M check of the folded model (after train(), with ``fold``)
+        self.report: Report | None = None  #: the per-layer report at the end of train() (also logged at INFO)
 
     @property
     def sparsifier(self) -> Sparsifier:
@@ -134,6 +141,9 @@ class MaxQCallback(TrainerCallback):
             sp = self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
         if self._driver is not None:
             self._driver.remove()
+        if self._save_folded is not None:  # training again: checkpoints hold the sparsified weights, for resuming
+            self._save_folded.remove()
+            self._save_folded = None
         steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
         if optimizer is not None:
@@ -249,8 +259,15 @@ class MaxQCallback(TrainerCallback):
             self._driver.remove()
             self._driver = None
         self._trainer = None
-        if self._sparsifier is not None and not self._sparsifier.folded:
-            finish(self._sparsifier, fold=self.fold, force=self.fold_force)
+        sp = self._sparsifier
+        if sp is not None and not sp.folded:
+            self.report, self.result = finish(sp, fold=self.fold, force=self.fold_force)
+            if not sp.folded:  # fold=False: the masks stay, but what saves the model writes an ordinary one
+                self._save_folded = save_folded(sp)
+                log.info(
+                    "maxq: fold=False: the masks stay attached; the model's state_dict() (what trainer.save_model "
+                    "and save_pretrained write) holds the folded weights W * Mask under their ordinary names"
+                )
 
 
 def _state_path(folder: str) -> str:

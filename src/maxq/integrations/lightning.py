@@ -53,7 +53,7 @@ from torch import nn
 from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier
+from ..core.sparsifier import Report, Sparsifier
 from ..core.stepping import OptimizerSteps
 from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
 
@@ -119,6 +119,7 @@ class MaxQCallback(pl.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.log_metrics = log_metrics
         self.result: NMCheck | None = None  #: the N:M check of the folded model (after fit, with ``fold``)
+        self.report: Report | None = None  #: the per-layer report at the end of fit (also logged at INFO)
         self._sparsifier: Sparsifier | None = None
         self._driver: OptimizerSteps | None = None
         self._pending: dict[str, Any] | None = None  # a checkpoint's state that came before setup
@@ -218,7 +219,7 @@ class MaxQCallback(pl.Callback):
         if sp is None or sp.folded:
             return
         with _quiet_unless_rank_zero(trainer):
-            self.result = finish(sp, fold=self.fold, force=self.fold_force)
+            self.report, self.result = finish(sp, fold=self.fold, force=self.fold_force)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._driver is not None:
