@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -152,6 +153,41 @@ def test_fold_false_then_save_model_writes_an_ordinary_model(tmp_path):
     for name in layers:
         loaded = trainer.model.get_submodule(name).parametrizations.weight.original
         assert torch.equal(loaded, reloaded.get_submodule(name).weight)
+
+
+def test_a_ramp_that_cannot_finish_is_refused_when_training_starts(tmp_path):
+    # Issue 27: refused only in on_train_end, after all the training, though num_train_epochs was known at the start.
+    callback = MaxQCallback(MAXQ())  # the staircase 0-2 over 2 epochs: p = 0.5 in the last one
+    trainer = make_trainer(str(tmp_path), [callback], n=32, num_train_epochs=2, save_strategy="no")
+    before = weights(trainer.model)
+    message = (
+        r"ramp 0-2 \(per-epoch staircase.*\) does not finish within the planned 8 optimizer steps "
+        r"\(num_train_epochs=2: 2 epochs of 4 steps\): 50% .*end the ramp by epoch 1 \(ramp=\(0, 1\)\).*fold_force"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in weights(trainer.model).items())  # no step was taken
+    trainer = make_trainer(str(tmp_path), [MaxQCallback(MAXQ(per_step=True))], n=32, max_steps=6, save_strategy="no")
+    with pytest.raises(ValueError, match=r"planned 6 optimizer steps \(max_steps=6: 1\.5 epochs of 4 steps\)"):
+        trainer.train()
+
+
+def test_ramp_check_without_a_planned_length_warns(caplog):
+    from maxq.core.stepping import OptimizerSteps
+    from maxq.integrations._lifecycle import check_ramp_fits
+
+    sp = maxq.sparsify_(tiny_bert(), MAXQ())
+    driver = OptimizerSteps(sp, steps_per_epoch=4)
+    for total in (None, float("inf")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="maxq"):
+            check_ramp_fits(driver, total, "max_epochs=-1", fold=True, force=False)
+        assert "the run's length is not set (max_epochs=-1)" in caplog.text and "refuses to fold" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="maxq"):
+        caplog.clear()
+        check_ramp_fits(driver, 12, "max_epochs=3", fold=True, force=False)  # 3 staircase epochs: p = 0 in the last
+    assert not caplog.text
 
 
 # -- resume mid-epoch: the uninterrupted run's sparsifier state, step by step, and its weights bit for bit -----------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -311,6 +312,31 @@ def test_errors_say_what_to_do():
     assert cb.result.ok and cb.sparsifier.steps == 2 * SPE
     with pytest.raises(ValueError, match="exactly one optimizer"):
         trainer([MaxQCallback(maxq.SRSTEConfig())]).fit(Net(optimizers=2, manual=True), Loader())
+
+
+def test_a_ramp_that_cannot_finish_is_refused_when_training_starts(caplog):
+    # Issue 27: refused only in on_train_end, after all the training, though max_epochs was known at the start.
+    model = Net()
+    t = trainer([MaxQCallback(maxq.MaxQConfig(ramp=(0, 2)))], epochs=2)  # staircase: p = 0.5 in the last epoch
+    message = (
+        r"the ramp 0-2 \(per-epoch staircase.*\) does not finish within the planned 16 optimizer steps "
+        r"\(max_epochs=2: 2 epochs of 8 steps\): 50% of the blocks would still be dense when training ends\. "
+        r"To finish it in training, end the ramp by epoch 1 \(ramp=\(0, 1\)\), ramp per step \(per_step=True: "
+        r"ends by epoch 2\), or train longer.*fold_force=True"
+    )
+    with pytest.raises(ValueError, match=message):
+        t.fit(model, Loader())
+    assert t.global_step == 0 and not any(p.grad is not None for p in model.parameters())  # before any step
+    with pytest.raises(ValueError, match=r"planned 12 optimizer steps \(max_steps=12: 1\.5 epochs"):
+        trainer([MaxQCallback(maxq.MaxQConfig(ramp=(0, 2), per_step=True))], max_steps=12).fit(Net(), Loader())
+    # Where the end would not refuse, a warning says what happens to the blocks still dense.
+    for options, consequence in (({"fold_force": True}, "pruned when folding"), ({"fold": False}, "not N:M")):
+        caplog.clear()
+        cb = MaxQCallback(maxq.MaxQConfig(ramp=(0, 2)), **options)
+        with caplog.at_level(logging.WARNING, logger="maxq"):
+            trainer([cb], epochs=2).fit(Net(), Loader())
+        assert "does not finish within the planned 16 optimizer steps" in caplog.text and consequence in caplog.text
+        assert cb.sparsifier.steps == 2 * SPE
 
 
 # -- the example: real data, one process and 2-process DDP (gloo) ---------------------------------------------------

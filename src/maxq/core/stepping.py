@@ -191,6 +191,14 @@ class OptimizerSteps:
         ``steps_per_epoch``."""
         return None if self.steps_per_epoch is None else done / self.steps_per_epoch
 
+    def last_progress(self, total_steps: int) -> float | None:
+        """The ramp's progress (epochs) that the masks at the end of a run of ``total_steps`` optimizer steps
+        follow: ``total_steps / steps_per_epoch`` where the ramp moves after each step (a per-step ramp, or
+        ``eager``), else that of the last step's beginning, ``(total_steps - 1) / steps_per_epoch``. ``None``
+        without ``steps_per_epoch``."""
+        moves_after_a_step = self.eager or getattr(self.sparsifier.config, "per_step", False)
+        return self.progress(int(total_steps) if moves_after_a_step else max(int(total_steps) - 1, 0))
+
     def begin_step(self, done: int) -> float:
         """An optimizer step begins (``done`` steps completed so far): the step counter and the ramp follow the
         counter. Idempotent: call it for every micro-batch if that is easier. Returns the dense fraction."""

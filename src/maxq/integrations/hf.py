@@ -46,7 +46,15 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics, save_folded
+from ._lifecycle import (
+    adopt_or_sparsify,
+    callback_config,
+    check_ramp_fits,
+    epoch_steps,
+    finish,
+    ramp_metrics,
+    save_folded,
+)
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -146,6 +154,8 @@ class MaxQCallback(TrainerCallback):
             self._save_folded = None
         steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        plan = f"max_steps={args.max_steps}" if args.max_steps > 0 else f"num_train_epochs={args.num_train_epochs:g}"
+        check_ramp_fits(self._driver, state.max_steps or None, plan, fold=self.fold, force=self.fold_force)
         if optimizer is not None:
             self._driver.watch(optimizer)  # the torch optimizer inside accelerate's wrapper: was a step skipped?
         frame_locals = _trainer_locals(self)

@@ -55,7 +55,7 @@ from ..core.config import NMConfig
 from ..core.layers import FilterFn
 from ..core.sparsifier import Report, Sparsifier
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, check_ramp_fits, epoch_steps, finish, ramp_metrics
 
 __all__ = ["MaxQCallback"]
 
@@ -174,6 +174,7 @@ class MaxQCallback(pl.Callback):
             )
         steps = self.steps_per_epoch or self._count_steps(trainer)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        check_ramp_fits(self._driver, *self._planned_steps(trainer, steps), fold=self.fold, force=self.fold_force)
         self._driver.watch(optimizers[0])
         self._begun = trainer.global_step
         self._driver.begin_step(trainer.global_step)
@@ -181,6 +182,19 @@ class MaxQCallback(pl.Callback):
             f"maxq: {steps} optimizer step(s) per epoch, starting at step {trainer.global_step} "
             f"(dense fraction {sp.dense_fraction:.3f})"
         )
+
+    @staticmethod
+    def _planned_steps(trainer: pl.Trainer, steps_per_epoch: int | None) -> tuple[float | None, str]:
+        """Optimizer steps the fit is planned to take (``None``: unknown), and what says so."""
+        max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else None
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        total = trainer.estimated_stepping_batches  # the smaller limit; inf without one, -1 for an unsized loader
+        if not 0 < total < float("inf"):
+            by_epochs = max_epochs * steps_per_epoch if max_epochs and steps_per_epoch else None
+            total = min(x for x in (max_steps, by_epochs, float("inf")) if x is not None)
+        if max_steps is not None and total == max_steps:
+            return total, f"max_steps={max_steps}"
+        return total, f"max_epochs={trainer.max_epochs}"
 
     def _count_steps(self, trainer: pl.Trainer) -> int | None:
         return epoch_steps(
