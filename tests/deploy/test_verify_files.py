@@ -224,3 +224,34 @@ def test_rows_of_safetensors_files_and_hf_folders_come_in_name_order(tmp_path, c
         code, out, _ = _verify(capsys, tmp_path / "h.safetensors", "--nm", "2:4", "--json")
         names = [c["name"] for c in json.loads(out)["layers"]]
         assert code == 0 and names == [f"h.{i}.fc" for i in (0, 1, 2, 3, 10, 11)]
+
+
+def test_lightning_checkpoint_written_during_fit_is_unfolded_on_the_fly(tmp_path, capsys):
+    # Issue 27: a .ckpt a MaxQCallback fit wrote could not be verified ("fold the model with maxq.fold_").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(mlp(), torch.nn.ReLU(), torch.nn.Linear(10, 8), torch.nn.ReLU(), mlp((8, 12, 4)))
+    sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 2), per_step=True))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the LightningModule's "model" attribute
+    ckpt = {"state_dict": state, "pytorch-lightning_version": "2.6.0", "epoch": 0, "global_step": 3}
+    sp.set_progress(1.0)  # mid-ramp: half the blocks still dense
+    ckpt["callbacks"] = {"MaxQCallback{'module': 'model'}": sp.state_dict(), "ModelCheckpoint{}": {"best": None}}
+    torch.save(ckpt, tmp_path / "mid.ckpt")
+    code, out, _ = _verify(capsys, tmp_path / "mid.ckpt", "--json")  # the pattern comes from the callback's state
+    report = json.loads(out)
+    assert code == 1 and report["kind"] == "lightning" and "ramp unfinished" in report["note"]
+    assert sorted(c["name"] for c in report["layers"] if c["expected"]) == sorted(f"model.{n}" for n in sp.layers)
+    sp.set_progress(2.0)  # the ramp's end: every sparsified layer N:M
+    ckpt["callbacks"]["MaxQCallback{'module': 'model'}"] = sp.state_dict()
+    torch.save(ckpt, tmp_path / "end.ckpt")
+    code, out, _ = _verify(capsys, tmp_path / "end.ckpt")
+    assert code == 0 and "written during fit, not folded: checked W * Mask" in out, out
+    # The effective weights checked are W * Mask: the same table as the folded model's.
+    effective = maxq.check_nm(model, 2, 4)
+    code, out, _ = _verify(capsys, tmp_path / "end.ckpt", "--json")
+    rows = {c["name"]: c for c in json.loads(out)["layers"]}
+    assert all(rows[f"model.{c.name}"]["max_nonzero"] == c.max_nonzero for c in effective.expected)
+    # Weights of a sparsified model without the callback's masks: said plainly, exit 2.
+    del ckpt["callbacks"]
+    torch.save(ckpt, tmp_path / "nomasks.ckpt")
+    code, _, err = _verify(capsys, tmp_path / "nomasks.ckpt", "--nm", "2:4")
+    assert code == 2 and "without the masks" in err and len(err.strip().splitlines()) == 1

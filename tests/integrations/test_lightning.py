@@ -200,6 +200,25 @@ def test_checkpoint_carries_the_sparsifier(tmp_path):
     assert set(saved["layers"]) == set(cb.sparsifier.layers)
 
 
+def test_maxq_verify_reads_checkpoints_written_during_fit(tmp_path, capsys):
+    # Issue 27: a .ckpt written during a MaxQCallback fit (weights not folded yet) could not be verified.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from maxq.cli import main
+
+    L.seed_everything(0, verbose=False)
+    cb = MaxQCallback(maxq.MaxQConfig(ramp=(0, 1), per_step=True), module="net")
+    saver = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=4, save_top_k=-1)
+    trainer([cb, saver], enable_checkpointing=True).fit(Net(), Loader())
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "step=4.ckpt")]) == 1  # mid-ramp: blocks still dense
+    out = capsys.readouterr().out
+    assert "written during fit, not folded" in out and "ramp unfinished" in out
+    assert main(["verify", str(tmp_path / "step=8.ckpt")]) == 0  # the ramp's end; no --nm: the record says
+    out = capsys.readouterr().out
+    assert "lightning file's layout" in out and "OK: 2/2 expected layers are 2:4" in out
+
+
 # -- gradient accumulation: optimizer steps, not micro-batches ------------------------------------------------------
 def test_accumulation_counts_optimizer_steps():
     L.seed_everything(0, verbose=False)

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..core.check import NMCheck
 from ..core.config import NMConfig
+from ..core.fold import nm_layout
 from ..core.layers import FilterFn
 from ..core.sparsifier import Report, Sparsifier
 from ..core.stepping import OptimizerSteps
@@ -241,6 +242,15 @@ class MaxQCallback(pl.Callback):
             self._driver = None
 
     # -- the checkpoint -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The layout record (which layers are N:M, with their state-dict names) goes into the checkpoint, so
+        ``maxq verify`` needs no ``--nm`` for it, mid-fit (weights unfolded on the fly) or after."""
+        layout = nm_layout(pl_module)
+        if layout is not None:
+            checkpoint["maxq_layout"] = layout.to_dict()
+
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state (masks, step count, progress) for Lightning's checkpoint; empty before setup and
         after folding (the folded model needs none)."""
