@@ -61,7 +61,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--momentum", type=float)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--no-decay-1d", action=argparse.BooleanOptionalAction, help="no weight decay on 1-D params")
+    decay_1d = g.add_mutually_exclusive_group()  # one option, two spellings (not --no-no-decay-1d)
+    decay_1d.add_argument(
+        "--no-decay-1d", dest="no_decay_1d", action="store_const", const=True, help="no weight decay on 1-D params"
+    )
+    decay_1d.add_argument(
+        "--decay-1d", dest="no_decay_1d", action="store_const", const=False, help="weight decay on 1-D params (default)"
+    )
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
@@ -155,8 +161,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train.recipe import TrainConfig, load_yaml
 
     given = {k for k in vars(args) if k not in ("func", "command")}
-    options = load_yaml(args.config) if "config" in given else {}
-    options.update({k: v for k, v in vars(args).items() if k in given})
+    recipe = load_yaml(args.config) if "config" in given else {}
+    options = {**recipe, **{k: v for k, v in vars(args).items() if k in given}}
     if "variant" in options:
         options["extra"] = {**options.get("extra", {}), "variant": options.pop("variant")}
     if options.get("dataset", "fashion-mnist") not in DATASETS:
@@ -164,10 +170,68 @@ def _run_train(args: argparse.Namespace) -> int:
     if options.get("model", "cnn_small") not in model_names():
         raise ValueError(f"unknown model {options['model']!r}; choose one of: {', '.join(model_names()[:12])}, ...")
     cfg = TrainConfig.from_dict(options)
+    if not cfg.resume:  # a resumed run's options are the checkpoint's (checked there)
+        _refuse_ignored_flags(cfg, given)
+        if "ramp" in recipe and "ramp" not in given:
+            _refuse_recipe_ramp_that_does_not_fit(cfg, args.config)
     report = train(cfg, given | set(options) if "config" in given else given)
     if report.get("files"):
         print("\n" + "\n".join(train_summary(report)))
     return 0
+
+
+#: flags of the sparsity options, and the config option each one sets (``--nm`` sets ``n`` and ``m``)
+_SPARSITY_FLAGS = {
+    "nm": "n",
+    "ramp": "ramp",
+    "schedule": "schedule",
+    "per_step": "per_step",
+    "tau": "tau",
+    "queries": "queries",
+    "order": "order",
+    "soft_warmup": "soft_warmup",
+    "decay_lambda": "decay_lambda",
+    "update_every": "update_every",
+}
+
+
+def _refuse_ignored_flags(cfg: Any, given: set[str]) -> None:
+    """Sparsity flags given on the command line that the run's method does not take would be ignored silently:
+    refused, saying which method takes them (a recipe file may set them for every method)."""
+    from .core.config import config_options
+
+    if cfg.method == "dense":
+        takes, why = set(), "a dense run has no N:M masks"
+    else:
+        takes = set(config_options(cfg.method))
+        why = {
+            "oneshot": "one-shot prunes once, from the starting weights, and keeps that mask",
+            "srste": "SR-STE takes --nm, --decay-lambda and --update-every; the other sparsity options are MaxQ's",
+        }.get(cfg.method, f"--method {cfg.method} does not take them")
+    ignored = [name for name, option in _SPARSITY_FLAGS.items() if name in given and option not in takes]
+    if cfg.method == "oneshot":  # its mask never changes: no updates to space out, no decay
+        ignored += [name for name in ("update_every",) if name in given and name not in ignored]
+    if ignored:
+        flags = " ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        it = "it" if len(ignored) == 1 else "them"
+        other = "" if cfg.method == "dense" else " (or use --method maxq, which takes every sparsity option)"
+        raise ValueError(f"{flags} would have no effect with --method {cfg.method} ({why}): drop {it}{other}")
+
+
+def _refuse_recipe_ramp_that_does_not_fit(cfg: Any, recipe: str) -> None:
+    """A recipe's ramp written for its own length that a shorter ``--epochs`` cannot finish: the blocks still
+    dense would be pruned at the end without retraining (a model at chance). Refused before anything runs; a
+    ``--ramp`` given on the command line is the user's choice (kept, with a warning)."""
+    from .train.loop import ramp_left
+
+    left, fix = ramp_left(cfg)
+    if left > 0:
+        start, end = cfg.method_ramp
+        raise ValueError(
+            f"the ramp {start:g}-{end:g} of {recipe} does not finish within this {cfg.epochs}-epoch run: {left:.0%} "
+            f"of the blocks would still be dense at the end and be pruned without retraining. Pass a --ramp that "
+            f"does ({fix}), or a longer --epochs"
+        )
 
 
 def train_summary(report: dict[str, Any]) -> list[str]:
@@ -246,8 +310,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--json",
+        nargs="?",
+        const="-",
         metavar="PATH",
-        help="also write the export summary as JSON ('-': to stdout, the other lines to stderr)",
+        help="the export summary as JSON: --json alone (as for verify and eval) prints it to stdout, the other "
+        "lines going to stderr; --json PATH writes it to a file",
     )
     p.set_defaults(func=_run_export)
 

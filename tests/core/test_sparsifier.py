@@ -400,3 +400,27 @@ def test_a_dense_state_dict_into_a_one_shot_model_says_to_load_first():
     with pytest.raises(ValueError, match=r"OneShotConfig.*Load the weights first, then call maxq\.sparsify_"):
         model.load_state_dict(small_cnn().state_dict())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), True, "1", None])
+def test_progress_must_be_a_finite_number_of_epochs(bad):
+    # Issue 27: set_progress(-1) was accepted.
+    sp = maxq.sparsify_(small_cnn(), maxq.MaxQConfig(ramp=(0, 2)))
+    with pytest.raises(ValueError, match=r"progress must be a finite number of epochs >= 0"):
+        sp.set_progress(bad)
+    if bad is not None:  # step(None) is a step without progress
+        with pytest.raises(ValueError, match=r"progress must be a finite number of epochs >= 0"):
+            sp.step(bad)
+    assert sp.progress is None and sp.steps == 0  # nothing moved
+    assert sp.set_progress(torch.tensor(1.0)) == 0.5 and sp.progress == 1.0  # a 0-d tensor is a number
+
+
+def test_resuming_with_other_settings_says_what_to_do(caplog):
+    model = small_cnn()
+    state = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 2), tau=0.05)).state_dict()
+    other = maxq.sparsify_(small_cnn(), maxq.MaxQConfig(ramp=(0, 2)))
+    with caplog.at_level("WARNING", logger="maxq"):
+        other.load_state_dict(state)
+    text = caplog.text
+    assert "saved {'tau': 0.05}, this sparsifier {'tau': 0.01}" in text and "continues with this sparsifier's" in text
+    assert "maxq.make_config('maxq', **saved)" in text

@@ -310,6 +310,12 @@ def test_adopts_a_model_the_user_sparsified():
     maxq.sparsify_(model.net, maxq.SRSTEConfig())
     with pytest.raises(ValueError, match="already sparsified with"):
         trainer([MaxQCallback(maxq.OneShotConfig(), module="net")], epochs=1).fit(model, Loader())
+    # Issue 27: without module=, the errors ("not sparsified", "already has a parametrization") did not say it.
+    for config in (None, maxq.SRSTEConfig()):
+        with pytest.raises(
+            ValueError, match=r"Net\.net was sparsified with maxq\.sparsify_.*MaxQCallback\(module='net'\)"
+        ):
+            trainer([MaxQCallback(config)], epochs=1).fit(model, Loader())
 
 
 def test_errors_say_what_to_do():

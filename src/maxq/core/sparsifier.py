@@ -19,6 +19,7 @@ from .layout import NMLayout
 from .masks import compute_mask_
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
+from .schedules import check_progress
 from .state_keys import plain_to_original_
 from .stepping import check_manual_call
 
@@ -211,6 +212,9 @@ class Sparsifier:
 
         Call it at the start of every epoch (paper staircase) or every step with ``epoch + i / steps`` (per-step
         ramp; or pass the progress to :meth:`step`). If ``p`` changes, the masks are recomputed at once.
+
+        Raises:
+            ValueError: ``epoch`` is negative, not finite or not a number.
         """
         self._check_attached()
         if self._set_fraction(epoch) and not self.config.frozen:
@@ -219,7 +223,7 @@ class Sparsifier:
 
     def _set_fraction(self, progress: float) -> bool:
         """Record ``progress``; True if the dense fraction it implies differs from the current one."""
-        self.progress = float(progress)
+        self.progress = check_progress(progress)
         fraction = self.config.dense_fraction(self.progress)
         changed = fraction != self._fraction
         self._fraction = fraction
@@ -375,7 +379,14 @@ class Sparsifier:
                 )
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if differ:
-            log.warning("sparsifier state was saved with different settings: %s", {k: saved.get(k) for k in differ})
+            log.warning(
+                "maxq: the sparsifier state was saved with other settings (saved %s, this sparsifier %s); training "
+                "continues with this sparsifier's. To continue the saved run exactly, build the config with the saved "
+                "values (e.g. maxq.make_config(%r, **saved)) before loading the state",
+                {k: saved.get(k) for k in differ},
+                {k: mine.get(k) for k in differ},
+                mine.get("method"),
+            )
         layers = state["layers"]
         if set(layers) != set(self._layers):
             missing, extra = sorted(set(self._layers) - set(layers)), sorted(set(layers) - set(self._layers))

@@ -54,7 +54,7 @@ from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.fold import nm_layout
 from ..core.layers import FilterFn
-from ..core.sparsifier import Report, Sparsifier
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
 from ._lifecycle import adopt_or_sparsify, callback_config, check_ramp_fits, epoch_steps, finish, ramp_metrics
 
@@ -140,6 +140,7 @@ class MaxQCallback(pl.Callback):
         if stage != "fit" or (self._sparsifier is not None and not self._sparsifier.folded):
             return
         target = self._target(pl_module)
+        self._refuse_whole_module_over_a_sparsified_part(pl_module, target)
         with _quiet_unless_rank_zero(trainer):
             self._sparsifier = adopt_or_sparsify(target, self.config, self.filter_fn)
         cfg = self._sparsifier.config
@@ -150,6 +151,20 @@ class MaxQCallback(pl.Callback):
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.load_state_dict(state)
+
+    def _refuse_whole_module_over_a_sparsified_part(self, pl_module: pl.LightningModule, target: nn.Module) -> None:
+        """A submodule sparsified by hand (``maxq.sparsify_(module.model, ...)``) while the callback targets the
+        whole LightningModule: say which ``module=`` adopts it, instead of a confusing "already parametrized" or
+        "not sparsified" error."""
+        if self.module is not None or sparsifier_of(target) is not None:
+            return
+        inner = [name for name, sub in pl_module.named_modules() if name and sparsifier_of(sub) is not None]
+        if inner:
+            raise ValueError(
+                f"MaxQCallback: {type(pl_module).__name__}.{inner[0]} was sparsified with maxq.sparsify_, and the "
+                f"callback works on the whole LightningModule (module=None): pass MaxQCallback(module={inner[0]!r}) "
+                "to adopt that sparsifier (with config=None, or the config it was sparsified with)"
+            )
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:

@@ -52,7 +52,7 @@ from .metrics import batch_counts, from_counts
 from .models import build_model
 from .recipe import AMP_DTYPES, RESUMABLE_OVERRIDES, TrainConfig
 
-__all__ = ["train", "RunExists", "TrainingInterrupted", "lr_factor", "resume_command"]
+__all__ = ["train", "RunExists", "TrainingInterrupted", "lr_factor", "ramp_left", "resume_command"]
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +339,7 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
     if cfg.method_ramp is None:
         return cfg
     start, end = cfg.method_ramp
-    last = cfg.epochs if cfg.per_step else cfg.epochs - 1  # the last progress value that still trains
-    left = cfg.sparsity_config().dense_fraction(last)
+    left, fix = ramp_left(cfg)
     if left == 0:
         return dataclasses.replace(cfg, ramp=(start, end))
     if cfg.ramp is None and "per_step" not in given:
@@ -354,9 +353,6 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
         return dataclasses.replace(cfg, ramp=(start, end), per_step=True)
     if say:
         staircase = "" if cfg.per_step else " (per-epoch staircase: the ramp moves at epoch starts only)"
-        fix = f"end it by epoch {cfg.epochs:g} with --per-step" if cfg.per_step else (
-            f"end it by epoch {cfg.epochs - 1:g}, or add --per-step to ramp every step up to epoch {cfg.epochs:g}"
-        )  # fmt: skip
         log.warning(
             "the ramp %g-%g does not finish within this %s%s: %.0f%% of the blocks are still dense at the end "
             "and get pruned when folding, without retraining, which costs accuracy. To finish it in training, %s "
@@ -364,6 +360,26 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
             start, end, f"{cfg.epochs}-epoch run", staircase, 100 * left, fix,
         )  # fmt: skip
     return dataclasses.replace(cfg, ramp=(start, end))
+
+
+def ramp_left(cfg: TrainConfig) -> tuple[float, str]:
+    """The share of blocks the run's ramp leaves dense at its end (0: it finishes in training), and how to make it
+    finish: with a per-step ramp the last progress that trains is ``epochs``, with the per-epoch staircase the
+    start of the last epoch, ``epochs - 1``."""
+    if cfg.method_ramp is None:
+        return 0.0, ""
+    start, _ = cfg.method_ramp
+    last = cfg.epochs if cfg.per_step else cfg.epochs - 1  # the last progress value that still trains
+    left = cfg.sparsity_config().dense_fraction(last)
+    if cfg.per_step:
+        half = cfg.epochs / 2
+        fix = (
+            f"end it by epoch {cfg.epochs:g}: e.g. --ramp {min(start, half):g} {half:g} (the first half of the run, "
+            "which leaves the second half to recover at the final pattern)"
+        )
+    else:
+        fix = f"end it by epoch {cfg.epochs - 1:g}, or add --per-step to ramp every step up to epoch {cfg.epochs:g}"
+    return left, fix
 
 
 def _epochs(count: float) -> str:
@@ -688,8 +704,9 @@ def _train(
                 f.write(json.dumps(record) + "\n")
             extra = f" val {val['top1']:.2f}%" if val is not None else ""
             log.info(
-                "epoch %d/%d  loss %.4f  test top-1 %.2f%%%s  p %.2f  %.0fs",
-                epoch + 1, cfg.epochs, record["train_loss"], test["top1"], extra, p, record["epoch_time_s"],
+                "epoch %d/%d  loss %.4f  test top-1 %.2f%%%s  %s  %.0fs",
+                epoch + 1, cfg.epochs, record["train_loss"], test["top1"], extra,
+                _dense_text(p, sparsifier.dense_fraction if sparsifier is not None else 0.0), record["epoch_time_s"],
             )  # fmt: skip
         run.checkpoint_epoch = epoch + 1
         if on_epoch_end is not None:
@@ -699,6 +716,12 @@ def _train(
     if procs.distributed:
         torch_dist.barrier()
     return report
+
+
+def _dense_text(start: float, end: float) -> str:
+    """The ramp's dense fraction ``p`` over an epoch for its log line: the value the epoch's evaluation used (at
+    its end), with the start when a per-step ramp moved it during the epoch (``p 1.00->0.67``)."""
+    return f"p {end:.2f}" if start == end else f"p {start:.2f}->{end:.2f}"
 
 
 def _weight_layers(model: nn.Module) -> list[str]:

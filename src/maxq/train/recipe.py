@@ -88,6 +88,7 @@ class TrainConfig:
     resume: bool = False
     extend: bool = False  # with resume: train a run past the --epochs it was started with (see README)
     init: str | None = None  # start from this checkpoint's weights (dense or folded)
+    finetune: bool = False  # a fine-tuning recipe (configs/finetune.yaml): refused without init, it would start cold
     device: str = "auto"
     workers: int = 2
     threads: int | None = None
@@ -120,6 +121,7 @@ class TrainConfig:
             "progress",
             "compile",
             "channels_last",
+            "finetune",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
@@ -156,6 +158,13 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a mapping, got {self.extra!r}")
+        if self.finetune and not self.init and not self.resume:
+            raise ValueError(
+                f"{self.config or 'this recipe'} fine-tunes a trained model (finetune: true), and no --init says "
+                "which: pass --init RUN/checkpoint.pt (a run folder, checkpoint.pt, model_folded.pt or a state dict "
+                "of the same --model). To train from scratch, use another recipe (its learning rate and length are "
+                "set for a trained model) or set finetune: false"
+            )
         if self.extend and not self.resume:
             raise ValueError("--extend continues a run past its --epochs; it needs --resume (and a larger --epochs)")
         self.sparsity_config()  # validates ramp, schedule, tau, order, ... with the library's own messages
