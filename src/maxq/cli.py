@@ -138,7 +138,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Add ``(default X)`` to each option's help from :class:`TrainConfig` (argparse's own defaults are suppressed
+    """Add ``(default X)`` to each option's help from `TrainConfig` (argparse's own defaults are suppressed
     so that the options given explicitly are known)."""
     import dataclasses
 
@@ -526,7 +526,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _log_to_stderr(verbose: bool) -> logging.Handler:
     """maxq's log lines go to stderr (results -- tables, JSON -- to stdout); other libraries' INFO lines (matplotlib,
-    onnxruntime's quantizer) are not shown. Returns the handler, which :func:`main` removes when it ends."""
+    onnxruntime's quantizer) are not shown. Returns the handler, which `main` removes when it ends."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     if os.environ.get("RANK", "0") != "0":  # torchrun: the main process speaks; the others only of errors

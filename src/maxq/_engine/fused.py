@@ -1,7 +1,7 @@
-"""The MaxQ mask on the CPU with the fused kernel (float32): the same masks as :mod:`maxq.core.masks`.
+"""The MaxQ mask on the CPU with the fused kernel (float32): the same masks as `maxq.core.masks`.
 
 The kernel finds the exact order statistics of the queries (and the dense-block cut of the ramp) near the
-previous update's thresholds, which move little between steps; :class:`FusedState` carries them from one
+previous update's thresholds, which move little between steps; `FusedState` carries them from one
 update to the next. Only speed depends on it.
 """
 
@@ -40,7 +40,7 @@ class FusedState:
 
 
 def fused_available(weight: Tensor, out: Tensor) -> bool:
-    """Whether :func:`fused_mask_` applies: CPU float32 tensors and the kernels built (and not disabled)."""
+    """Whether `fused_mask_` applies: CPU float32 tensors and the kernels built (and not disabled)."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32

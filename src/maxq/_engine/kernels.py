@@ -143,7 +143,7 @@ def _import_built(name: str, library: Path) -> ModuleType:
 
 @contextlib.contextmanager
 def _heartbeat(what: str) -> Iterator[None]:
-    """Log ``still {what} (N s)`` every :data:`BUILD_HEARTBEAT_S` seconds until the block ends, then the time."""
+    """Log ``still {what} (N s)`` every `BUILD_HEARTBEAT_S` seconds until the block ends, then the time."""
     started = time.monotonic()
     done = threading.Event()
 

@@ -77,7 +77,7 @@ class LayerCheck:
 
 @dataclass
 class NMCheck:
-    """Result of :func:`check_nm`; ``ok`` is true only if every expected layer is exactly N:M."""
+    """Result of [`check_nm`][maxq.check_nm]; ``ok`` is true only if every expected layer is exactly N:M."""
 
     n: int
     m: int
@@ -93,7 +93,8 @@ class NMCheck:
         return bool(self.expected) and all(c.ok for c in self.expected)
 
     def to_dict(self) -> dict[str, Any]:
-        """The check as JSON-ready data; each layer is its :meth:`LayerCheck.cells`, the table's row."""
+        """The check as JSON-ready data; each layer is its [`LayerCheck.cells`][maxq.LayerCheck.cells], the table's
+        row."""
         return {
             "n": self.n,
             "m": self.m,
@@ -117,7 +118,8 @@ class NMCheck:
 
 
 def _row(cells: dict[str, Any]) -> tuple[str, ...]:
-    """One table row from :meth:`LayerCheck.cells` (a layer not expected to be N:M shows ``-`` violations)."""
+    """One table row from [`LayerCheck.cells`][maxq.LayerCheck.cells] (a layer not expected to be N:M shows ``-``
+    violations)."""
     shape = "x".join(map(str, cells["shape"]))
     violations = "-" if cells["violations"] is None else str(cells["violations"])
     return (cells["name"], shape, cells["pattern"], cells["found"], str(cells["groups"]), violations, cells["note"])
@@ -193,8 +195,8 @@ def check_nm(
             dim 0. Default: the layout's record (none without one). A model's layers say it themselves.
 
     Returns:
-        :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides); ``.ok``
-        is true only if every expected layer is N:M, and ``str()`` renders the table.
+        [`NMCheck`][maxq.NMCheck] with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides);
+        ``.ok`` is true only if every expected layer is N:M, and ``str()`` renders the table.
 
     Raises:
         ValueError: an invalid pattern.

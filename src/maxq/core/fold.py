@@ -28,7 +28,7 @@ def _masked_layers(model: nn.Module) -> list[tuple[str, nn.Module, NMMask]]:
 
 
 def nm_layout(model: nn.Module) -> NMLayout | None:
-    """The :class:`~maxq.core.layout.NMLayout` a model carries, sparsified or folded, with layer names relative to
+    """The `NMLayout` a model carries, sparsified or folded, with layer names relative to
     ``model`` (sub-modules sparsified separately are merged); ``None`` if it carries none."""
     found = []
     for prefix, module in model.named_modules():
@@ -44,10 +44,10 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
 
     The result is a plain model of the same classes whose eval outputs equal the masked model's (it folds the
     mask eval mode uses). Parameter identity is kept, so an optimizer holding the parameters stays valid. The
-    root module records its layout in ``model.maxq_layout`` for :func:`maxq.check_nm`.
+    root module records its layout in ``model.maxq_layout`` for [`maxq.check_nm`][maxq.check_nm].
 
     Args:
-        model: a model sparsified with :func:`maxq.sparsify_` (or a module containing one).
+        model: a model sparsified with [`maxq.sparsify_`][maxq.sparsify_] (or a module containing one).
         force: fold even though the incremental ramp is unfinished: the remaining dense blocks are pruned to
             N:M from the current weights first (logged as a warning).
 

@@ -116,7 +116,7 @@ def select_layers(
         TypeError: ``filter_fn`` cannot be called as ``filter_fn(module, name)``.
 
     Returns:
-        one :class:`LayerChoice` per candidate layer, in registration order, with the reason a layer stays dense.
+        one `LayerChoice` per candidate layer, in registration order, with the reason a layer stays dense.
     """
     if filter_fn is not None:
         _check_filter_fn(filter_fn)

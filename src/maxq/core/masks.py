@@ -1,13 +1,13 @@
 """The MaxQ mask ``B_t * (1 + Q_f + Q_k)`` and its parts, as pure functions ``weight -> mask``.
 
 ``B_t`` is the hard N:M mask with a fraction ``p`` of blocks kept dense (incremental sparsity); ``Q_f`` and
-``Q_k`` are the axis queries of :mod:`maxq.core.queries`. The values are 0 on pruned weights and in ``[1, 3]``
+``Q_k`` are the axis queries of `maxq.core.queries`. The values are 0 on pruned weights and in ``[1, 3]``
 on kept ones, so the soft terms re-weight survivors but never change which weights survive.
 
 One definition, two implementations with the same results (the same surviving weights, the same thresholds,
 values equal to float rounding): the code here, built from ops that never synchronise with the host (it runs
 on any device and under ``torch.compile``), and the fused CPU kernels of the private engine, used for float32
-CPU weights. :func:`compute_mask_` picks one.
+CPU weights. `compute_mask_` picks one.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def dense_blocks(l1: Tensor, count: int, order: str = "smallest", priority: Tens
 
     Args:
         l1: ``[G]`` block L1 norms.
-        count: how many (see :func:`dense_count`).
+        count: how many (see `dense_count`).
         order: ``"smallest"`` L1 (paper default: high-norm blocks become N:M first), ``"largest"`` or ``"random"``.
         priority: ``[G]`` random scores, required for ``"random"`` (keep it fixed across steps).
 
@@ -138,12 +138,12 @@ def maxq_mask(
         n: weights kept per block (``1 <= n < m``).
         m: block size along input channels; must divide the input size.
         dense_fraction: ``p``, fraction of blocks kept dense (incremental sparsity).
-        order: which blocks stay dense, see :func:`dense_blocks`.
+        order: which blocks stay dense, see `dense_blocks`.
         priority: per-block random scores for ``order="random"``.
         tau: query temperature (absolute, in units of ``|W|``); paper default 0.01.
         soft: include the queries; ``False`` gives the hard mask ``B_t`` as 0/1 floats.
-        strength: the soft factor's weight ``a`` in ``[0, 1]`` (our addition, see :func:`soften_`).
-        normalize: rescale each layer's kept mask values to a mean of 1 (our addition, see :func:`soften_`).
+        strength: the soft factor's weight ``a`` in ``[0, 1]`` (our addition, see `soften_`).
+        normalize: rescale each layer's kept mask values to a mean of 1 (our addition, see `soften_`).
 
     Returns:
         float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones (the paper's
@@ -209,9 +209,9 @@ def compute_mask_(
 ) -> Tensor:
     """Write the MaxQ mask of ``weight`` into ``out`` (any dtype, device and memory format); no gradient.
 
-    Arguments as :func:`maxq_mask` (not validated here: this is the training hot path). ``state`` carries the
-    fused CPU kernels' thresholds from one call to the next (speed only); ``fused=False`` forces the
-    device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: :func:`soften_`) is applied to
+    Arguments as [`maxq_mask`][maxq.maxq_mask] (not validated here: this is the training hot path). ``state`` carries
+    the fused CPU kernels' thresholds from one call to the next (speed only); ``fused=False`` forces the
+    device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: `soften_`) is applied to
     the result of either path. Returns ``out``.
     """
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):

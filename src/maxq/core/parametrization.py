@@ -2,11 +2,11 @@
 
 Attached with ``torch.nn.utils.parametrize``, so the model keeps its classes, ``module.weight`` stays the
 effective (masked) weight, and the trainable tensor lives at ``module.parametrizations.weight.original``.
-Folding (:func:`maxq.fold_`) removes it with ``leave_parametrized=True``, keeping the parameter's identity.
+Folding ([`maxq.fold_`][maxq.fold_]) removes it with ``leave_parametrized=True``, keeping the parameter's identity.
 
 The forward is ``W * mask`` and nothing else: no Python state is read and no mask is computed in it, so
-``torch.compile`` traces it without graph breaks. The mask is a buffer that :class:`maxq.Sparsifier` rewrites
-in place, outside the forward, when it updates the masks (``Sparsifier.step()``).
+``torch.compile`` traces it without graph breaks. The mask is a buffer that [`maxq.Sparsifier`][maxq.Sparsifier]
+rewrites in place, outside the forward, when it updates the masks (``Sparsifier.step()``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class NMMask(nn.Module):
     Args:
         shape: the weight's stored shape, ``[O, I]``, ``[O, I, kh, kw]`` or (``input_axis=0``) ``[I, O]``.
         n, m: the layer's N:M pattern (for reports and checks).
-        input_axis: the axis of the stored weight holding the inputs (:func:`maxq.core.layers.input_axis`).
+        input_axis: the axis of the stored weight holding the inputs (`maxq.core.layers.input_axis`).
         straight_through: identity gradient (STE: pruned weights keep learning) instead of the masked gradient.
 
     The ``mask`` buffer is 0 on pruned weights and ``>= 1`` on kept ones. It is not persistent: the model's
@@ -64,5 +64,5 @@ class NMMask(nn.Module):
         return f"{self.n}:{self.m}, straight_through={self.straight_through}{axis}"
 
     def oi_mask(self) -> Tensor:
-        """The mask as ``[O, I(, kh, kw)]`` (a view: :func:`maxq.core.nm.oi_view`)."""
+        """The mask as ``[O, I(, kh, kw)]`` (a view: `maxq.core.nm.oi_view`)."""
         return oi_view(self.mask, self.input_axis)

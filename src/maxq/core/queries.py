@@ -1,9 +1,11 @@
 """Axis queries: the soft masks ``Q_f`` (filter axis) and ``Q_k`` (kernel axis) of MaxQ, as pure functions.
 
-For a query set ``S`` of ``L`` magnitudes and ``k = floor((M - N) / M * L)``::
+For a query set ``S`` of ``L`` magnitudes and ``k = floor((M - N) / M * L)``:
 
-    t   = (a(k) + a(k+1)) / 2                  # a(i): i-th smallest of S, 1-indexed
-    Q_e = 1[e not among the k smallest of S] * sigmoid((A_e - t) / tau)
+```text
+t   = (a(k) + a(k+1)) / 2                  # a(i): i-th smallest of S, 1-indexed
+Q_e = 1[e not among the k smallest of S] * sigmoid((A_e - t) / tau)
+```
 
 so ``Q`` is 0 on the bottom ``(M-N)/M`` of the set and in ``[0.5, 1]`` on the rest. Ties at the cut go the same
 way as in the hard mask: the lower index counts as larger.

@@ -79,7 +79,7 @@ def dense_fraction(
     """Fraction of blocks kept dense at progress ``t`` (epochs).
 
     Args:
-        schedule: one of :data:`SCHEDULES`.
+        schedule: one of [`SCHEDULES`][maxq.SCHEDULES].
         t: training progress in epochs (``epoch + step / steps_per_epoch`` for a per-step ramp).
         start: ramp start in epochs: ``p = 1`` up to it.
         end: ramp end in epochs: ``p = 0`` from it on (``end >= start``).

@@ -34,7 +34,7 @@ _ATTR = "_maxq_sparsifier"
 
 @dataclass
 class LayerReport:
-    """One row of :meth:`Sparsifier.report`."""
+    """One row of [`Sparsifier.report`][maxq.Sparsifier.report]."""
 
     name: str
     kind: str
@@ -108,21 +108,23 @@ class _Layer:
 
 
 class Sparsifier:
-    """Handle on a model whose layers carry N:M masks; created by :func:`sparsify_`.
+    """Handle on a model whose layers carry N:M masks; created by [`sparsify_`][maxq.sparsify_].
 
-    The masks are updated only by explicit calls, never inside a forward (torch.ao's idiom)::
+    The masks are updated only by explicit calls, never inside a forward (torch.ao's idiom):
 
-        for epoch in range(epochs):
-            sparsifier.set_progress(epoch)      # ramp: recomputes the masks at once if the dense fraction changes
-            for x, y in loader:
-                loss = criterion(model(x), y)   # forward: W * mask, nothing else
-                optimizer.zero_grad(); loss.backward()
-                scaler.unscale_(optimizer)      # with AMP
-                sparsifier.regularize_()        # SR-STE decay on pruned weights
-                optimizer.step()
-                sparsifier.step()               # masks from the updated weights (every update_every steps)
+    ```python
+    for epoch in range(epochs):
+        sparsifier.set_progress(epoch)      # ramp: recomputes the masks at once if the dense fraction changes
+        for x, y in loader:
+            loss = criterion(model(x), y)   # forward: W * mask, nothing else
+            optimizer.zero_grad(); loss.backward()
+            scaler.unscale_(optimizer)      # with AMP
+            sparsifier.regularize_()        # SR-STE decay on pruned weights
+            optimizer.step()
+            sparsifier.step()               # masks from the updated weights (every update_every steps)
+    ```
 
-    :meth:`hook_optimizer` makes the two calls around ``optimizer.step()`` automatic.
+    [`hook_optimizer`][maxq.Sparsifier.hook_optimizer] makes the two calls around ``optimizer.step()`` automatic.
     """
 
     #: compute masks with the fused CPU kernels where they apply (False: the device-agnostic path, same masks)
@@ -193,7 +195,8 @@ class Sparsifier:
 
         Args:
             progress: optional training progress in epochs for the step to come (a per-step ramp): the same as
-                calling :meth:`set_progress` first, but the masks are computed once, not twice.
+                calling [`set_progress`][maxq.Sparsifier.set_progress] first, but the masks are computed once, not
+                twice.
 
         Returns:
             whether the masks were recomputed.
@@ -211,7 +214,8 @@ class Sparsifier:
         """Set training progress (in epochs, fractional allowed) and return the dense fraction ``p`` it implies.
 
         Call it at the start of every epoch (paper staircase) or every step with ``epoch + i / steps`` (per-step
-        ramp; or pass the progress to :meth:`step`). If ``p`` changes, the masks are recomputed at once.
+        ramp; or pass the progress to [`step`][maxq.Sparsifier.step]). If ``p`` changes, the masks are recomputed at
+        once.
 
         Raises:
             ValueError: ``epoch`` is negative, not finite or not a number.
@@ -231,8 +235,8 @@ class Sparsifier:
 
     def _before_load(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """A plain state dict (dense, or folded) is loading: its ``<layer>.weight`` go to the sparsified layers'
-        ``...parametrizations.weight.original`` (:func:`maxq.core.state_keys.plain_to_original_`); the masks are
-        then recomputed from them (:meth:`_after_load`). A one-shot mask is computed once, at ``sparsify_``, so
+        ``...parametrizations.weight.original`` (`maxq.core.state_keys.plain_to_original_`); the masks are
+        then recomputed from them (`_after_load`). A one-shot mask is computed once, at ``sparsify_``, so
         new dense weights would keep a mask that is not theirs: refused, saying what to do."""
         if self.folded or not plain_to_original_(state_dict, prefix, self._layers):
             return
@@ -285,9 +289,10 @@ class Sparsifier:
                     grad.add_(weight.masked_fill(mask != 0, 0.0), alpha=lam)
 
     def hook_optimizer(self, optimizer: Any, steps_per_epoch: int | None = None) -> list[Any]:
-        """Automatic mode: :meth:`regularize_` before and :meth:`step` after every ``optimizer.step()``.
+        """Automatic mode: [`regularize_`][maxq.Sparsifier.regularize_] before and [`step`][maxq.Sparsifier.step] after
+        every ``optimizer.step()``.
 
-        The rules are :class:`~maxq.core.stepping.OptimizerSteps`' (the one owner of what happens around an
+        The rules are [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]' (the one owner of what happens around an
         optimizer step). With ``GradScaler``, ``scaler.step(optimizer)`` unscales before calling
         ``optimizer.step()``, so the decay sees true gradients; a step the scaler skips (inf/NaN gradients) is not
         counted. A closure passed to ``step()`` (LBFGS, Lightning) is wrapped so the decay follows the gradients
@@ -297,8 +302,8 @@ class Sparsifier:
             optimizer: a ``torch.optim.Optimizer``, or a wrapper around one (accelerate's
                 ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the hooks go on the torch optimizer.
             steps_per_epoch: optimizer steps per epoch; with it the ramp moves by itself (progress = steps /
-                ``steps_per_epoch`` epochs, counted from this sparsifier's :attr:`steps`), so no
-                :meth:`set_progress` calls are needed.
+                ``steps_per_epoch`` epochs, counted from this sparsifier's `steps`), so no
+                [`set_progress`][maxq.Sparsifier.set_progress] calls are needed.
 
         Returns:
             the hook handles (``.remove()`` one of them to take both hooks off and go back to explicit calls).
@@ -306,8 +311,9 @@ class Sparsifier:
         Raises:
             TypeError: ``optimizer`` is no torch optimizer and wraps none (the message says what to pass).
             RuntimeError: this sparsifier's optimizer is hooked already (remove those hooks first). Once hooked,
-                calling :meth:`regularize_` or :meth:`step` by hand raises ``RuntimeError`` too: the hooks make
-                those calls, and making them twice would count every step twice and double the decay.
+                calling [`regularize_`][maxq.Sparsifier.regularize_] or [`step`][maxq.Sparsifier.step] by hand raises
+                ``RuntimeError`` too: the hooks make those calls, and making them twice would count every step twice and
+                double the decay.
         """
         from .stepping import OptimizerSteps
 
@@ -366,8 +372,8 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (load the model's weights first); raises ``ValueError`` naming the mismatch
-        if it is for another setup."""
+        """Restore [`state_dict`][maxq.Sparsifier.state_dict] (load the model's weights first); raises ``ValueError``
+        naming the mismatch if it is for another setup."""
         if not isinstance(state, dict) or state.get("format") not in (STATE_FORMAT, _STATE_FORMAT_V1):
             raise ValueError(f"not a maxq sparsifier state (expected format {STATE_FORMAT!r})")
         saved = state["config"]
@@ -411,7 +417,7 @@ class Sparsifier:
 
     # -- folding ---------------------------------------------------------------------------------------------
     def fold_(self, force: bool = False) -> nn.Module:
-        """Same as :func:`maxq.fold_` on this sparsifier's model."""
+        """Same as [`maxq.fold_`][maxq.fold_] on this sparsifier's model."""
         from .fold import fold_
 
         return fold_(self.model, force=force)
@@ -431,7 +437,7 @@ class Sparsifier:
 
 
 def sparsifier_of(model: nn.Module) -> Sparsifier | None:
-    """The :class:`Sparsifier` attached to ``model`` (its root module), or ``None``."""
+    """The [`Sparsifier`][maxq.Sparsifier] attached to ``model`` (its root module), or ``None``."""
     return getattr(model, _ATTR, None)
 
 
@@ -465,11 +471,12 @@ def _blocks_nonzero(mask: Tensor, m: int) -> Tensor:
 
 
 def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = None) -> Sparsifier:
-    """Attach N:M masks to ``model`` in place and return the :class:`Sparsifier` that drives them.
+    """Attach N:M masks to ``model`` in place and return the [`Sparsifier`][maxq.Sparsifier] that drives them.
 
     Args:
         model: any ``nn.Module`` (torchvision, timm, your own); its classes are not changed.
-        config: :class:`MaxQConfig`, :class:`SRSTEConfig` or :class:`OneShotConfig`.
+        config: [`MaxQConfig`][maxq.MaxQConfig], [`SRSTEConfig`][maxq.SRSTEConfig] or
+            [`OneShotConfig`][maxq.OneShotConfig].
         filter_fn: ``(module, qualified_name) -> bool`` choosing layers; default: every eligible Conv2d/Linear/HF
             Conv1D except the first conv and the last classifier (METHOD.md §1).
 

@@ -1,21 +1,19 @@
 """What happens around an optimizer step, in every training loop: the one owner.
 
-``maxq train``, :meth:`Sparsifier.hook_optimizer` and the Lightning and Hugging Face callbacks all drive a
-:class:`~maxq.Sparsifier` through an :class:`OptimizerSteps`; none of them repeats its rules:
+``maxq train``, [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer] and the Lightning and Hugging Face
+callbacks all drive a [`Sparsifier`][maxq.Sparsifier] through an
+[`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]; none of them repeats its rules. The three moments, the
+framework hook at each, and the call:
 
-=====================  =============================================  ==========================================
-moment                 framework hook                                 call
-=====================  =============================================  ==========================================
-an optimizer step      HF ``on_step_begin``; Lightning                :meth:`OptimizerSteps.begin_step` (``done``
-begins (first          ``on_train_batch_start``; ``maxq train``       = optimizer steps completed so far)
-micro-batch)           before the forward
-gradients are final    HF ``on_pre_optimizer_step``; Lightning        :meth:`OptimizerSteps.before_optimizer_step`
-(after the last        ``on_before_optimizer_step``; an optimizer
-micro-batch)           step pre-hook
-the optimizer          HF ``on_step_end``; Lightning                  :meth:`OptimizerSteps.after_optimizer_step`
-stepped                ``on_train_batch_end`` when ``global_step``
-                       moved; an optimizer step post-hook
-=====================  =============================================  ==========================================
+* **An optimizer step begins** (its first micro-batch): HF ``on_step_begin``; Lightning ``on_train_batch_start``;
+  ``maxq train`` before the forward -> [`OptimizerSteps.begin_step`][maxq.core.stepping.OptimizerSteps.begin_step]
+  (``done`` = optimizer steps completed so far).
+* **The gradients are final** (after the last micro-batch): HF ``on_pre_optimizer_step``; Lightning
+  ``on_before_optimizer_step``; an optimizer step pre-hook ->
+  [`OptimizerSteps.before_optimizer_step`][maxq.core.stepping.OptimizerSteps.before_optimizer_step].
+* **The optimizer stepped**: HF ``on_step_end``; Lightning ``on_train_batch_end`` when ``global_step`` moved; an
+  optimizer step post-hook ->
+  [`OptimizerSteps.after_optimizer_step`][maxq.core.stepping.OptimizerSteps.after_optimizer_step].
 
 The rules:
 
@@ -118,7 +116,8 @@ _HOOKED: weakref.WeakKeyDictionary[Any, OptimizerSteps] = weakref.WeakKeyDiction
 
 def check_manual_call(sparsifier: Sparsifier, call: str) -> None:
     """Refuse ``sparsifier.<call>()`` (``regularize_`` or ``step``) made outside the optimizer hooks that already
-    make it (:meth:`Sparsifier.hook_optimizer`): both would run, counting every step twice and doubling the decay.
+    make it ([`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]): both would run, counting every step twice
+    and doubling the decay.
 
     Raises:
         RuntimeError: the sparsifier's optimizer is hooked and the call does not come from the hooks.
@@ -136,8 +135,9 @@ def check_manual_call(sparsifier: Sparsifier, call: str) -> None:
 
 
 class HookHandle:
-    """A handle on the hooks :meth:`Sparsifier.hook_optimizer` put on an optimizer: :meth:`remove` takes all of
-    them off (as torch's ``RemovableHandle`` does for one hook), and so does leaving a ``with`` block."""
+    """A handle on the hooks [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer] put on an optimizer:
+    [`remove`][maxq.core.stepping.OptimizerSteps.remove] takes all of them off (as torch's ``RemovableHandle`` does for
+    one hook), and so does leaving a ``with`` block."""
 
     def __init__(self, driver: OptimizerSteps) -> None:
         self._driver = driver
@@ -153,26 +153,30 @@ class HookHandle:
 
 
 class OptimizerSteps:
-    """Drives a :class:`~maxq.Sparsifier` around the optimizer steps of any training loop.
+    """Drives a [`Sparsifier`][maxq.Sparsifier] around the optimizer steps of any training loop.
 
     Args:
         sparsifier: the sparsifier to drive.
         steps_per_epoch: optimizer steps per epoch (after gradient accumulation). With it, the ramp's progress
-            comes from the step counter passed to :meth:`begin_step` / :meth:`after_optimizer_step`; without it,
-            progress is left to :meth:`Sparsifier.set_progress` calls of your own.
+            comes from the step counter passed to [`begin_step`][maxq.core.stepping.OptimizerSteps.begin_step] /
+            [`after_optimizer_step`][maxq.core.stepping.OptimizerSteps.after_optimizer_step]; without it, progress is
+            left to [`Sparsifier.set_progress`][maxq.Sparsifier.set_progress] calls of your own.
         eager: move a staircase ramp right after the step that ends an epoch (for loops with no hook before a
-            step, such as :meth:`Sparsifier.hook_optimizer`) instead of when the next step begins.
+            step, such as [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]) instead of when the next step
+            begins.
 
-    Example (a loop of your own; ``done`` counts optimizer steps)::
+    Example (a loop of your own; ``done`` counts optimizer steps):
 
-        steps = OptimizerSteps(sparsifier, steps_per_epoch=len(loader))
-        for x, y in loader:
-            steps.begin_step(done)
-            scaler.scale(loss_fn(model(x), y)).backward()
-            steps.before_optimizer_step(optimizer, scaler)   # unscale once, SR-STE decay
-            scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
-            done += 1
-            steps.after_optimizer_step(done)                 # masks from the updated weights
+    ```python
+    steps = OptimizerSteps(sparsifier, steps_per_epoch=len(loader))
+    for x, y in loader:
+        steps.begin_step(done)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        steps.before_optimizer_step(optimizer, scaler)   # unscale once, SR-STE decay
+        scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
+        done += 1
+        steps.after_optimizer_step(done)                 # masks from the updated weights
+    ```
     """
 
     def __init__(self, sparsifier: Sparsifier, *, steps_per_epoch: int | None = None, eager: bool = False) -> None:
@@ -223,7 +227,7 @@ class OptimizerSteps:
             done: optimizer steps completed, this one included (the framework's counter); default: the
                 sparsifier's counter + 1.
             stepped: whether the weights really changed (``False``: the AMP scaler skipped the step); default:
-                what :meth:`watch` saw, else ``True``.
+                what [`watch`][maxq.core.stepping.OptimizerSteps.watch] saw, else ``True``.
 
         Returns:
             whether the masks were recomputed.
@@ -254,7 +258,7 @@ class OptimizerSteps:
 
     def hook(self, optimizer: Any) -> list[HookHandle]:
         """Make the calls around ``optimizer.step()`` automatic with step hooks (see
-        :meth:`Sparsifier.hook_optimizer`); returns the handles.
+        [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]); returns the handles.
 
         Raises:
             RuntimeError: the sparsifier's optimizer is hooked already (by this or another ``OptimizerSteps``):

@@ -1,8 +1,8 @@
 """Reading every file kind maxq writes (and plain state dicts / ONNX files) back into models or weights.
 
 Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``folded`` (model_folded.pt),
-``compressed`` (:mod:`maxq.deploy.compress`), ``onnx``, a plain ``state_dict`` (``torch.save(model.state_dict())``),
-and weights from elsewhere: ``safetensors`` (any safetensors file; :func:`maxq.train.checkpoint.save_safetensors`
+``compressed`` (`maxq.deploy.compress`), ``onnx``, a plain ``state_dict`` (``torch.save(model.state_dict())``),
+and weights from elsewhere: ``safetensors`` (any safetensors file; `maxq.train.checkpoint.save_safetensors`
 adds the layout record), ``hf`` (a Hugging Face model folder) and ``lightning`` (a Lightning ``.ckpt``).
 """
 
@@ -107,7 +107,7 @@ def weights_from(path: str | Path) -> Weights:
     carry one in its header metadata (``maxq.layout``), an HF folder in ``config.json`` (``maxq_layout``), a
     Lightning checkpoint under ``ckpt["maxq_layout"]`` (e.g. from ``on_save_checkpoint``). Weights stored
     ``[in, out]`` (HF Conv1D) are known from the record, or for an HF folder from its ``model_type``
-    (:func:`maxq.train.checkpoint.hf_transposed`)."""
+    (`maxq.train.checkpoint.hf_transposed`)."""
     path = Path(path)
     kind = file_kind(path)
     if kind == "run":

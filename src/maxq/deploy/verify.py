@@ -1,6 +1,6 @@
-"""``maxq verify``: N:M compliance of any file maxq reads (see :mod:`maxq.deploy.artifacts`).
+"""``maxq verify``: N:M compliance of any file maxq reads (see `maxq.deploy.artifacts`).
 
-Which layers must be N:M (:func:`verify_file`):
+Which layers must be N:M ([`verify_file`][maxq.deploy.verify.verify_file]):
 
 1. ``layers`` (``--layers REGEX``): every 2-D/4-D weight whose layer name matches the regular expression;
 2. else the file's layout record (maxq files; safetensors / HF / Lightning files that carry one);
@@ -46,7 +46,7 @@ def verify_file(
     """Check the file's N:M layers; returns ``(report, file kind, note)``.
 
     The pattern comes from the file (maxq files record it) or from ``nm``; a disagreement is an error. A dense
-    run (without ``nm``) gives an empty report (not ``ok``: nothing in it is N:M) and :data:`DENSE_NOTE`.
+    run (without ``nm``) gives an empty report (not ``ok``: nothing in it is N:M) and `DENSE_NOTE`.
     ``layers`` and ``transposed`` are regular expressions over layer names (``re.search``); see the module doc.
 
     Raises:

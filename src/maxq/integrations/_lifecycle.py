@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def adopt_or_sparsify(model: nn.Module, config: NMConfig | None, filter_fn: FilterFn | None) -> Sparsifier:
-    """The model's sparsifier: the one the user attached with :func:`maxq.sparsify_` (adopted as is), else a new
-    one from ``config``.
+    """The model's sparsifier: the one the user attached with [`maxq.sparsify_`][maxq.sparsify_] (adopted as is), else a
+    new one from ``config``.
 
     Raises:
         ValueError: the model is not sparsified and no ``config`` was given, or it is sparsified with another

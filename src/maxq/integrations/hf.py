@@ -1,32 +1,32 @@
-"""N:M sparse training inside the Hugging Face ``Trainer``: :class:`MaxQCallback` (extra: ``pip install maxq[hf]``).
+"""N:M sparse training inside the Hugging Face ``Trainer``: `MaxQCallback` (extra: ``pip install maxq[hf]``).
 
-Pass the callback to the Trainer's constructor; nothing else in the training script changes::
+Pass the callback to the Trainer's constructor; nothing else in the training script changes:
 
-    from maxq import MaxQConfig
-    from maxq.integrations.hf import MaxQCallback
+```python
+from maxq import MaxQConfig
+from maxq.integrations.hf import MaxQCallback
 
-    callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 2)))
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
-    trainer.save_model("out")            # an ordinary model, exactly 2:4, that loads without maxq
+callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 2)))
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+trainer.save_model("out")            # an ordinary model, exactly 2:4, that loads without maxq
+```
 
 What the callback does at each moment of the Trainer's loop (the rules are
-:class:`~maxq.core.stepping.OptimizerSteps`', not repeated here):
+[`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]', not repeated here):
 
-==========================  ===========================================================================
-``on_init_end``             sparsify the model (or adopt the one you sparsified with ``maxq.sparsify_``),
-                            so a resume checkpoint's weights load into a sparsified model
-``on_train_begin``          steps per epoch from the Trainer's dataloader and gradient accumulation; on a
-                            resumed run, the sparsifier's state from the checkpoint folder
-``on_step_begin``           the ramp's progress from ``state.global_step`` (optimizer steps)
-``on_pre_optimizer_step``   unscale the gradients once under fp16 AMP, SR-STE decay on true gradients
-``on_step_end``             masks from the updated weights, unless the AMP scaler skipped the step
-``on_epoch_end``            ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged
-                            through ``Trainer.log`` (every reporting integration, ``state.log_history``)
-``on_save``                 the sparsifier's state (masks, step, progress) into the checkpoint folder
-``on_train_end``            log the per-layer report (``callback.report``); fold and check N:M
-                            (``fold=True``, the default; ``callback.result``)
-==========================  ===========================================================================
+* ``on_init_end``: sparsify the model (or adopt the one you sparsified with ``maxq.sparsify_``), so a resume
+  checkpoint's weights load into a sparsified model.
+* ``on_train_begin``: steps per epoch from the Trainer's dataloader and gradient accumulation; check that the ramp
+  finishes within ``state.max_steps``; on a resumed run, the sparsifier's state from the checkpoint folder.
+* ``on_step_begin``: the ramp's progress from ``state.global_step`` (optimizer steps).
+* ``on_pre_optimizer_step``: unscale the gradients once under fp16 AMP, SR-STE decay on true gradients.
+* ``on_step_end``: masks from the updated weights, unless the AMP scaler skipped the step.
+* ``on_epoch_end``: ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged through
+  ``Trainer.log`` (every reporting integration, ``state.log_history``).
+* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder.
+* ``on_train_end``: the per-layer report (``callback.report``); fold and check N:M (``fold=True``, the default;
+  ``callback.result``).
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class MaxQCallback(TrainerCallback):
 
     Args:
         config: the method (``maxq.MaxQConfig(n=2, m=4, ramp=(0, 2))``, ``SRSTEConfig``, ``OneShotConfig``);
-            ``None`` adopts the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
-        filter_fn: which layers to sparsify (see :func:`maxq.select_layers`); default: maxq's layer choice.
+            ``None`` adopts the sparsifier of a model you already sparsified with [`maxq.sparsify_`][maxq.sparsify_].
+        filter_fn: which layers to sparsify (see [`maxq.select_layers`][maxq.select_layers]); default: maxq's layer
+            choice.
         per_step: a smooth ramp that moves every optimizer step (``True``) or the paper's once-per-epoch
             staircase (``False``); default: the config's ``per_step``. Only for methods with a ramp (MaxQ).
         fold: at the end of training fold the masks into the weights and check N:M, so ``trainer.save_model``
@@ -119,14 +120,14 @@ class MaxQCallback(TrainerCallback):
 
     @property
     def sparsifier(self) -> Sparsifier:
-        """The :class:`~maxq.Sparsifier` the callback drives (there once the Trainer is created)."""
+        """The [`Sparsifier`][maxq.Sparsifier] the callback drives (there once the Trainer is created)."""
         if self._sparsifier is None:
             raise RuntimeError("the callback has no model yet: pass it to Trainer(callbacks=[...])")
         return self._sparsifier
 
     @property
     def driver(self) -> OptimizerSteps | None:
-        """The :class:`~maxq.core.stepping.OptimizerSteps` in use during ``train()`` (``None`` outside it)."""
+        """The [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps] in use during ``train()`` (``None`` outside it)."""
         return self._driver
 
     # -- start ---------------------------------------------------------------------------------------------------

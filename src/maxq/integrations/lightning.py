@@ -1,39 +1,37 @@
-"""N:M sparse training inside PyTorch Lightning: :class:`MaxQCallback`.
+"""N:M sparse training inside PyTorch Lightning: `MaxQCallback`.
 
-Install with ``pip install maxq[lightning]``. Usage::
+Install with ``pip install maxq[lightning]``. Usage:
 
-    import lightning.pytorch as L
-    import maxq
-    from maxq.integrations.lightning import MaxQCallback
+```python
+import lightning.pytorch as L
+import maxq
+from maxq.integrations.lightning import MaxQCallback
 
-    callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
-    trainer = L.Trainer(max_epochs=10, callbacks=[callback])
-    trainer.fit(module, train_loader)      # sparsify at setup, ramp, decay, masks; fold + check at the end
-    torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
+callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
+trainer = L.Trainer(max_epochs=10, callbacks=[callback])
+trainer.fit(module, train_loader)      # sparsify at setup, ramp, decay, masks; fold + check at the end
+torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
+```
 
-What happens around every optimizer step is :class:`~maxq.core.stepping.OptimizerSteps`' job (the one owner of
-those rules); this callback only tells it when, with Lightning's own counters:
+What happens around every optimizer step is [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]' job (the one
+owner of those rules); this callback only tells it when, with Lightning's own counters:
 
-=================================  ============================================================================
-Lightning hook                     what the callback does
-=================================  ============================================================================
-``setup(stage="fit")``             sparsify the module (or adopt the sparsifier of a model you sparsified with
-                                   :func:`maxq.sparsify_`); before Lightning restores ``ckpt_path=``, so the
-                                   checkpoint's parametrized weights load into it
-``load_state_dict``                restore the sparsifier (masks, step count, progress) from the checkpoint
-``on_train_start``                 steps per epoch = ``ceil(num_training_batches / accumulate_grad_batches)``
-                                   (how Lightning counts optimizer steps, last partial accumulation included);
-                                   watch the optimizer; ``begin_step(global_step)``
-``on_train_batch_start``           ``begin_step(global_step)`` (idempotent under gradient accumulation)
-``on_before_optimizer_step``       ``before_optimizer_step``: unscale once (Lightning's AMP plugin already did)
-                                   and the SR-STE decay on the true gradients
-``on_train_batch_end``             ``after_optimizer_step(global_step)`` when ``global_step`` moved: the masks
-                                   follow the weights of a step that really happened (a step the AMP scaler
-                                   skipped recomputes nothing)
-``on_train_epoch_end``             log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``
-``on_train_end``                   fold, check N:M, log the per-layer report (after the last checkpoint of the
-                                   run; a ``trainer.save_checkpoint`` afterwards holds the folded model)
-=================================  ============================================================================
+* ``setup(stage="fit")``: sparsify the module (or adopt the sparsifier of a model you sparsified with
+  [`maxq.sparsify_`][maxq.sparsify_]); before Lightning restores ``ckpt_path=``, so the checkpoint's
+  parametrized weights load into it.
+* ``load_state_dict``: restore the sparsifier (masks, step count, progress) from the checkpoint.
+* ``on_train_start``: steps per epoch = ``ceil(num_training_batches / accumulate_grad_batches)`` (how Lightning
+  counts optimizer steps, last partial accumulation included); check that the ramp finishes within the planned
+  steps; watch the optimizer; ``begin_step(global_step)``.
+* ``on_train_batch_start``: ``begin_step(global_step)`` (idempotent under gradient accumulation).
+* ``on_before_optimizer_step``: ``before_optimizer_step``: unscale once (Lightning's AMP plugin already did) and
+  the SR-STE decay on the true gradients.
+* ``on_train_batch_end``: ``after_optimizer_step(global_step)`` when ``global_step`` moved: the masks follow the
+  weights of a step that really happened (a step the AMP scaler skipped recomputes nothing).
+* ``on_train_epoch_end``: log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``.
+* ``on_save_checkpoint``: the layout record (``checkpoint["maxq_layout"]``), so ``maxq verify`` reads the file.
+* ``on_train_end``: fold, check N:M, the per-layer report (after the last checkpoint of the run; a
+  ``trainer.save_checkpoint`` afterwards holds the folded model).
 
 Since the ramp's progress is ``global_step / steps_per_epoch``, a run resumed from any checkpoint (mid-epoch
 included) has the uninterrupted run's progress, dense fraction, step count and masks from its first step on.
@@ -67,12 +65,14 @@ class MaxQCallback(pl.Callback):
     """Train a LightningModule N:M sparse (MaxQ, SR-STE or one-shot) and hand back an ordinary N:M model.
 
     Args:
-        config: the method (:class:`maxq.MaxQConfig`, :class:`maxq.SRSTEConfig`, :class:`maxq.OneShotConfig`).
-            ``None``: adopt the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
+        config: the method ([`maxq.MaxQConfig`][maxq.MaxQConfig], [`maxq.SRSTEConfig`][maxq.SRSTEConfig],
+            [`maxq.OneShotConfig`][maxq.OneShotConfig]). ``None``: adopt the sparsifier of a model you already
+            sparsified with [`maxq.sparsify_`][maxq.sparsify_].
         filter_fn: ``(module, qualified_name) -> bool`` choosing the layers (names relative to ``module``);
             default: every eligible Conv2d/Linear except the first conv and the last classifier.
         per_step: ``True``: a smooth ramp moved every optimizer step; ``False``: the paper's once-per-epoch
-            staircase; ``None``: as the config says. Only for a config with a ramp (:class:`maxq.MaxQConfig`).
+            staircase; ``None``: as the config says. Only for a config with a ramp
+            ([`maxq.MaxQConfig`][maxq.MaxQConfig]).
         fold: at the end of training fold the masks into the weights, check that every sparsified layer is exactly
             N:M and log the per-layer report; the module is then an ordinary model. ``False``: report only.
         fold_force: fold even if training ended before the ramp did (the remaining dense blocks are pruned).
@@ -86,7 +86,7 @@ class MaxQCallback(pl.Callback):
     Raises:
         ValueError: an argument is invalid (the message says what to pass instead).
 
-    The :class:`~maxq.Sparsifier` it drives is :attr:`sparsifier` (``None`` before ``trainer.fit`` set it up).
+    The [`Sparsifier`][maxq.Sparsifier] it drives is `sparsifier` (``None`` before ``trainer.fit`` set it up).
     Only one optimizer is supported. Manual optimization works when ``training_step`` steps the optimizer once
     per batch through ``self.optimizers()`` (Lightning then counts ``global_step`` and calls
     ``on_before_optimizer_step``); pass ``steps_per_epoch`` if it steps another number of times per epoch.
@@ -128,7 +128,7 @@ class MaxQCallback(pl.Callback):
 
     @property
     def sparsifier(self) -> Sparsifier | None:
-        """The :class:`~maxq.Sparsifier` this callback drives (``None`` before ``trainer.fit`` sets it up)."""
+        """The [`Sparsifier`][maxq.Sparsifier] this callback drives (``None`` before ``trainer.fit`` sets it up)."""
         return self._sparsifier
 
     @property
@@ -275,7 +275,8 @@ class MaxQCallback(pl.Callback):
         return sp.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (Lightning calls it after ``setup`` and after loading the weights)."""
+        """Restore [`state_dict`][maxq.integrations.lightning.MaxQCallback.state_dict] (Lightning calls it after
+        ``setup`` and after loading the weights)."""
         if not state_dict:
             return
         if self._sparsifier is None or self._sparsifier.folded:

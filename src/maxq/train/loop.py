@@ -1,4 +1,4 @@
-"""The training loop behind ``maxq train``: one function, :func:`train`, readable top to bottom.
+"""The training loop behind ``maxq train``: one function, `train`, readable top to bottom.
 
 setup (processes, device, seeds) -> safety checks (resume / init, before anything is written) -> data -> model
 -> sparsifier -> optimizer and schedule -> restore -> epochs (train, evaluate, log, checkpoint) -> fold, verify,
@@ -68,7 +68,7 @@ class RunExists(ValueError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped :func:`train`. The folder is left resumable from its last checkpoint.
+    """Ctrl-C or SIGTERM stopped `train`. The folder is left resumable from its last checkpoint.
 
     Attributes:
         out: the run folder.
@@ -442,7 +442,7 @@ def train(
 ) -> dict[str, Any]:
     """Train per ``cfg`` and return the final report (also written to ``<out>/report.json``).
 
-    Ctrl-C or SIGTERM stop it with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) once the run folder has
+    Ctrl-C or SIGTERM stop it with `TrainingInterrupted` (a ``KeyboardInterrupt``) once the run folder has
     been touched: the folder then resumes from its last checkpoint, and the exception (also logged) says where
     that is and the command that continues. Interrupted earlier, it raises the plain ``KeyboardInterrupt``.
 
@@ -453,7 +453,7 @@ def train(
             every rank.
 
     Raises:
-        ValueError: a bad configuration or ``--out``; :class:`RunExists` and ``CheckpointError`` are ValueErrors.
+        ValueError: a bad configuration or ``--out``; `RunExists` and ``CheckpointError`` are ValueErrors.
         TrainingInterrupted: Ctrl-C / SIGTERM after the run started.
     """
     run = _RunState(Path(cfg.out), cfg.epochs)

@@ -267,7 +267,7 @@ def _nm_hint(value: int) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe: a YAML mapping of :class:`TrainConfig` option names (dashes or underscores)."""
+    """Read a recipe: a YAML mapping of `TrainConfig` option names (dashes or underscores)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
