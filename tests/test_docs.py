@@ -163,3 +163,13 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
         for i, code in enumerate(blocks):
             exec(compile(code, f"docs/{page} block {i + 1}", "exec"), namespace)
     assert "maxq" in namespace
+
+
+def test_the_cli_page_names_every_model_and_dataset():
+    # Issue 27: the page's list of models had fallen behind maxq.train.models.MODELS.
+    from maxq.train.data import DATASETS
+    from maxq.train.models import MODELS
+
+    page = (DOCS / "cli.md").read_text()
+    missing = [name for name in [*MODELS, *DATASETS] if f"`{name}`" not in page]
+    assert not missing, f"docs/cli.md does not name {missing}"
