@@ -173,3 +173,23 @@ def test_the_cli_page_names_every_model_and_dataset():
     page = (DOCS / "cli.md").read_text()
     missing = [name for name in [*MODELS, *DATASETS] if f"`{name}`" not in page]
     assert not missing, f"docs/cli.md does not name {missing}"
+
+
+#: the widest code line the site's column shows without scrolling (docs/stylesheets/extra.css widens it for this)
+CODE_WIDTH = 100
+
+
+def test_code_blocks_fit_the_column():
+    # Issue 27: code blocks were wider than the column (up to 121 characters), on the pages and in docstrings.
+    import textwrap
+
+    fence = re.compile(r"^( *)```[\w-]*\n(.*?)^\1```", re.S | re.M)
+    sources = [*DOCS.rglob("*.md"), *(ROOT / "src").rglob("*.py")]
+    wide = [
+        f"{path.relative_to(ROOT)}: {line}"
+        for path in sources
+        for block in fence.finditer(path.read_text())
+        for line in textwrap.dedent(block.group(2)).splitlines()
+        if len(line) > CODE_WIDTH
+    ]
+    assert not wide, "\n".join(wide)

@@ -114,7 +114,7 @@ class Sparsifier:
 
     ```python
     for epoch in range(epochs):
-        sparsifier.set_progress(epoch)      # ramp: recomputes the masks at once if the dense fraction changes
+        sparsifier.set_progress(epoch)      # the ramp: masks recomputed if the dense fraction moves
         for x, y in loader:
             loss = criterion(model(x), y)   # forward: W * mask, nothing else
             optimizer.zero_grad(); loss.backward()

@@ -9,7 +9,7 @@ from maxq.integrations.lightning import MaxQCallback
 
 callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
 trainer = L.Trainer(max_epochs=10, callbacks=[callback])
-trainer.fit(module, train_loader)      # sparsify at setup, ramp, decay, masks; fold + check at the end
+trainer.fit(module, train_loader)      # sparsify, ramp, decay, masks; fold + check at the end
 torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
 ```
 
