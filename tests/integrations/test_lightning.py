@@ -135,6 +135,7 @@ def test_ends_exactly_2_4_as_an_ordinary_model(config, tmp_path):
     trainer([cb]).fit(model, Loader())
     assert cb.result is not None and cb.result.ok
     layers = ["0", "3"]  # net.5, the classifier, stays dense by default
+    assert [r.name for r in cb.report.sparsified] == layers  # the end-of-training report, without a log handler
     assert maxq.check_nm(model.net, 2, 4, layers).ok
     assert cb.sparsifier.folded and not any("parametrizations" in k for k in model.state_dict())
     torch.save(model.net.state_dict(), tmp_path / "net.pt")
