@@ -34,9 +34,13 @@ data:
 demo: $(STAMP) data
 	$(PY) -m maxq train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Includes the strict docs build (tests/test_docs.py) and the wheel smoke test (tests/test_wheel.py).
+# Includes the strict docs build (tests/test_docs.py) and the wheel smoke test (tests/test_wheel.py). Two
+# pytest-xdist workers of one torch thread each (tests/conftest.py) keep two cores busy; files whose module
+# fixtures are costly or shared on disk stay in one worker (xdist_group, --dist loadgroup). The 15 slowest tests
+# are listed at the end.
+TEST_WORKERS ?= 2
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # The core and engine tests against the oldest supported PyTorch (constraints/oldest.txt); not part of `make test`.
 $(OLDEST_VENV)/.maxq-installed: pyproject.toml constraints/oldest.txt

@@ -156,7 +156,7 @@ def test_bad_yaml(tmp_path, capsys):
 
 def _run(tmp_path, name, *flags):
     out = tmp_path / name
-    code = main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2", *flags])
+    code = main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1", *flags])
     assert code == 0
     return json.loads((out / "report.json").read_text())
 
@@ -236,7 +236,7 @@ def test_the_config_records_the_values_used_not_null(tmp_path):
     _run(tmp_path, "cfg", "--epochs", "1", "--subset", "64", "--batch-size", "32")
     resolved = yaml.safe_load((tmp_path / "cfg" / "config.yaml").read_text())
     assert resolved["ramp"] == [0.0, 0.25] and resolved["per_step"] is True  # the short-run rule, recorded
-    assert resolved["amp"] is False and resolved["threads"] == 2
+    assert resolved["amp"] is False and resolved["threads"] == 1
 
 
 @pytest.mark.parametrize("written, pattern, number", [("2:4", "2:4", 124), ("1:16", "1:16", 76)])
@@ -277,7 +277,7 @@ def dense_run(tmp_path_factory):
     """A one-epoch dense ``maxq train`` run (cnn_small, synthetic)."""
     out = tmp_path_factory.mktemp("dense") / "dense"
     flags = ["--method", "dense", "--epochs", "1", "--subset", "128", "--batch-size", "32"]
-    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2", *flags]) == 0
+    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1", *flags]) == 0
     return out
 
 
@@ -305,7 +305,7 @@ def test_a_dense_run_exports_to_onnx_and_verify_says_it_is_dense(dense_run, tmp_
 
 def _init_run(tmp_path, name, init, *flags):
     out = tmp_path / name
-    argv = ["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2"]
+    argv = ["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1"]
     argv += ["--method", "oneshot", "--init", str(init), "--epochs", "1", "--subset", "64", "--batch-size", "32"]
     return main([*argv, *flags]), out
 

@@ -172,7 +172,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(options)
     if not cfg.resume:  # a resumed run's options are the checkpoint's (checked there)
         _refuse_ignored_flags(cfg, given)
-        if "ramp" in recipe and "ramp" not in given:
+        if "ramp" in recipe and "ramp" not in given and "epochs" in given:
             _refuse_recipe_ramp_that_does_not_fit(cfg, args.config)
     report = train(cfg, given | set(options) if "config" in given else given)
     if report.get("files"):
@@ -219,9 +219,10 @@ def _refuse_ignored_flags(cfg: Any, given: set[str]) -> None:
 
 
 def _refuse_recipe_ramp_that_does_not_fit(cfg: Any, recipe: str) -> None:
-    """A recipe's ramp written for its own length that a shorter ``--epochs`` cannot finish: the blocks still
-    dense would be pruned at the end without retraining (a model at chance). Refused before anything runs; a
-    ``--ramp`` given on the command line is the user's choice (kept, with a warning)."""
+    """A recipe's ramp, written for the recipe's length, that the ``--epochs`` given on the command line cannot
+    finish: the blocks still dense would be pruned at the end without retraining (a model at chance). Refused
+    before anything runs. A ``--ramp`` given on the command line is the user's choice, and a recipe that sets
+    both is taken as written: kept, with the warning of ``maxq.train.loop``."""
     from .train.loop import ramp_left
 
     left, fix = ramp_left(cfg)

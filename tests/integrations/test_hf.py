@@ -24,6 +24,8 @@ from maxq.integrations.hf import STATE_FILE, MaxQCallback
 from .hf_setup import Recorder, WordsDataset, make_trainer, tiny_bert, training_args, weights
 
 HERE = Path(__file__).resolve().parent
+# One xdist worker runs this file: the uninterrupted run the resume tests compare with is a module fixture.
+pytestmark = pytest.mark.xdist_group("hf")
 ROOT = HERE.parents[1]
 
 

@@ -11,7 +11,7 @@ from maxq.train.recipe import TrainConfig
 
 def _cfg(out, **kw):
     base = dict(dataset="synthetic", model="cnn_small", epochs=1, batch_size=64, out=str(out), progress=False)
-    base.update(threads=2, per_step=True, **kw)
+    base.update(threads=1, per_step=True, **kw)
     return TrainConfig(**base)
 
 

@@ -24,7 +24,7 @@ FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "report.json", "curves
 
 def _cfg(out, **kw):
     base = dict(
-        dataset="synthetic", model="cnn_small", epochs=1, batch_size=64, out=str(out), progress=False, threads=2
+        dataset="synthetic", model="cnn_small", epochs=1, batch_size=64, out=str(out), progress=False, threads=1
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -65,7 +65,8 @@ def test_one_epoch_run_writes_every_file(method, tmp_path):
 
 
 def test_resume_after_a_crash_is_exact(tmp_path):
-    straight = train(_cfg(tmp_path / "a", epochs=3))
+    small = {"subset": 512}  # 8 steps per epoch: the exactness does not need more
+    straight = train(_cfg(tmp_path / "a", epochs=3, **small))
 
     class Crash(Exception):
         pass
@@ -75,9 +76,9 @@ def test_resume_after_a_crash_is_exact(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train(_cfg(tmp_path / "b", epochs=3), on_epoch_end=crash_after_first)
+        train(_cfg(tmp_path / "b", epochs=3, **small), on_epoch_end=crash_after_first)
     assert not (tmp_path / "b" / "report.json").exists()
-    resumed = train(_cfg(tmp_path / "b", epochs=3, resume=True))
+    resumed = train(_cfg(tmp_path / "b", epochs=3, resume=True, **small))
     a = torch.load(tmp_path / "a" / "model_folded.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "model_folded.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
