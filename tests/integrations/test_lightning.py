@@ -382,7 +382,7 @@ def run_example(tmp_path, *flags, timeout=300):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}  # fmt: skip
-    cmd = [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path / "out"), *flags]
+    cmd = [sys.executable, str(EXAMPLE), "--quick", "--threads", "1", "--out", str(tmp_path / "out"), *flags]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "OK: 6/6 expected layers are 2:4" in run.stdout and "test top-1" in run.stdout, run.stdout
