@@ -13,7 +13,7 @@ EXTRAS      := dev,onnx,lightning,hf,docs
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PY   := $(OLDEST_VENV)/bin/python
 
-.PHONY: demo test test-oldest docs lint format data install clean
+.PHONY: demo test test-oldest docs docs-serve lint format data install clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,13 @@ data:
 demo: $(STAMP) data
 	$(PY) -m maxq train --config configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Includes the strict docs build (tests/test_docs.py) and the wheel smoke test (tests/test_wheel.py).
+# Includes the strict docs build (tests/test_docs.py) and the wheel smoke test (tests/test_wheel.py). Two
+# pytest-xdist workers of one torch thread each (tests/conftest.py) keep two cores busy; files whose module
+# fixtures are costly or shared on disk stay in one worker (xdist_group, --dist loadgroup). The 15 slowest tests
+# are listed at the end.
+TEST_WORKERS ?= 2
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # The core and engine tests against the oldest supported PyTorch (constraints/oldest.txt); not part of `make test`.
 $(OLDEST_VENV)/.maxq-installed: pyproject.toml constraints/oldest.txt
@@ -48,9 +52,14 @@ test-oldest: $(OLDEST_VENV)/.maxq-installed
 	$(OLDEST_PY) -c 'import torch; print("torch", torch.__version__)'
 	$(OLDEST_PY) -m pytest -q tests/core tests/engine
 
-# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or unknown name fails.
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link, an unknown name or raw
+# reStructuredText in a docstring fails. Open site/index.html (links and search work from the disk), or
+# `make docs-serve` for http://127.0.0.1:8000 that rebuilds as you edit.
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve --strict
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

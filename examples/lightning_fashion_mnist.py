@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few dozen steps on a small subset (tests)")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (gloo on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores/devices)")
     parser.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--out", default="lightning_fmnist_2of4", help="output folder (checkpoints, model)")
     parser.add_argument("--resume", default=None, help="a checkpoint to resume from (Lightning's ckpt_path)")
@@ -104,7 +105,7 @@ class DumpMasks(L.Callback):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.devices))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // args.devices))
     L.seed_everything(args.seed, verbose=False)
     try:
         splits = load_dataset("fashion-mnist", args.data_dir, subset=args.train_size)

@@ -1,13 +1,20 @@
-"""mkdocs hook (mkdocs.yml ``hooks:``): the CLI page's reference, generated from ``maxq.cli.build_parser()``.
+"""mkdocs hooks (mkdocs.yml ``hooks:``): the CLI page's reference, and a guard against markup the site cannot render.
 
-A page that contains ``<!-- cli-reference -->`` gets, in its place, one section per command (``maxq train``,
-``export``, ``verify``, ``eval``) with its description and a table of every argument, its choices and its help: the
-page cannot drift from the parser.
+* A page that contains ``<!-- cli-reference -->`` gets, in its place, one section per command (``maxq train``,
+  ``export``, ``verify``, ``eval``) with its description and a table of every argument, its choices and its help:
+  the page cannot drift from the parser.
+* Every rendered page (API reference included) is searched for reStructuredText the Markdown site shows as raw
+  text: Sphinx roles (``:class:`...` ``, ``:func:``, ``:meth:``, ...), ``::`` literal-block openers and ``====``
+  table rules. Each one found is a warning, so the strict build (``make docs``, tests/test_docs.py) fails; write
+  Markdown instead: cross-references as ``[`maxq.fold_`][maxq.fold_]``, code in fenced blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import logging
+import re
 
 MARKER = "<!-- cli-reference -->"
 
@@ -61,3 +68,30 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # mkdocs hook
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, cli_reference())
     return markdown
+
+
+log = logging.getLogger("mkdocs.plugins.maxq_docs")  # mkdocs counts its warnings: --strict fails on them
+
+#: reStructuredText that Markdown renders literally: Sphinx roles, "::" literal-block openers, "====" table rules
+RAW_MARKUP = re.compile(
+    r"(:(?:class|func|meth|mod|data|attr|obj|exc|ref|py:\w+):`?[\w.~]+`?)"  # a role (backticks become <code>)
+    r"|(\w::(?=\s*$))"  # a literal-block opener at a paragraph's end
+    r"|(^\s*={4,}(?:\s+={4,})+\s*$)",  # a table rule
+    re.M,
+)
+
+
+def raw_markup(page_html: str) -> list[str]:
+    """The raw reStructuredText left in a rendered page, as the reader sees it (tags stripped; code blocks, which
+    may show anything, left out)."""
+    text = re.sub(r"<pre.*?</pre>", "", page_html, flags=re.S)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    return [match.group(0).strip() for match in RAW_MARKUP.finditer(text)]
+
+
+def on_page_content(page_html: str, page, config, files) -> str:  # mkdocs hook
+    for found in raw_markup(page_html):
+        log.warning(
+            "%s shows raw reStructuredText %r: write Markdown (see scripts/docs_hooks.py)", page.file.src_uri, found
+        )
+    return page_html

@@ -175,7 +175,7 @@ fi
 # 2. Training cost
 if skip_unless train_cost "$B_TRAIN_COST" torch torchvision ${NEEDS_CUDA[@]+"${NEEDS_CUDA[@]}"}; then
     if [ "$DRY" = 1 ]; then
-        stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cpu --threads 2 \
+        stage train_cost "$B_TRAIN_COST" "$PY" benchmarks/train_cost.py --device cpu --threads 1 \
             --models cnn_small:16:2 --rounds 1 --steps 1 --warmup 1 --compile-backend aot_eager \
             --budget-s $((B_TRAIN_COST - 10)) --out "$OUT/train_cost.json"
     else
@@ -207,7 +207,7 @@ elif skip_unless study "$B_STUDY" torch torchvision yaml tqdm numpy ${NEEDS_CUDA
     rm -rf "$RUNS_DIR" "$OUT/results/gpu"
     if [ "$DRY" = 1 ]; then
         stage study "$B_STUDY" "$PY" benchmarks/study.py --config configs/study_gpu.yaml --quick --device cpu \
-            --jobs 1 --threads 2 --data-dir "$DATA" --results "$OUT/results/gpu" --runs-dir "$RUNS_DIR" \
+            --jobs 1 --threads 1 --data-dir "$DATA" --results "$OUT/results/gpu" --runs-dir "$RUNS_DIR" \
             --deadline $((B_STUDY - 20))
     else
         stage study "$B_STUDY" "$PY" benchmarks/study.py --config configs/study_gpu.yaml --device cuda \

@@ -9,8 +9,11 @@ import os
 import pytest
 import torch
 
-# Fewer threads than cores keeps timings stable and leaves room for subprocess tests.
-torch.set_num_threads(2)
+# One torch thread per test process, the subprocesses the tests start included (they inherit OMP_NUM_THREADS):
+# the tests' models are tiny, `make test` runs two processes (pytest-xdist workers) on two cores, and more threads
+# than free cores make OpenMP spin: a 3-epoch run took 57 s on two threads beside one busy core, 15 s on one.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MAXQ_QUIET", "1")
 
 PATTERNS = [(2, 4), (1, 4), (2, 8), (1, 16), (4, 8)]

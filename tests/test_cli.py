@@ -36,6 +36,17 @@ from maxq.cli import main, train_summary
         (["--subset", "0"], "--subset must be a positive integer"),
         (["--update-every", "0"], "--update-every must be a positive integer"),
         (["--extend"], "needs --resume"),
+        # Issue 27: options the method ignores were dropped silently; each says which way to go.
+        (["--method", "dense", "--nm", "1:4"], "--nm would have no effect with --method dense (a dense run has no"),
+        (["--method", "oneshot", "--ramp", "0", "1"], "--ramp would have no effect with --method oneshot (one-shot"),
+        (["--method", "oneshot", "--update-every", "2"], "--update-every would have no effect with --method oneshot"),
+        (
+            ["--method", "srste", "--no-queries", "--tau", "0.1"],
+            "--tau --queries would have no effect with --method srste",
+        ),
+        (["--method", "srste", "--per-step"], "drop it (or use --method maxq, which takes every sparsity option)"),
+        (["--no-no-decay-1d"], "unrecognized arguments: --no-no-decay-1d"),
+        (["--decay-1d", "--no-decay-1d"], "not allowed with argument"),
     ],
 )
 def test_invalid_flags_fail_fast(flags, message, tmp_path, capsys):
@@ -145,7 +156,7 @@ def test_bad_yaml(tmp_path, capsys):
 
 def _run(tmp_path, name, *flags):
     out = tmp_path / name
-    code = main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2", *flags])
+    code = main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1", *flags])
     assert code == 0
     return json.loads((out / "report.json").read_text())
 
@@ -167,7 +178,8 @@ def test_a_short_run_learns_and_the_summary_describes_the_shipped_model(tmp_path
 def test_summary_names_layers_a_pattern_skips(tmp_path, capsys):
     # cnn_small's convs take 1, 16, 16, 16, 32, 32, 64 input channels and the classifier 64: 1:32 fits three.
     report = _run(tmp_path, "skip", "--nm", "1:32", "--epochs", "1", "--subset", "64", "--batch-size", "32")
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "layers: 3 of 8 sparsified 1:32" in text
     skipped = [d for d in report["dense_layers"] if "not divisible by m=32" in d["reason"]]
     assert len(skipped) == 3 and len(report["dense_layers"]) == 5
@@ -175,6 +187,8 @@ def test_summary_names_layers_a_pattern_skips(tmp_path, capsys):
         assert f"layer {d['layer']} ({d['type']}: {d['reason']})" in text
     # A one-epoch run ramps per step (the default ramp's staircase would never leave epoch 0): finished, N:M.
     assert report["ramp_finished"] is True and report["ramp_per_step"] is True and report["ramp"] == [0, 0.25]
+    # Issue 27: the epoch line gave p at the epoch's start (1.00) for a model evaluated at its end (p = 0).
+    assert "p 1.00->0.00" in captured.err
 
 
 def test_an_explicit_ramp_that_does_not_fit_is_kept_and_the_warning_says_what_happens(tmp_path, capsys):
@@ -222,7 +236,7 @@ def test_the_config_records_the_values_used_not_null(tmp_path):
     _run(tmp_path, "cfg", "--epochs", "1", "--subset", "64", "--batch-size", "32")
     resolved = yaml.safe_load((tmp_path / "cfg" / "config.yaml").read_text())
     assert resolved["ramp"] == [0.0, 0.25] and resolved["per_step"] is True  # the short-run rule, recorded
-    assert resolved["amp"] is False and resolved["threads"] == 2
+    assert resolved["amp"] is False and resolved["threads"] == 1
 
 
 @pytest.mark.parametrize("written, pattern, number", [("2:4", "2:4", 124), ("1:16", "1:16", 76)])
@@ -263,7 +277,7 @@ def dense_run(tmp_path_factory):
     """A one-epoch dense ``maxq train`` run (cnn_small, synthetic)."""
     out = tmp_path_factory.mktemp("dense") / "dense"
     flags = ["--method", "dense", "--epochs", "1", "--subset", "128", "--batch-size", "32"]
-    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2", *flags]) == 0
+    assert main(["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1", *flags]) == 0
     return out
 
 
@@ -291,7 +305,7 @@ def test_a_dense_run_exports_to_onnx_and_verify_says_it_is_dense(dense_run, tmp_
 
 def _init_run(tmp_path, name, init, *flags):
     out = tmp_path / name
-    argv = ["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "2"]
+    argv = ["train", "--dataset", "synthetic", "--out", str(out), "--no-progress", "--threads", "1"]
     argv += ["--method", "oneshot", "--init", str(init), "--epochs", "1", "--subset", "64", "--batch-size", "32"]
     return main([*argv, *flags]), out
 
@@ -405,3 +419,45 @@ def test_under_torchrun_only_the_main_process_logs(trained_run, capsys, monkeypa
     assert main(["eval", checkpoint]) == 0
     captured = capsys.readouterr()
     assert "stays dense" not in captured.err and "top-1" in captured.out
+
+
+def test_options_a_recipe_sets_for_every_method_are_not_refused():
+    from maxq.cli import _refuse_ignored_flags
+    from maxq.train.recipe import TrainConfig
+
+    cfg = TrainConfig(method="oneshot", ramp=(0, 3), per_step=True, init="x.pt")  # as configs/finetune.yaml sets
+    _refuse_ignored_flags(cfg, {"method", "init", "config"})  # only flags given on the command line count
+    with pytest.raises(ValueError, match="--ramp --per-step would have no effect"):
+        _refuse_ignored_flags(cfg, {"method", "ramp", "per_step"})
+    _refuse_ignored_flags(TrainConfig(method="maxq"), {"nm", "ramp", "tau", "queries", "update_every"})
+
+
+def test_the_fine_tuning_recipe_wants_init_and_a_ramp_that_fits(tmp_path, capsys):
+    # Issue 27: configs/finetune.yaml --epochs 1 ended at chance with exit 0 (the 0-3 ramp pruned 67% of the blocks
+    # at the end, untrained), and without --init it trained from scratch at the fine-tuning learning rate.
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml")
+    out = tmp_path / "ft"
+    assert main(["train", "--config", recipe, "--out", str(out), "--method", "maxq"]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tunes a trained model (finetune: true)" in err and "pass --init RUN/checkpoint.pt" in err
+    argv = ["train", "--config", recipe, "--out", str(out), "--init", str(tmp_path / "parent.pt"), "--epochs", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the ramp 0-3 of" in err and "does not finish within this 1-epoch run: 67% of the blocks" in err
+    assert "e.g. --ramp 0 0.5 (the first half of the run" in err and "--per-step" not in err  # already per step
+    assert not out.exists()
+    # A one-shot run takes the same file (no ramp); the refusal is only for the ramp.
+    argv += ["--method", "oneshot"]
+    assert main(argv) == 2 and "parent.pt does not exist" in capsys.readouterr().err
+
+
+def test_the_advice_for_an_explicit_per_step_ramp_does_not_suggest_per_step():
+    from maxq.train.loop import ramp_left
+    from maxq.train.recipe import TrainConfig
+
+    left, fix = ramp_left(TrainConfig(epochs=2, ramp=(0, 4), per_step=True))
+    assert left == 0.5 and "end it by epoch 2: e.g. --ramp 0 1" in fix and "--per-step" not in fix
+    left, fix = ramp_left(TrainConfig(epochs=2, ramp=(0, 2)))
+    assert left == 0.5 and "end it by epoch 1, or add --per-step" in fix

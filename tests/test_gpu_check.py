@@ -19,6 +19,8 @@ _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# One xdist worker runs this file: its dry run (a minute) is a module fixture, made once.
+pytestmark = pytest.mark.xdist_group("gpu_check")
 CHECK_NAMES = {
     "masks_match_cpu",
     "bf16_channels_last_training",

@@ -24,3 +24,15 @@ def test_links_point_into_the_repository():
         link for link in links if not link.startswith("http") and not (Path(__file__).parent.parent / link).exists()
     ]
     assert not missing
+
+
+def test_the_layout_names_every_module_config_benchmark_and_script():
+    # Issue 27: the layout had fallen behind the tree.
+    root = Path(__file__).parent.parent
+    layout = re.search(r"## Layout\n.*?```\n(.*?)```", README, re.S).group(1)
+    words = set(re.findall(r"[\w.]+", layout))
+    expected = {p.name for p in (root / "src" / "maxq").rglob("*.py") if not p.name.startswith("__")}
+    expected |= {p.name for folder in ("benchmarks", "scripts", "examples") for p in (root / folder).iterdir()}
+    missing = sorted(name for name in expected if name not in words and name.removesuffix(".py") not in words)
+    missing += sorted(p.stem for p in (root / "configs").glob("*.yaml") if p.stem not in words)
+    assert not missing, f"the README's layout does not name {missing}"

@@ -2,18 +2,20 @@
 
 Convention: **N:M keeps N of every M** weights, in blocks of M consecutive input channels (METHOD.md §1).
 
-Quick use::
+Quick use:
 
-    import maxq
-    sparsifier = maxq.sparsify_(model, maxq.MaxQConfig(n=2, m=4, ramp=(0, 30)))
-    for epoch in range(epochs):
-        sparsifier.set_progress(epoch)
-        for x, y in loader:
-            loss = criterion(model(x), y); loss.backward()
-            sparsifier.regularize_(); optimizer.step(); optimizer.zero_grad()
-            sparsifier.step()                   # masks from the updated weights (outside the forward)
-    maxq.fold_(model)
-    assert maxq.check_nm(model, 2, 4).ok
+```python
+import maxq
+sparsifier = maxq.sparsify_(model, maxq.MaxQConfig(n=2, m=4, ramp=(0, 30)))
+for epoch in range(epochs):
+    sparsifier.set_progress(epoch)
+    for x, y in loader:
+        loss = criterion(model(x), y); loss.backward()
+        sparsifier.regularize_(); optimizer.step(); optimizer.zero_grad()
+        sparsifier.step()                   # masks from the updated weights (outside the forward)
+maxq.fold_(model)
+assert maxq.check_nm(model, 2, 4).ok
+```
 """
 
 from ._compat import install as _install_aliases

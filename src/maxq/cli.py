@@ -62,7 +62,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--momentum", type=float)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--no-decay-1d", action=argparse.BooleanOptionalAction, help="no weight decay on 1-D params")
+    decay_1d = g.add_mutually_exclusive_group()  # one option, two spellings (not --no-no-decay-1d)
+    decay_1d.add_argument(
+        "--no-decay-1d", dest="no_decay_1d", action="store_const", const=True, help="no weight decay on 1-D params"
+    )
+    decay_1d.add_argument(
+        "--decay-1d", dest="no_decay_1d", action="store_const", const=False, help="weight decay on 1-D params (default)"
+    )
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
@@ -146,7 +152,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Add ``(default X)`` to each option's help from :class:`TrainConfig` (argparse's own defaults are suppressed
+    """Add ``(default X)`` to each option's help from `TrainConfig` (argparse's own defaults are suppressed
     so that the options given explicitly are known)."""
     import dataclasses
 
@@ -169,8 +175,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train.recipe import TrainConfig, load_yaml
 
     given = {k for k in vars(args) if k not in ("func", "command")}
-    options = load_yaml(args.config) if "config" in given else {}
-    options.update({k: v for k, v in vars(args).items() if k in given})
+    recipe = load_yaml(args.config) if "config" in given else {}
+    options = {**recipe, **{k: v for k, v in vars(args).items() if k in given}}
     if "variant" in options:
         options["extra"] = {**options.get("extra", {}), "variant": options.pop("variant")}
     if options.get("dataset", "fashion-mnist") not in DATASETS:
@@ -178,10 +184,69 @@ def _run_train(args: argparse.Namespace) -> int:
     if options.get("model", "cnn_small") not in model_names():
         raise ValueError(f"unknown model {options['model']!r}; choose one of: {', '.join(model_names()[:12])}, ...")
     cfg = TrainConfig.from_dict(options)
+    if not cfg.resume:  # a resumed run's options are the checkpoint's (checked there)
+        _refuse_ignored_flags(cfg, given)
+        if "ramp" in recipe and "ramp" not in given and "epochs" in given:
+            _refuse_recipe_ramp_that_does_not_fit(cfg, args.config)
     report = train(cfg, given | set(options) if "config" in given else given)
     if report.get("files"):
         print("\n" + "\n".join(train_summary(report)))
     return 0
+
+
+#: flags of the sparsity options, and the config option each one sets (``--nm`` sets ``n`` and ``m``)
+_SPARSITY_FLAGS = {
+    "nm": "n",
+    "ramp": "ramp",
+    "schedule": "schedule",
+    "per_step": "per_step",
+    "tau": "tau",
+    "queries": "queries",
+    "order": "order",
+    "soft_warmup": "soft_warmup",
+    "decay_lambda": "decay_lambda",
+    "update_every": "update_every",
+}
+
+
+def _refuse_ignored_flags(cfg: Any, given: set[str]) -> None:
+    """Sparsity flags given on the command line that the run's method does not take would be ignored silently:
+    refused, saying which method takes them (a recipe file may set them for every method)."""
+    from .core.config import config_options
+
+    if cfg.method == "dense":
+        takes, why = set(), "a dense run has no N:M masks"
+    else:
+        takes = set(config_options(cfg.method))
+        why = {
+            "oneshot": "one-shot prunes once, from the starting weights, and keeps that mask",
+            "srste": "SR-STE takes --nm, --decay-lambda and --update-every; the other sparsity options are MaxQ's",
+        }.get(cfg.method, f"--method {cfg.method} does not take them")
+    ignored = [name for name, option in _SPARSITY_FLAGS.items() if name in given and option not in takes]
+    if cfg.method == "oneshot":  # its mask never changes: no updates to space out, no decay
+        ignored += [name for name in ("update_every",) if name in given and name not in ignored]
+    if ignored:
+        flags = " ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        it = "it" if len(ignored) == 1 else "them"
+        other = "" if cfg.method == "dense" else " (or use --method maxq, which takes every sparsity option)"
+        raise ValueError(f"{flags} would have no effect with --method {cfg.method} ({why}): drop {it}{other}")
+
+
+def _refuse_recipe_ramp_that_does_not_fit(cfg: Any, recipe: str) -> None:
+    """A recipe's ramp, written for the recipe's length, that the ``--epochs`` given on the command line cannot
+    finish: the blocks still dense would be pruned at the end without retraining (a model at chance). Refused
+    before anything runs. A ``--ramp`` given on the command line is the user's choice, and a recipe that sets
+    both is taken as written: kept, with the warning of ``maxq.train.loop``."""
+    from .train.loop import ramp_left
+
+    left, fix = ramp_left(cfg)
+    if left > 0:
+        start, end = cfg.method_ramp
+        raise ValueError(
+            f"the ramp {start:g}-{end:g} of {recipe} does not finish within this {cfg.epochs}-epoch run: {left:.0%} "
+            f"of the blocks would still be dense at the end and be pruned without retraining. Pass a --ramp that "
+            f"does ({fix}), or a longer --epochs"
+        )
 
 
 def train_summary(report: dict[str, Any]) -> list[str]:
@@ -260,8 +325,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--json",
+        nargs="?",
+        const="-",
         metavar="PATH",
-        help="also write the export summary as JSON ('-': to stdout, the other lines to stderr)",
+        help="the export summary as JSON: --json alone (as for verify and eval) prints it to stdout, the other "
+        "lines going to stderr; --json PATH writes it to a file",
     )
     p.set_defaults(func=_run_export)
 
@@ -363,8 +431,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         ".safetensors file, Hugging Face model folder (config.json + model.safetensors, shards, or "
         "pytorch_model.bin) or Lightning .ckpt; torch files are read with weights_only=True (files that would run "
         "code are refused). Which layers must be N:M: --layers if given, else the file's maxq layout record, else "
-        "(with --nm) the layers found N:M -- a layer counts as N:M when at least half of its blocks are, and "
-        "passes only if all are; the others are listed as dense. Weights stored [in, out] (Hugging Face Conv1D: "
+        "(with --nm) every layer not found dense: without a record a layer must be N:M or dense (at most 1% of "
+        "its nonzero blocks N:M), and one that is neither fails. Weights stored [in, out] (Hugging Face Conv1D: "
         "GPT-2 family) are checked along dim 0: as the layout record says, for Hugging Face folders of model_type "
         "gpt2 / openai-gpt / imagegpt / decision_transformer their c_attn, q_attn, c_fc and c_proj, or as "
         "--transposed says. Exit code 0 only when at least one layer must be N:M and every one that must is "
@@ -473,7 +541,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _log_to_stderr(verbose: bool) -> logging.Handler:
     """maxq's log lines go to stderr (results -- tables, JSON -- to stdout); other libraries' INFO lines (matplotlib,
-    onnxruntime's quantizer) are not shown. Returns the handler, which :func:`main` removes when it ends."""
+    onnxruntime's quantizer) are not shown. Returns the handler, which `main` removes when it ends."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     if os.environ.get("RANK", "0") != "0":  # torchrun: the main process speaks; the others only of errors

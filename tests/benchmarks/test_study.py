@@ -301,7 +301,7 @@ def test_finetune_plan_matches_the_issue():
     assert len(cells) == len(children) == 5 * 2 * 2 * 3
     for r in children:
         assert r.after == ["parent"] and r.options["init"] == "@parent"
-        cfg = TrainConfig.from_dict({k: v for k, v in r.options.items() if k != "init"})
+        cfg = TrainConfig.from_dict({**r.options, "init": "parent/checkpoint.pt"})  # "@parent": its checkpoint
         assert cfg.epochs == r.record["budget"] and cfg.lr < parent.options["lr"]
         assert (cfg.dataset, cfg.model, cfg.val_split, cfg.subset) == ("fashion-mnist", "cnn_small", 0.1, 48000)
         sparse = cfg.sparsity_config()

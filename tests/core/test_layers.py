@@ -62,3 +62,19 @@ def test_non_float_weights_are_a_type_error():
 def test_bad_config_type():
     with pytest.raises(TypeError, match="config"):
         maxq.sparsify_(small_cnn(), {"n": 2, "m": 4})
+
+
+@pytest.mark.parametrize(
+    "filter_fn",
+    [lambda name: True, lambda module, name, extra: True, lambda: True],
+    ids=["one argument", "three arguments", "none"],
+)
+def test_a_filter_fn_of_the_wrong_signature_says_what_it_must_take(filter_fn):
+    # Issue 27: a bare TypeError from inside select_layers.
+    with pytest.raises(TypeError, match=r"filter_fn must take two arguments, \(module, qualified_name\).*<lambda>\("):
+        maxq.sparsify_(small_cnn(), maxq.SRSTEConfig(), filter_fn=filter_fn)
+    with pytest.raises(TypeError, match="must be a callable"):
+        select_layers(small_cnn(), 4, filter_fn="conv")
+    # Keyword-friendly and variadic callables are fine.
+    assert any(c.selected for c in select_layers(small_cnn(), 4, lambda *args: True))
+    assert any(c.selected for c in select_layers(small_cnn(), 4, lambda module, name, extra=1: True))

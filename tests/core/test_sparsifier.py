@@ -364,3 +364,63 @@ def test_the_soft_scale_does_compound_without_normalization():
     maxq.sparsify_(hard, maxq.MaxQConfig(ramp=(0, 0), queries=False))
     features = [float(net[:-1](x).detach().abs().mean()) for net in (soft, hard)]  # before the dense classifier
     assert features[0] > 8 * features[1]  # ~1.8x per layer over five layers
+
+
+@pytest.mark.parametrize("config", [maxq.MaxQConfig(ramp=(0, 0)), maxq.SRSTEConfig()], ids=["maxq", "srste"])
+def test_a_dense_state_dict_loads_into_a_sparsified_model(config):
+    # Issue 27: library.md says loading weights recomputes the masks; a dense state dict gave torch's missing keys.
+    torch.manual_seed(5)
+    dense = small_cnn().state_dict()
+    keys = list(dense)
+    model = small_cnn()
+    sp = maxq.sparsify_(model, config)
+    model.load_state_dict(dense)  # strict: every key matched
+    for name in sp.layers:
+        assert torch.equal(model.get_submodule(name).parametrizations.weight.original, dense[f"{name}.weight"])
+    ref = ref_sparsifier_masks(sp)
+    for name, mask in sp.named_masks():  # the masks of the loaded weights
+        torch.testing.assert_close(mask, ref[name])
+    assert list(dense) == keys  # the caller's dict is left as it was
+    # Under a parent module (a prefix), and mixed with sparsified keys: only the plain ones are renamed.
+    wrapper = nn.Sequential(model)
+    mixed = {f"0.{k}": v for k, v in model.state_dict().items()}
+    mixed["0.6.weight"] = mixed.pop("0.6.parametrizations.weight.original") * 2
+    wrapper.load_state_dict(mixed)
+    torch.testing.assert_close(model[6].parametrizations.weight.original, mixed["0.6.weight"])
+    # Once folded, the model is plain again: a plain state dict loads as for any model.
+    maxq.fold_(model)
+    model.load_state_dict(dense)
+    assert torch.equal(model[3].weight, dense["3.weight"])
+
+
+def test_a_dense_state_dict_into_a_one_shot_model_says_to_load_first():
+    model = small_cnn()
+    maxq.sparsify_(model, maxq.OneShotConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"OneShotConfig.*Load the weights first, then call maxq\.sparsify_"):
+        model.load_state_dict(small_cnn().state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), True, "1", None])
+def test_progress_must_be_a_finite_number_of_epochs(bad):
+    # Issue 27: set_progress(-1) was accepted.
+    sp = maxq.sparsify_(small_cnn(), maxq.MaxQConfig(ramp=(0, 2)))
+    with pytest.raises(ValueError, match=r"progress must be a finite number of epochs >= 0"):
+        sp.set_progress(bad)
+    if bad is not None:  # step(None) is a step without progress
+        with pytest.raises(ValueError, match=r"progress must be a finite number of epochs >= 0"):
+            sp.step(bad)
+    assert sp.progress is None and sp.steps == 0  # nothing moved
+    assert sp.set_progress(torch.tensor(1.0)) == 0.5 and sp.progress == 1.0  # a 0-d tensor is a number
+
+
+def test_resuming_with_other_settings_says_what_to_do(caplog):
+    model = small_cnn()
+    state = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 2), tau=0.05)).state_dict()
+    other = maxq.sparsify_(small_cnn(), maxq.MaxQConfig(ramp=(0, 2)))
+    with caplog.at_level("WARNING", logger="maxq"):
+        other.load_state_dict(state)
+    text = caplog.text
+    assert "saved {'tau': 0.05}, this sparsifier {'tau': 0.01}" in text and "continues with this sparsifier's" in text
+    assert "maxq.make_config('maxq', **saved)" in text

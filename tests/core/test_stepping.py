@@ -249,3 +249,68 @@ def test_steps_per_epoch_is_validated():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="steps_per_epoch"):
             OptimizerSteps(sp, steps_per_epoch=bad)
+
+
+def _one_step(model, opt, *, manual: tuple[str, ...] = (), sp=None) -> None:
+    x, y = _data(0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if "regularize_" in manual:
+        sp.regularize_()
+    opt.step()
+    if "step" in manual:
+        sp.step()
+
+
+def test_hook_optimizer_twice_is_refused_and_counts_once():
+    # Issue 27: a second hook_optimizer doubled the step count and the decay, silently.
+    model, sp, opt = _setup(maxq.SRSTEConfig())
+    handles = sp.hook_optimizer(opt)
+    with pytest.raises(RuntimeError, match=r"already called for this sparsifier, on this optimizer.*handle\.remove"):
+        sp.hook_optimizer(opt)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"on another optimizer \(SGD\)"):
+        sp.hook_optimizer(other)
+    _one_step(model, opt)
+    assert sp.steps == 1  # one set of hooks ran
+    handles[0].remove()  # either handle takes both hooks off
+    _one_step(model, opt)
+    assert sp.steps == 1
+    handles[1].remove()  # a second remove is a no-op
+    with sp.hook_optimizer(other)[0]:  # hooking again after removing: fine; a handle is a context manager too
+        _one_step(model, other)
+    assert sp.steps == 2
+    # An optimizer that is gone holds no hooks: a new one may be hooked without removing anything.
+    sp.hook_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    import gc
+
+    gc.collect()
+    sp.hook_optimizer(opt)
+    _one_step(model, opt)
+    assert sp.steps == 3
+
+
+@pytest.mark.parametrize("call", ["regularize_", "step"])
+def test_manual_calls_on_a_hooked_sparsifier_are_refused(call):
+    # Issue 27: hook_optimizer plus hand-written regularize_() / step() decayed and counted every step twice.
+    model, sp, opt = _setup(maxq.SRSTEConfig())
+    handles = sp.hook_optimizer(opt)
+    with pytest.raises(
+        RuntimeError, match=rf"Sparsifier\.{call}\(\) was called on a sparsifier whose optimizer is hooked"
+    ):
+        _one_step(model, opt, manual=(call,), sp=sp)
+    sp.set_progress(1.0)  # the ramp stays explicit: allowed
+    for handle in handles:
+        handle.remove()
+    _one_step(model, opt, manual=("regularize_", "step"), sp=sp)  # by hand once the hooks are off
+    # The hooked optimizer step counted once (when it got that far), the refused call not at all, the manual one once.
+    assert sp.steps == 1 + (call == "step")
+
+
+def test_a_callback_driver_on_a_hooked_sparsifier_is_refused():
+    # What the framework callbacks and maxq train do (an OptimizerSteps without hooks) next to hook_optimizer.
+    _, sp, opt = _setup(maxq.SRSTEConfig())
+    sp.hook_optimizer(opt)
+    driver = OptimizerSteps(sp, steps_per_epoch=SPE)
+    with pytest.raises(RuntimeError, match="use the callback or the hooks, not both"):
+        driver.before_optimizer_step(opt)

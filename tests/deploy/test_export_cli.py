@@ -161,3 +161,15 @@ def test_onnx_files_without_layer_names_still_verify(exported, tmp_path, capsys)
     onnx.save(proto, str(old))
     assert main(["verify", str(old)]) == 0  # a file of an older maxq: initializer names, still checked
     assert "onnx::" in capsys.readouterr().out
+
+
+def test_export_json_alone_prints_to_stdout_as_verify_and_eval_do(tmp_path, capsys):
+    # Issue 27: export took --json PATH (or '-') where verify and eval take a bare --json.
+    src = _folded_file(tmp_path, "mlp", 2, 4)
+    capsys.readouterr()
+    assert main(["export", str(src), "--compressed", str(tmp_path / "m.maxq"), "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout holds the JSON alone; the human lines went to stderr
+    assert summary["compressed"]["file_bytes"] > 0 and "compressed:" in captured.err
+    assert main(["export", str(src), "--folded", str(tmp_path / "f.pt"), "--json", str(tmp_path / "s.json")]) == 0
+    assert "folded" in json.loads((tmp_path / "s.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from maxq.integrations.hf import STATE_FILE, MaxQCallback
 from .hf_setup import Recorder, WordsDataset, make_trainer, tiny_bert, training_args, weights
 
 HERE = Path(__file__).resolve().parent
+# One xdist worker runs this file: the uninterrupted run the resume tests compare with is a module fixture.
+pytestmark = pytest.mark.xdist_group("hf")
 ROOT = HERE.parents[1]
 
 
@@ -119,6 +122,74 @@ def test_save_pretrained_after_fold_loads_without_maxq(tmp_path):
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(folder))
     assert maxq.check_nm(reloaded, 2, 4, layers).ok
+    assert callback.result.ok and [r.name for r in callback.report.sparsified] == layers  # as Lightning's
+
+
+def test_fold_false_then_save_model_writes_an_ordinary_model(tmp_path):
+    # Issue 27: with fold=False, save_model wrote ...parametrizations.weight.original keys, which from_pretrained
+    # reported missing and initialised at random, silently.
+    from transformers import AutoModelForSequenceClassification
+
+    callback = MaxQCallback(MAXQ(ramp=(0, 1)), fold=False)
+    trainer = make_trainer(str(tmp_path / "run"), [callback], n=32, num_train_epochs=2, save_strategy="no")
+    layers = callback.sparsifier.layers
+    trainer.train()
+    sp = callback.sparsifier
+    assert not sp.folded and sparsifier_attached(trainer.model)  # the masks stay, as asked
+    assert callback.result is None and [r.name for r in callback.report.sparsified] == layers
+    ids = WordsDataset(4, seed=3).ids
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+    trainer.save_model(str(tmp_path / "model"))
+    reloaded, info = AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "model"), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+    assert maxq.check_nm(reloaded, 2, 4, layers).ok
+    # The sparsified model takes that ordinary state dict back: the weights become its trainable ones (renamed on
+    # load) and the masks are recomputed from them.
+    trainer.model.load_state_dict(reloaded.state_dict())
+    for name in layers:
+        loaded = trainer.model.get_submodule(name).parametrizations.weight.original
+        assert torch.equal(loaded, reloaded.get_submodule(name).weight)
+
+
+def test_a_ramp_that_cannot_finish_is_refused_when_training_starts(tmp_path):
+    # Issue 27: refused only in on_train_end, after all the training, though num_train_epochs was known at the start.
+    callback = MaxQCallback(MAXQ())  # the staircase 0-2 over 2 epochs: p = 0.5 in the last one
+    trainer = make_trainer(str(tmp_path), [callback], n=32, num_train_epochs=2, save_strategy="no")
+    before = weights(trainer.model)
+    message = (
+        r"ramp 0-2 \(per-epoch staircase.*\) does not finish within the planned 8 optimizer steps "
+        r"\(num_train_epochs=2: 2 epochs of 4 steps\): 50% .*end the ramp by epoch 1 \(ramp=\(0, 1\)\).*fold_force"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in weights(trainer.model).items())  # no step was taken
+    trainer = make_trainer(str(tmp_path), [MaxQCallback(MAXQ(per_step=True))], n=32, max_steps=6, save_strategy="no")
+    with pytest.raises(ValueError, match=r"planned 6 optimizer steps \(max_steps=6: 1\.5 epochs of 4 steps\)"):
+        trainer.train()
+
+
+def test_ramp_check_without_a_planned_length_warns(caplog):
+    from maxq.core.stepping import OptimizerSteps
+    from maxq.integrations._lifecycle import check_ramp_fits
+
+    sp = maxq.sparsify_(tiny_bert(), MAXQ())
+    driver = OptimizerSteps(sp, steps_per_epoch=4)
+    for total in (None, float("inf")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="maxq"):
+            check_ramp_fits(driver, total, "max_epochs=-1", fold=True, force=False)
+        assert "the run's length is not set (max_epochs=-1)" in caplog.text and "refuses to fold" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="maxq"):
+        caplog.clear()
+        check_ramp_fits(driver, 12, "max_epochs=3", fold=True, force=False)  # 3 staircase epochs: p = 0 in the last
+    assert not caplog.text
 
 
 # -- resume mid-epoch: the uninterrupted run's sparsifier state, step by step, and its weights bit for bit -----------

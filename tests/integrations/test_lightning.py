@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -134,6 +135,7 @@ def test_ends_exactly_2_4_as_an_ordinary_model(config, tmp_path):
     trainer([cb]).fit(model, Loader())
     assert cb.result is not None and cb.result.ok
     layers = ["0", "3"]  # net.5, the classifier, stays dense by default
+    assert [r.name for r in cb.report.sparsified] == layers  # the end-of-training report, without a log handler
     assert maxq.check_nm(model.net, 2, 4, layers).ok
     assert cb.sparsifier.folded and not any("parametrizations" in k for k in model.state_dict())
     torch.save(model.net.state_dict(), tmp_path / "net.pt")
@@ -197,6 +199,25 @@ def test_checkpoint_carries_the_sparsifier(tmp_path):
     # progress is the last step's (set when it began: step SPE - 1 of SPE per epoch)
     assert saved["step"] == SPE and saved["progress"] == (SPE - 1) / SPE
     assert set(saved["layers"]) == set(cb.sparsifier.layers)
+
+
+def test_maxq_verify_reads_checkpoints_written_during_fit(tmp_path, capsys):
+    # Issue 27: a .ckpt written during a MaxQCallback fit (weights not folded yet) could not be verified.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from maxq.cli import main
+
+    L.seed_everything(0, verbose=False)
+    cb = MaxQCallback(maxq.MaxQConfig(ramp=(0, 1), per_step=True), module="net")
+    saver = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=4, save_top_k=-1)
+    trainer([cb, saver], enable_checkpointing=True).fit(Net(), Loader())
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "step=4.ckpt")]) == 1  # mid-ramp: blocks still dense
+    out = capsys.readouterr().out
+    assert "written during fit, not folded" in out and "ramp unfinished" in out
+    assert main(["verify", str(tmp_path / "step=8.ckpt")]) == 0  # the ramp's end; no --nm: the record says
+    out = capsys.readouterr().out
+    assert "lightning file's layout" in out and "OK: 2/2 expected layers are 2:4" in out
 
 
 # -- gradient accumulation: optimizer steps, not micro-batches ------------------------------------------------------
@@ -290,6 +311,12 @@ def test_adopts_a_model_the_user_sparsified():
     maxq.sparsify_(model.net, maxq.SRSTEConfig())
     with pytest.raises(ValueError, match="already sparsified with"):
         trainer([MaxQCallback(maxq.OneShotConfig(), module="net")], epochs=1).fit(model, Loader())
+    # Issue 27: without module=, the errors ("not sparsified", "already has a parametrization") did not say it.
+    for config in (None, maxq.SRSTEConfig()):
+        with pytest.raises(
+            ValueError, match=r"Net\.net was sparsified with maxq\.sparsify_.*MaxQCallback\(module='net'\)"
+        ):
+            trainer([MaxQCallback(config)], epochs=1).fit(model, Loader())
 
 
 def test_errors_say_what_to_do():
@@ -313,6 +340,31 @@ def test_errors_say_what_to_do():
         trainer([MaxQCallback(maxq.SRSTEConfig())]).fit(Net(optimizers=2, manual=True), Loader())
 
 
+def test_a_ramp_that_cannot_finish_is_refused_when_training_starts(caplog):
+    # Issue 27: refused only in on_train_end, after all the training, though max_epochs was known at the start.
+    model = Net()
+    t = trainer([MaxQCallback(maxq.MaxQConfig(ramp=(0, 2)))], epochs=2)  # staircase: p = 0.5 in the last epoch
+    message = (
+        r"the ramp 0-2 \(per-epoch staircase.*\) does not finish within the planned 16 optimizer steps "
+        r"\(max_epochs=2: 2 epochs of 8 steps\): 50% of the blocks would still be dense when training ends\. "
+        r"To finish it in training, end the ramp by epoch 1 \(ramp=\(0, 1\)\), ramp per step \(per_step=True: "
+        r"ends by epoch 2\), or train longer.*fold_force=True"
+    )
+    with pytest.raises(ValueError, match=message):
+        t.fit(model, Loader())
+    assert t.global_step == 0 and not any(p.grad is not None for p in model.parameters())  # before any step
+    with pytest.raises(ValueError, match=r"planned 12 optimizer steps \(max_steps=12: 1\.5 epochs"):
+        trainer([MaxQCallback(maxq.MaxQConfig(ramp=(0, 2), per_step=True))], max_steps=12).fit(Net(), Loader())
+    # Where the end would not refuse, a warning says what happens to the blocks still dense.
+    for options, consequence in (({"fold_force": True}, "pruned when folding"), ({"fold": False}, "not N:M")):
+        caplog.clear()
+        cb = MaxQCallback(maxq.MaxQConfig(ramp=(0, 2)), **options)
+        with caplog.at_level(logging.WARNING, logger="maxq"):
+            trainer([cb], epochs=2).fit(Net(), Loader())
+        assert "does not finish within the planned 16 optimizer steps" in caplog.text and consequence in caplog.text
+        assert cb.sparsifier.steps == 2 * SPE
+
+
 # -- the example: real data, one process and 2-process DDP (gloo) ---------------------------------------------------
 EXAMPLE = ROOT / "examples" / "lightning_fashion_mnist.py"
 
@@ -330,7 +382,7 @@ def run_example(tmp_path, *flags, timeout=300):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}  # fmt: skip
-    cmd = [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path / "out"), *flags]
+    cmd = [sys.executable, str(EXAMPLE), "--quick", "--threads", "1", "--out", str(tmp_path / "out"), *flags]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "OK: 6/6 expected layers are 2:4" in run.stdout and "test top-1" in run.stdout, run.stdout

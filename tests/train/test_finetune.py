@@ -58,7 +58,7 @@ def test_finetune_recipe_parses_validates_and_is_in_range():
         if "ramp" in config_options(method):
             assert sparse.soft_warmup == "ramp" and sparse.per_step
             assert sparse.ramp == (0.0, cfg.epochs / 2)  # the first half of fine-tuning
-    cfg = TrainConfig.from_dict(options)
+    cfg = TrainConfig.from_dict({**options, "init": "parent/checkpoint.pt"})
     assert 0 < cfg.lr <= 0.02 and cfg.warmup_epochs < cfg.epochs  # a fine-tuning rate, below the parent's 0.1
     assert 1 <= cfg.epochs <= 10 and 0 < cfg.momentum < 1 and cfg.weight_decay < 1e-3
     assert (cfg.dataset, cfg.model, cfg.val_split) == ("fashion-mnist", "cnn_small", 0.1)

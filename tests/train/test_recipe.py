@@ -11,7 +11,10 @@ CONFIGS = sorted(
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_recipes_are_valid(path):
-    cfg = TrainConfig.from_dict(load_yaml(path))
+    options = load_yaml(path)
+    if options.get("finetune"):  # a fine-tuning recipe needs the model to start from
+        options["init"] = "parent/checkpoint.pt"
+    cfg = TrainConfig.from_dict(options)
     assert cfg.sparsity_config() is not None or cfg.method == "dense"
 
 

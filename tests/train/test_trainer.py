@@ -24,7 +24,7 @@ FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "report.json", "curves
 
 def _cfg(out, **kw):
     base = dict(
-        dataset="synthetic", model="cnn_small", epochs=1, batch_size=64, out=str(out), progress=False, threads=2
+        dataset="synthetic", model="cnn_small", epochs=1, batch_size=64, out=str(out), progress=False, threads=1
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -65,7 +65,8 @@ def test_one_epoch_run_writes_every_file(method, tmp_path):
 
 
 def test_resume_after_a_crash_is_exact(tmp_path):
-    straight = train(_cfg(tmp_path / "a", epochs=3))
+    small = {"subset": 512}  # 8 steps per epoch: the exactness does not need more
+    straight = train(_cfg(tmp_path / "a", epochs=3, **small))
 
     class Crash(Exception):
         pass
@@ -75,9 +76,9 @@ def test_resume_after_a_crash_is_exact(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        train(_cfg(tmp_path / "b", epochs=3), on_epoch_end=crash_after_first)
+        train(_cfg(tmp_path / "b", epochs=3, **small), on_epoch_end=crash_after_first)
     assert not (tmp_path / "b" / "report.json").exists()
-    resumed = train(_cfg(tmp_path / "b", epochs=3, resume=True))
+    resumed = train(_cfg(tmp_path / "b", epochs=3, resume=True, **small))
     a = torch.load(tmp_path / "a" / "model_folded.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "model_folded.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -153,31 +154,21 @@ def _cli(*args, **kw):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "r"
-    args = [
-        "--dataset",
-        "synthetic",
-        "--epochs",
-        "6",
-        "--batch-size",
-        "16",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--threads",
-        "1",
-    ]
+    epochs = 15  # short epochs (8 steps), many of them: the kill lands mid-run even on a fast, idle machine
+    args = ["--dataset", "synthetic", "--epochs", str(epochs), "--subset", "256", "--batch-size", "32"]
+    args += ["--out", str(out), "--no-progress", "--threads", "1"]
     proc = _cli(*args)
     _wait_for_checkpoint(proc, out)
-    proc.send_signal(signal.SIGKILL)  # the first checkpoint exists; five epochs are still to go
+    proc.send_signal(signal.SIGKILL)  # the first checkpoint exists; most epochs are still to go
     proc.wait()
     done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
-    assert 1 <= done < 6
+    assert 1 <= done < epochs
     proc = _cli(*args, "--resume")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    assert f"resuming {out} after epoch {done} of 6: continuing with epoch {done + 1}" in output
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
-    assert json.loads((out / "report.json").read_text())["epochs"] == 6
+    assert f"resuming {out} after epoch {done} of {epochs}: continuing with epoch {done + 1}" in output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == epochs
+    assert json.loads((out / "report.json").read_text())["epochs"] == epochs
 
 
 def test_torchrun_two_processes(tmp_path):

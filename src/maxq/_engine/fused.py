@@ -1,7 +1,7 @@
-"""The MaxQ mask on the CPU with the fused kernel (float32): the same masks as :mod:`maxq.core.masks`.
+"""The MaxQ mask on the CPU with the fused kernel (float32): the same masks as `maxq.core.masks`.
 
 The kernel finds the exact order statistics of the queries (and the dense-block cut of the ramp) near the
-previous update's thresholds, which move little between steps; :class:`FusedState` carries them from one
+previous update's thresholds, which move little between steps; `FusedState` carries them from one
 update to the next. Only speed depends on it.
 
 Besides the float mask (``fused_mask_``) it writes a layer's lean mask state (``fused_state_``: bit planes and

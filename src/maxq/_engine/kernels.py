@@ -7,17 +7,24 @@ need about five, which is what keeps CPU training overhead small. They are an ac
 identical (hard masks, order statistics) or equal to float rounding (soft scales) to the eager path, and the
 eager path runs wherever they are unavailable (no C++ compiler, CUDA tensors, other dtypes).
 
-Set ``MAXQ_CPU_KERNELS=0`` to turn them off. The build (about 30 s, once per machine) goes to torch's extension
-cache (``TORCH_EXTENSIONS_DIR``).
+Set ``MAXQ_CPU_KERNELS=0`` to turn them off. The build (about 30 s, logged while it runs) goes to torch's
+extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), once per machine for each
+version of the kernel source and of torch: every checkout and venv with those versions loads the same build.
 """
 
 # No `from __future__ import annotations` here: torch 2.4 infers the custom ops' schemas from annotations
 # that must be types, not strings (later releases resolve strings too).
 
+import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -60,23 +67,7 @@ def cpu_kernels() -> ModuleType | None:
     try:
         # torch's CUDA builds warn about a missing CUDA runtime on import here; irrelevant for a CPU build.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        from torch.utils.cpp_extension import load
-
-        tag, flags = _isa_flags()
-        # The source's hash in the name: checkouts with other sources never rebuild over each other's cache.
-        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
-        name = f"maxq_cpu_{digest}_{tag}"
-        if _built(name):
-            log.debug("maxq: loading the fused CPU kernels (built before)")
-        else:
-            log.info("maxq: building the fused CPU kernels (once per machine, about 30 s)")
-        module = load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *flags],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        module = _load_or_build()
     except Exception as exc:  # no compiler, no ninja, unsupported platform: the eager path still works
         # One line (a failed build's message is the whole compiler output: that goes to the debug log).
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -93,14 +84,111 @@ def cpu_kernels() -> ModuleType | None:
     return module
 
 
-def _built(name: str) -> bool:
-    """Whether torch's extension cache already holds the compiled module ``name`` (then loading takes no build)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+# -- the build cache ---------------------------------------------------------------------------------------------
+# One build per (kernel source, torch version, Python ABI, compiler flags, CPU), shared by every checkout and venv
+# on the machine. torch's ninja build reruns whenever its command line changes, and that line holds the source's
+# path and the venv's include paths: built straight from a checkout, two checkouts (or venvs) of the same source
+# would rebuild each other's module on every start. So the source is copied to a content-addressed folder in the
+# cache and built from there, and a module already built is imported directly, without asking ninja.
 
-        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
-    except Exception:  # a private torch helper: if it moves, say that a build may happen
-        return False
+#: seconds between "still building" log lines during a build
+BUILD_HEARTBEAT_S = 10.0
+_CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
+#: written into the build folder once a build has finished; only then is its library imported directly
+BUILT_STAMP = "maxq-built"
+_LDFLAGS = ["-fopenmp"]
+
+
+def _build_name(tag: str, flags: list[str]) -> str:
+    """The module's name: a digest of everything its binary depends on (the cache key)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    abi = f"{sys.implementation.cache_tag}{getattr(sys, 'abiflags', '')}"
+    for part in (torch.__version__, abi, platform.machine(), *_CFLAGS, *flags, *_LDFLAGS):
+        digest.update(b"\0" + part.encode())
+    return f"maxq_cpu_{digest.hexdigest()[:12]}_{tag}"
+
+
+def _build_dir(name: str) -> Path:
+    """torch's extension cache folder for ``name`` (``TORCH_EXTENSIONS_DIR``, else a per-user folder)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def _library(build_dir: Path, name: str) -> Path:
+    return build_dir / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+
+
+def _stage_source(build_dir: Path) -> Path:
+    """The kernel source, copied (atomically) into the build folder: the same path for every checkout."""
+    staged = build_dir / "source" / _SOURCE.name
+    data = _SOURCE.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != data:
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staged.with_name(f".{staged.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, staged)
+    return staged
+
+
+def _import_built(name: str, library: Path) -> ModuleType:
+    """Import an extension module built before (what torch's ``load`` does once its build has nothing to do)."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _heartbeat(what: str) -> Iterator[None]:
+    """Log ``still {what} (N s)`` every `BUILD_HEARTBEAT_S` seconds until the block ends, then the time."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(BUILD_HEARTBEAT_S):
+            log.info("maxq: still %s (%.0f s)", what, time.monotonic() - started)
+
+    thread = threading.Thread(target=beat, name="maxq-build-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    log.info("maxq: done %s in %.0f s", what, time.monotonic() - started)
+
+
+def _load_or_build() -> ModuleType:
+    """The kernel module from the cache, built first if this machine has no build of this source yet."""
+    tag, flags = _isa_flags()
+    name = _build_name(tag, flags)
+    build_dir = _build_dir(name)
+    library, stamp = _library(build_dir, name), build_dir / BUILT_STAMP
+    if library.is_file() and stamp.is_file():  # the stamp comes after the build: never a half-written library
+        log.debug("maxq: loading the fused CPU kernels built before (%s)", library)
+        return _import_built(name, library)
+    from torch.utils.cpp_extension import load
+
+    source = _stage_source(build_dir)
+    log.info(
+        "maxq: building the fused CPU kernels into %s (about 30 s, once per machine for this maxq and torch "
+        "version; MAXQ_CPU_KERNELS=0 skips them)",
+        build_dir,
+    )
+    with _heartbeat("building the fused CPU kernels"):
+        module = load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=[*_CFLAGS, *flags],
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    stamp.write_text(f"{library.name}\n")
+    return module
 
 
 def _register_ops(ext: ModuleType) -> None:

@@ -85,7 +85,7 @@ def host_syncs(device: torch.device | str, fail: bool = False) -> Iterator[list[
 
     Args:
         device: the device the block computes on: CUDA uses torch's sync debug mode, the CPU the dispatcher watch.
-        fail: raise at the first one (:class:`HostSync` on the CPU, torch's ``RuntimeError`` on CUDA) instead of
+        fail: raise at the first one (`HostSync` on the CPU, torch's ``RuntimeError`` on CUDA) instead of
             counting.
     """
     events: list[str] = []

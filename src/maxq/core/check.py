@@ -21,27 +21,63 @@ __all__ = ["LayerCheck", "NMCheck", "check_nm", "effective_weights"]
 
 @dataclass
 class LayerCheck:
-    """Compliance of one layer: ``violations`` blocks hold more than ``n`` nonzeros."""
+    """Compliance of one layer: ``violations`` blocks hold more than ``n`` nonzeros.
+
+    A layer that is not ``expected`` to be N:M (dense by design, or found dense in a file without a record) has
+    nothing to violate: its ``ok`` is true and its row shows no violation count.
+    """
 
     name: str
     shape: tuple[int, ...]
     groups: int  # blocks checked
-    violations: int
+    violations: int  # blocks with more than n nonzeros
     max_nonzero: int  # most nonzeros in any block: the pattern found is max_nonzero:m
     expected: bool  # the layer is supposed to be N:M (sparsified); others are only reported
     note: str = ""
+    zero_blocks: int = 0  # blocks with no nonzero at all (a zero row, a padding embedding, ...)
+
+    @property
+    def missing(self) -> bool:
+        return self.note.startswith("missing")
 
     @property
     def ok(self) -> bool:
-        return self.violations == 0 and not self.note.startswith("missing")
+        if not self.expected:
+            return True
+        return self.violations == 0 and not self.missing
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "shape": list(self.shape), "ok": self.ok}
+    def cells(self, n: int, m: int) -> dict[str, Any]:
+        """The layer's row, as both the table and the JSON show it (one computation for both).
+
+        Keys: ``name``, ``shape``, ``expected`` (bool), ``pattern`` (``"N:M"`` or ``"dense"``: what the layer must
+        be), ``found`` (``"k:M"`` with ``k`` the most nonzeros in a block, or ``"dense"``), ``groups``,
+        ``violations`` (``None`` for a layer not expected to be N:M), ``max_nonzero``, ``zero_blocks``, ``ok``,
+        ``note``.
+        """
+        if self.expected:
+            found = f"{self.max_nonzero}:{m}" if self.groups else "-"
+            pattern, violations = f"{n}:{m}", self.violations
+        else:
+            found = "dense" if self.max_nonzero >= m else f"{self.max_nonzero}:{m}"
+            pattern, violations = "dense", None
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "expected": self.expected,
+            "pattern": pattern,
+            "found": found,
+            "groups": self.groups,
+            "violations": violations,
+            "max_nonzero": self.max_nonzero,
+            "zero_blocks": self.zero_blocks,
+            "ok": self.ok,
+            "note": self.note,
+        }
 
 
 @dataclass
 class NMCheck:
-    """Result of :func:`check_nm`; ``ok`` is true only if every expected layer is exactly N:M."""
+    """Result of [`check_nm`][maxq.check_nm]; ``ok`` is true only if every expected layer is exactly N:M."""
 
     n: int
     m: int
@@ -57,17 +93,19 @@ class NMCheck:
         return bool(self.expected) and all(c.ok for c in self.expected)
 
     def to_dict(self) -> dict[str, Any]:
+        """The check as JSON-ready data; each layer is its [`LayerCheck.cells`][maxq.LayerCheck.cells], the table's
+        row."""
         return {
             "n": self.n,
             "m": self.m,
             "ok": self.ok,
             "source": self.source,
-            "layers": [c.to_dict() for c in self.layers],
+            "layers": [c.cells(self.n, self.m) for c in self.layers],
         }
 
     def __str__(self) -> str:
         head = ("layer", "shape", "expected", "found", "groups", "violations", "note")
-        rows = [head] + [_row(c, self.n, self.m) for c in self.layers]
+        rows = [head] + [_row(c.cells(self.n, self.m)) for c in self.layers]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -79,15 +117,12 @@ class NMCheck:
         return "\n".join(lines) + "\n" + summary + f" (expected layers from: {self.source})"
 
 
-def _row(c: LayerCheck, n: int, m: int) -> tuple[str, ...]:
-    """One table row. A layer that is not expected to be N:M (dense by design: first conv, classifier, ...) is
-    shown as such, without counting its full blocks as violations."""
-    shape = "x".join(map(str, c.shape))
-    if c.expected:
-        found = f"{c.max_nonzero}:{m}" if c.groups else "-"
-        return (c.name, shape, f"{n}:{m}", found, str(c.groups), str(c.violations), c.note)
-    found = "dense" if c.max_nonzero >= m else f"{c.max_nonzero}:{m}"
-    return (c.name, shape, "dense", found, str(c.groups), "-", c.note or "dense by design (not sparsified)")
+def _row(cells: dict[str, Any]) -> tuple[str, ...]:
+    """One table row from [`LayerCheck.cells`][maxq.LayerCheck.cells] (a layer not expected to be N:M shows ``-``
+    violations)."""
+    shape = "x".join(map(str, cells["shape"]))
+    violations = "-" if cells["violations"] is None else str(cells["violations"])
+    return (cells["name"], shape, cells["pattern"], cells["found"], str(cells["groups"]), violations, cells["note"])
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -108,10 +143,12 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _count(weight: Tensor, n: int, m: int) -> tuple[int, int, int]:
-    """Blocks, blocks with more than ``n`` nonzeros, most nonzeros in a block, of an ``[O, I(, kh, kw)]`` weight."""
+def _count(weight: Tensor, n: int, m: int) -> tuple[int, int, int, int]:
+    """Blocks, blocks with more than ``n`` nonzeros, most nonzeros in a block, and blocks without any nonzero, of
+    an ``[O, I(, kh, kw)]`` weight."""
     nonzero = (to_blocks(weight, m) != 0).sum(-1)
-    return nonzero.numel(), int((nonzero > n).sum()), int(nonzero.max()) if nonzero.numel() else 0
+    most = int(nonzero.max()) if nonzero.numel() else 0
+    return nonzero.numel(), int((nonzero > n).sum()), most, int((nonzero == 0).sum())
 
 
 def _weights_from_mapping(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], NMLayout | None]:
@@ -158,8 +195,8 @@ def check_nm(
             dim 0. Default: the layout's record (none without one). A model's layers say it themselves.
 
     Returns:
-        :class:`NMCheck` with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides); ``.ok``
-        is true only if every expected layer is N:M, and ``str()`` renders the table.
+        [`NMCheck`][maxq.NMCheck] with a row per candidate layer (2-D/4-D weight whose input size ``m`` divides);
+        ``.ok`` is true only if every expected layer is N:M, and ``str()`` renders the table.
 
     Raises:
         ValueError: an invalid pattern.
@@ -187,21 +224,27 @@ def check_nm(
         raise TypeError(f"check_nm takes an nn.Module or a state dict, got {type(obj).__name__}")
     weights = {name: oi_view(w, axes[name]) for name, w in weights.items()}  # every weight as [O, I(, kh, kw)]
 
+    dense_notes: dict[str, str] = {}  # why a layer is not expected to be N:M, by name
     if layers is not None:
         expected, source = list(layers), source or "the layers argument"
+        why = "dense by design (not in the list of N:M layers)"
     elif layout is not None:
         if (layout.n, layout.m) != (n, m):
             raise ValueError(f"the object was sparsified {layout.pattern}, not {n}:{m}")
         expected, source = list(layout.layers), "the model's maxq layout"
+        why = "dense by design (not sparsified)"
     elif isinstance(obj, nn.Module):
-        expected = [c.name for c in select_layers(obj, m) if c.selected]
-        source = "the default selection rule"
+        choices = select_layers(obj, m)
+        expected = [c.name for c in choices if c.selected]
+        dense_notes = {c.name: f"dense by the default rule: {c.reason}" for c in choices if not c.selected}
+        source, why = "the default selection rule", "dense by the default rule"
     else:
         names = list(weights)
         conv = [k for k in names if weights[k].dim() == 4]
         skip = {conv[0] if conv else None, names[-1] if names else None}
         expected = [k for k in names if k not in skip and weights[k].shape[1] % m == 0]
         source = "the default rule on key order (first conv and last layer dense)"
+        why = "dense by the default rule (first conv, last layer)"
 
     result = NMCheck(n, m, source=source)
     expected_set = set(expected)
@@ -214,9 +257,13 @@ def check_nm(
                     LayerCheck(name, shape, 0, 0, 0, True, f"missing: input size {inputs} not divisible by {m}")
                 )
             continue
-        groups, violations, most = _count(weight, n, m)
-        note = "[in, out] weight: blocks along dim 0" if axes[name] == 0 else ""
-        result.layers.append(LayerCheck(name, shape, groups, violations, most, name in expected_set, note))
+        groups, violations, most, zero = _count(weight, n, m)
+        notes = ["[in, out] weight: blocks along dim 0"] if axes[name] == 0 else []
+        if name not in expected_set:
+            notes.insert(0, dense_notes.get(name, why))
+        result.layers.append(
+            LayerCheck(name, shape, groups, violations, most, name in expected_set, "; ".join(notes), zero)
+        )
     for name in expected:
         if name not in weights:
             result.layers.append(LayerCheck(name, (), 0, 0, 0, True, "missing: no such layer"))

@@ -1,10 +1,11 @@
 """Method configurations: small validated dataclasses, one per method, each the one owner of its method's
 behaviour (which mask, which schedule, which gradient).
 
-``dense`` needs no configuration (it is the model without :func:`maxq.sparsify_`). ``CONFIGS`` is the one place a
-method name becomes a config class. The stateful layer (:class:`maxq.Sparsifier`) asks the config -- never the
-method's name -- what to do: ``frozen``, ``straight_through``, ``soft``, ``decay``, :meth:`NMConfig.dense_fraction`
-and :meth:`NMConfig.block_priority`, :meth:`NMConfig.soft_strength`, ``normalize_soft``.
+``dense`` needs no configuration (it is the model without [`maxq.sparsify_`][maxq.sparsify_]). ``CONFIGS`` is the one
+place a method name becomes a config class. The stateful layer ([`maxq.Sparsifier`][maxq.Sparsifier]) asks the config --
+never the method's name -- what to do: ``frozen``, ``straight_through``, ``soft``, ``decay``,
+[`NMConfig.dense_fraction`][maxq.NMConfig.dense_fraction] and [`NMConfig.block_priority`][maxq.NMConfig.block_priority],
+[`NMConfig.soft_strength`][maxq.NMConfig.soft_strength], ``normalize_soft``.
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ class NMConfig:
 
     @property
     def tau(self) -> float:
-        """Query temperature (used only when :attr:`soft`)."""
+        """Query temperature (used only when [`soft`][maxq.NMConfig.soft])."""
         return 0.01
 
     @property
     def order(self) -> str:
-        """Which blocks stay dense while :meth:`dense_fraction` > 0."""
+        """Which blocks stay dense while [`dense_fraction`][maxq.NMConfig.dense_fraction] > 0."""
         return "smallest"
 
     def dense_fraction(self, progress: float) -> float:
@@ -243,7 +244,7 @@ def make_config(method: str, **options: Any) -> NMConfig:
     """Build the config of ``method`` from keyword options.
 
     Args:
-        method: ``maxq``, ``srste`` or ``oneshot`` (the keys of :data:`CONFIGS`).
+        method: ``maxq``, ``srste`` or ``oneshot`` (the keys of [`CONFIGS`][maxq.CONFIGS]).
         **options: fields of that config class (``n``, ``m``, ``ramp``, ...).
 
     Raises:

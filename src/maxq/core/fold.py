@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from .layout import LAYOUT_ATTR, NMLayout
 from .parametrization import NMMask
+from .sharding import is_dtensor, move_fsdp_param, remove_weight_parametrization, row_sharding
 from .sparsifier import sparsifier_of
 
 __all__ = ["LAYOUT_ATTR", "fold_", "nm_layout"]
@@ -28,7 +29,7 @@ def _masked_layers(model: nn.Module) -> list[tuple[str, nn.Module, NMMask]]:
 
 
 def nm_layout(model: nn.Module) -> NMLayout | None:
-    """The :class:`~maxq.core.layout.NMLayout` a model carries, sparsified or folded, with layer names relative to
+    """The `NMLayout` a model carries, sparsified or folded, with layer names relative to
     ``model`` (sub-modules sparsified separately are merged); ``None`` if it carries none."""
     found = []
     for prefix, module in model.named_modules():
@@ -44,10 +45,10 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
 
     The result is a plain model of the same classes whose eval outputs equal the masked model's (it folds the
     mask eval mode uses). Parameter identity is kept, so an optimizer holding the parameters stays valid. The
-    root module records its layout in ``model.maxq_layout`` for :func:`maxq.check_nm`.
+    root module records its layout in ``model.maxq_layout`` for [`maxq.check_nm`][maxq.check_nm].
 
     Args:
-        model: a model sparsified with :func:`maxq.sparsify_` (or a module containing one).
+        model: a model sparsified with [`maxq.sparsify_`][maxq.sparsify_] (or a module containing one).
         force: fold even though the incremental ramp is unfinished: the remaining dense blocks are pruned to
             N:M from the current weights first (logged as a warning).
 
@@ -76,10 +77,22 @@ def fold_(model: nn.Module, force: bool = False) -> nn.Module:
         )
         sparsifier.finish_ramp()
     layouts = {key: s.layout for key, s in sparsifiers.items()}
-    for _, module, _ in layers:  # each folds exactly the mask its next forward would use
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    roots = [s.model for s in sparsifiers.values()]
+    for _, module, param in layers:  # each folds exactly the mask its next forward would use
+        original = module.parametrizations.weight.original
+        if is_dtensor(original):  # sharded (FSDP2): every rank folds its own rows, and the weight stays sharded
+            sharding = row_sharding(original, param.input_axis)
+            with torch.no_grad():
+                local = original.to_local()
+                local.copy_(param.effective_local(local, sharding.offset))
+            remove_weight_parametrization(module)
+            for root in roots:
+                move_fsdp_param(root, original, module, "weight")
+        else:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         with torch.no_grad():
-            module.weight.add_(0.0)  # pruned entries W * 0 can be -0.0; make them +0.0 (same value, canonical bits)
+            weight = module.weight
+            (weight.to_local() if is_dtensor(weight) else weight).add_(0.0)  # -0.0 from W * 0 becomes +0.0
     for key, sparsifier in sparsifiers.items():
         root = sparsifier.model
         sparsifier._detach()

@@ -8,6 +8,7 @@ eligibility still applies, and every layer not sparsified is reported with its r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,24 @@ def _ineligible(module: nn.Module, m: int, tied: str = "") -> str:
     return ""
 
 
+def _check_filter_fn(filter_fn: FilterFn) -> None:
+    """``filter_fn`` must be callable as ``filter_fn(module, qualified_name)``; ``TypeError`` saying so if not."""
+    what = getattr(filter_fn, "__qualname__", type(filter_fn).__name__)
+    if not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (module, qualified_name) -> bool, got {what}")
+    try:
+        signature = inspect.signature(filter_fn)
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        return
+    try:
+        signature.bind(nn.Identity(), "layer")
+    except TypeError as exc:
+        raise TypeError(
+            f"filter_fn must take two arguments, (module, qualified_name), and return a bool, e.g. "
+            f"lambda module, name: not name.startswith('head'); {what}{signature} cannot be called that way ({exc})"
+        ) from None
+
+
 def select_layers(
     model: nn.Module,
     m: int,
@@ -93,9 +112,14 @@ def select_layers(
         skip_first: keep the first conv dense.
         skip_last: keep the last Conv2d/Linear (the classifier) dense.
 
+    Raises:
+        TypeError: ``filter_fn`` cannot be called as ``filter_fn(module, name)``.
+
     Returns:
-        one :class:`LayerChoice` per candidate layer, in registration order, with the reason a layer stays dense.
+        one `LayerChoice` per candidate layer, in registration order, with the reason a layer stays dense.
     """
+    if filter_fn is not None:
+        _check_filter_fn(filter_fn)
     candidates = [
         (name, mod) for name, mod in model.named_modules() if is_weight_layer(mod) or isinstance(mod, _UNSUPPORTED)
     ]

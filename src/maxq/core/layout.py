@@ -1,8 +1,8 @@
 """The N:M layout record: which layers of a model are N:M, with which pattern, from which method.
 
 It is the one description every part of maxq shares: a sparsified model reports it
-(:attr:`maxq.Sparsifier.layout`), a folded model carries it (``model.maxq_layout``), and every file maxq writes
-stores it (folded model, compressed file, ONNX metadata) as :meth:`NMLayout.to_dict`.
+([`maxq.Sparsifier.layout`][maxq.Sparsifier.layout]), a folded model carries it (``model.maxq_layout``), and every file
+maxq writes stores it (folded model, compressed file, ONNX metadata) as `NMLayout.to_dict`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .nm import validate_nm
 
 __all__ = ["LAYOUT_ATTR", "NMLayout"]
 
-#: attribute of a folded root module holding its :class:`NMLayout`.
+#: attribute of a folded root module holding its `NMLayout`.
 LAYOUT_ATTR = "maxq_layout"
 
 
@@ -27,7 +27,7 @@ class NMLayout:
     blocks run along dim 0 of the stored tensor; recorded only when there are some (``to_dict`` leaves the key
     out otherwise, so records without it -- every older file -- mean "none").
 
-    Also readable as a mapping (``layout["n"]``), as :meth:`to_dict` gives it.
+    Also readable as a mapping (``layout["n"]``), as `to_dict` gives it.
     """
 
     n: int
@@ -76,7 +76,7 @@ class NMLayout:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | NMLayout, source: str = "") -> NMLayout:
-        """Read :meth:`to_dict`'s form back; ``ValueError`` naming ``source`` if it is not one."""
+        """Read `to_dict`'s form back; ``ValueError`` naming ``source`` if it is not one."""
         if isinstance(data, NMLayout):
             return data
         try:

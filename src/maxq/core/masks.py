@@ -1,22 +1,22 @@
 """The MaxQ mask ``B_t * (1 + Q_f + Q_k)`` and its parts, as pure functions ``weight -> mask``.
 
 ``B_t`` is the hard N:M mask with a fraction ``p`` of blocks kept dense (incremental sparsity); ``Q_f`` and
-``Q_k`` are the axis queries of :mod:`maxq.core.queries`. The values are 0 on pruned weights and in ``[1, 3]``
+``Q_k`` are the axis queries of `maxq.core.queries`. The values are 0 on pruned weights and in ``[1, 3]``
 on kept ones, so the soft terms re-weight survivors but never change which weights survive.
 
 One definition, two implementations with the same results (the same surviving weights, the same thresholds,
 values equal to float rounding): the code here, built from ops that never synchronise with the host (it runs
 on any device and under ``torch.compile``), and the fused CPU kernels of the private engine, used for float32
-CPU weights. :func:`compute_mask_` picks one.
+CPU weights. `compute_mask_` picks one.
 
 **Lean storage.** A mask is never kept as a weight-sized float tensor. What decides it is its *state*
-(:func:`compute_state_`): bit planes -- which weights are kept (``B_t``) and, for the soft mask, which ones each
+(`compute_state_`): bit planes -- which weights are kept (``B_t``) and, for the soft mask, which ones each
 axis query keeps -- and the thresholds ``t`` of the queries (one per filter and one per kernel position). The soft
-values ``1 + Q_f + Q_k`` are a function of the weight and that state, so :func:`masked_weight` recomputes
+values ``1 + Q_f + Q_k`` are a function of the weight and that state, so `masked_weight` recomputes
 ``W * Mask`` from them whenever it is needed (the forward, and again in backward), with the very operations of
-the implementation that computed the state: the result is bit for bit the float mask :func:`maxq_mask` gives.
+the implementation that computed the state: the result is bit for bit the float mask `maxq_mask` gives.
 That holds while the weight is the one the state was computed from -- the paper's mask update after every
-optimizer step -- so a soft mask updated less often keeps its values (:class:`maxq.core.parametrization.NMMask`).
+optimizer step -- so a soft mask updated less often keeps its values (`maxq.core.parametrization.NMMask`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def dense_blocks(
 
     Args:
         l1: ``[G]`` block L1 norms.
-        count: how many (see :func:`dense_count`).
+        count: how many (see `dense_count`).
         order: ``"smallest"`` L1 (paper default: high-norm blocks become N:M first), ``"largest"`` or ``"random"``.
         priority: ``[G]`` random scores, required for ``"random"`` (keep it fixed across steps).
         span: the layer's blocks are spread over ranks and ``l1`` (``priority``) hold this rank's
@@ -161,12 +161,12 @@ def maxq_mask(
         n: weights kept per block (``1 <= n < m``).
         m: block size along input channels; must divide the input size.
         dense_fraction: ``p``, fraction of blocks kept dense (incremental sparsity).
-        order: which blocks stay dense, see :func:`dense_blocks`.
+        order: which blocks stay dense, see `dense_blocks`.
         priority: per-block random scores for ``order="random"``.
         tau: query temperature (absolute, in units of ``|W|``); paper default 0.01.
         soft: include the queries; ``False`` gives the hard mask ``B_t`` as 0/1 floats.
-        strength: the soft factor's weight ``a`` in ``[0, 1]`` (our addition, see :func:`soften_`).
-        normalize: rescale each layer's kept mask values to a mean of 1 (our addition, see :func:`soften_`).
+        strength: the soft factor's weight ``a`` in ``[0, 1]`` (our addition, see `soften_`).
+        normalize: rescale each layer's kept mask values to a mean of 1 (our addition, see `soften_`).
 
     Returns:
         float mask of ``weight``'s shape and dtype: 0 on pruned weights, in ``[1, 3]`` on kept ones (the paper's
@@ -214,7 +214,7 @@ def soften_(mask: Tensor, strength: float = 1.0, normalize: bool = False) -> Ten
 
 def kept_mean(mask: Tensor) -> Tensor:
     """Mean of ``mask`` over its nonzero (kept) entries, as a float32 0-dim tensor (at least the smallest normal
-    float, so that dividing by it is safe): the divisor of :func:`soften_`'s ``normalize``."""
+    float, so that dividing by it is safe): the divisor of `soften_`'s ``normalize``."""
     total = mask.sum(dtype=torch.float32)
     count = mask.ne(0).sum().clamp_min(1).to(torch.float32)
     return (total / count).clamp_min(torch.finfo(torch.float32).tiny)
@@ -277,10 +277,10 @@ def compute_state_(
 ) -> bool:
     """Write the mask state of ``weight`` (an ``[O, I(, kh, kw)]`` view, any device) in place; no gradient.
 
-    ``planes`` (uint8 ``[P, O, ceil(L / 8)]``, :func:`state_shapes`): plane 0 the kept weights of ``B_t`` (the
+    ``planes`` (uint8 ``[P, O, ceil(L / 8)]``, `state_shapes`): plane 0 the kept weights of ``B_t`` (the
     ramp's dense blocks whole); for a soft mask plane 1 the filter query's keep flags and, for kernels larger than
     1x1, plane 2 the kernel query's. ``thresholds`` (float32 ``[2*O + 2*K]``, soft only): ``t`` and ``a(k)`` of every
-    filter set, then of every kernel set. Other arguments as :func:`maxq_mask` (not validated: the training hot
+    filter set, then of every kernel set. Other arguments as `maxq_mask` (not validated: the training hot
     path); ``fused=False`` forces the device-agnostic path. With ``sharding`` (a
     [`RowSharding`][maxq.core.sharding.RowSharding]), ``weight``, ``planes`` and ``priority`` hold this rank's rows
     and ``thresholds`` the whole layer's: the layer-wide order statistics (kernel query, the ramp's dense blocks)
@@ -348,7 +348,7 @@ def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:
 
 def _materialize_eager(w: Tensor, planes: Tensor, thresholds: Tensor, spec: MaskSpec) -> Tensor:
     """The float32 mask of the ``[O, I(, kh, kw)]`` view ``w`` from its state (contiguous): the operations of the
-    device-agnostic path of :func:`compute_mask_` as it stood when the masks were stored whole."""
+    device-agnostic path of `compute_mask_` as it stood when the masks were stored whole."""
     a = w.abs().float()
     o, length = a.shape[0], a[0].numel()
     mask = unpack_rows(planes[0], length).view(a.shape).to(torch.float32)
@@ -394,7 +394,7 @@ def _same_walk(a: Tensor, b: Tensor) -> bool:
 
 def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
     """``W * Mask`` from the weight and its mask state, in the weight's dtype and memory layout (a new tensor; no
-    gradient): bit for bit ``weight * mask`` with the float mask :func:`compute_mask_` writes."""
+    gradient): bit for bit ``weight * mask`` with the float mask `compute_mask_` writes."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         w = weight.detach()
         out = torch.empty_like(w)
@@ -429,11 +429,11 @@ def compute_mask_(
 ) -> Tensor:
     """Write the MaxQ mask of ``weight`` into ``out`` (any dtype, device and memory format); no gradient.
 
-    Arguments as :func:`maxq_mask` (not validated here: this is the training hot path). ``state`` carries the
+    Arguments as `maxq_mask` (not validated here: this is the training hot path). ``state`` carries the
     fused CPU kernels' thresholds from one call to the next (speed only); ``fused=False`` forces the
-    device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: :func:`soften_`) is applied to
-    the result of either path. The mask is the state :func:`compute_state_` computes, materialized by
-    :func:`materialize_mask`: one formula for stored and recomputed masks. Returns ``out``.
+    device-agnostic path. The soft factor's warm-up (``strength``, ``normalize``: `soften_`) is applied to
+    the result of either path. The mask is the state `compute_state_` computes, materialized by
+    `materialize_mask`: one formula for stored and recomputed masks. Returns ``out``.
     """
     with torch.no_grad():
         w = weight.detach()

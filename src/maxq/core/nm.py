@@ -7,8 +7,8 @@ Convention (METHOD.md §1): **N:M keeps N of every M** weights, ``1 <= N < M``. 
   ``(o, kh, kw)`` -- view the weight as ``[O, kh, kw, I]`` and cut the last axis into blocks of ``M``.
 * Hugging Face ``Conv1D`` (GPT-2 family) weight stored ``W[I, O]`` (forward ``x @ W + b``): the same blocks of
   ``M`` consecutive inputs of one output, i.e. along dim 0 of the stored tensor. Every function here takes the
-  ``[O, I(, kh, kw)]`` view; :func:`oi_view` gives it from the stored tensor and its input axis (a property of
-  the layer kind: :func:`maxq.core.layers.input_axis`).
+  ``[O, I(, kh, kw)]`` view; `oi_view` gives it from the stored tensor and its input axis (a property of
+  the layer kind: `maxq.core.layers.input_axis`).
 
 This is the layout sparse tensor cores, TensorRT and ``torch.sparse.to_sparse_semi_structured`` use.
 """
@@ -110,7 +110,7 @@ def to_blocks(weight: Tensor, m: int) -> Tensor:
 
 
 def from_blocks(blocks: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`to_blocks`: ``[G, m]`` back to the weight ``shape``."""
+    """Inverse of `to_blocks`: ``[G, m]`` back to the weight ``shape``."""
     shape = tuple(shape)
     _check_layout(shape, blocks.shape[-1])
     if len(shape) == 4:
@@ -143,7 +143,7 @@ def order_keys(x: Tensor, dim: int = -1, offset: int = 0, total: int | None = No
 
 
 def key_value(keys: Tensor) -> Tensor:
-    """The float32 value a key of :func:`order_keys` was made from."""
+    """The float32 value a key of `order_keys` was made from."""
     bits = (keys >> 32).to(torch.int32)  # arithmetic shift: the low 32 bits are the (non-negative) index
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
 
@@ -152,7 +152,7 @@ def topk_mask(scores: Tensor, k: int, dim: int = -1, span=None) -> Tensor:
     """Boolean mask of the ``k`` largest entries along ``dim``; ties go to the lower index.
 
     Exact, deterministic (unlike ``torch.topk`` indices on ties) and free of host synchronisation: one k-th
-    value selection over unique :func:`order_keys`. ``k`` is clamped to ``[0, L]``.
+    value selection over unique `order_keys`. ``k`` is clamped to ``[0, L]``.
 
     Args:
         scores: floating scores, ``L`` entries along ``dim``.
@@ -190,7 +190,7 @@ def block_major(a: Tensor, m: int) -> Tensor:
 
 
 def block_kth_largest(blocks: Tensor, n: int) -> Tensor:
-    """The ``n``-th largest value of every block, from a :func:`block_major` copy ``[m, ...]`` (any dtype with an
+    """The ``n``-th largest value of every block, from a `block_major` copy ``[m, ...]`` (any dtype with an
     order, keys included): an insertion network of min/max passes (elementwise, fast on every device). Returns
     ``blocks.shape[1:]``."""
     top: list[Tensor] = []  # running n largest, descending

@@ -202,6 +202,26 @@ class NMMask(nn.Module):
             return weight.clone()
         return masked_weight(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)
 
+    def effective_local(self, local: Tensor, offset: int) -> Tensor:
+        """``W * mask`` of this rank's rows of a sharded weight (``local``: the rows from ``offset`` on, stored layout;
+        no collective), as the forward would compute them on the whole weight."""
+        with torch.no_grad():
+            if self.materialized:
+                return local * self._local(self.mask)
+            if self.frozen:
+                return local.detach().clone()
+            thresholds = self.thresholds_f32
+            if self.spec.soft:  # this rank's rows' thresholds, then the kernel sets' (whole)
+                rows, count = self.oi_shape[0], oi_view(local, self.input_axis).shape[0]
+                thresholds = torch.cat(
+                    [
+                        thresholds[offset : offset + count],
+                        thresholds[rows + offset : rows + offset + count],
+                        thresholds[2 * rows :],
+                    ]
+                )
+            return masked_weight(local, self._local(self.planes), thresholds, self.scale_f32, self.spec)
+
     def mask_for(self, weight: Tensor) -> Tensor:
         """The mask the next forward multiplies ``weight`` by: stored shape and layout, the weight's dtype (a new
         tensor; 0 on pruned weights, ``>= 1`` on kept ones). Whole, for a sharded weight too (a collective)."""

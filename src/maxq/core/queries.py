@@ -1,9 +1,11 @@
 """Axis queries: the soft masks ``Q_f`` (filter axis) and ``Q_k`` (kernel axis) of MaxQ, as pure functions.
 
-For a query set ``S`` of ``L`` magnitudes and ``k = floor((M - N) / M * L)``::
+For a query set ``S`` of ``L`` magnitudes and ``k = floor((M - N) / M * L)``:
 
-    t   = (a(k) + a(k+1)) / 2                  # a(i): i-th smallest of S, 1-indexed
-    Q_e = 1[e not among the k smallest of S] * sigmoid((A_e - t) / tau)
+```text
+t   = (a(k) + a(k+1)) / 2                  # a(i): i-th smallest of S, 1-indexed
+Q_e = 1[e not among the k smallest of S] * sigmoid((A_e - t) / tau)
+```
 
 so ``Q`` is 0 on the bottom ``(M-N)/M`` of the set and in ``[0.5, 1]`` on the rest. Ties at the cut go the same
 way as in the hard mask: the lower index counts as larger.
@@ -58,7 +60,7 @@ def axis_threshold(
     x: Tensor, n: int, m: int, tau: float, dim: int = 1, span: Span | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The hard part of the query of every set along ``dim`` of the 2-D magnitudes ``x``: which entries it keeps and
-    where its sigmoid is centred (what a mask's state stores; :func:`axis_soft` turns it into ``Q``).
+    where its sigmoid is centred (what a mask's state stores; `axis_soft` turns it into ``Q``).
 
     Args:
         x: ``|W|`` viewed as ``[R, L]`` (sets are rows, ``dim=1``) or ``[L, R]`` (sets are columns, ``dim=0``).
@@ -99,7 +101,7 @@ def axis_threshold(
 
 
 def axis_soft(x: Tensor, t: Tensor, keep: Tensor, tau: float, dim: int = 1) -> Tensor:
-    """``Q = keep * sigmoid((x - t) / tau)`` of every set along ``dim`` (``t``, ``keep`` from :func:`axis_threshold`).
+    """``Q = keep * sigmoid((x - t) / tau)`` of every set along ``dim`` (``t``, ``keep`` from `axis_threshold`).
 
     The sigmoid is evaluated on a contiguous copy with the sets along rows, so its values do not depend on the
     layout ``x`` comes in (CPU kernels treat a vector's tail apart).

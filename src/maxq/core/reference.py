@@ -124,7 +124,7 @@ def ref_maxq_mask(
 
 
 def ref_sparsifier_masks(sparsifier) -> dict[str, Tensor]:
-    """The reference mask of every layer of a :class:`maxq.Sparsifier`, from its current weights and dense
+    """The reference mask of every layer of a [`maxq.Sparsifier`][maxq.Sparsifier], from its current weights and dense
     fraction: what ``named_masks()`` must hold right after an update."""
     cfg = sparsifier.config
     return {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SCHEDULES", "dense_fraction", "ramp_fraction"]
+__all__ = ["SCHEDULES", "check_progress", "dense_fraction", "ramp_fraction"]
 
 
 def ramp_fraction(t: float, start: float, end: float) -> float:
@@ -55,13 +55,31 @@ SCHEDULES: dict[str, Callable[[float, float, float, float], float]] = {
 }
 
 
+def check_progress(progress: float) -> float:
+    """``progress`` (training progress in epochs) as a float, if it is a finite number ``>= 0``.
+
+    Raises:
+        ValueError: anything else (negative, NaN, infinite, a bool, not a number); the message says what to pass.
+    """
+    try:
+        value = float(progress) if not isinstance(progress, (bool, str)) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"progress must be a finite number of epochs >= 0 (0 = the start of training; fractions for a per-step "
+            f"ramp: epoch + step / steps_per_epoch), got {progress!r}"
+        )
+    return value
+
+
 def dense_fraction(
     schedule: str, t: float, start: float, end: float, *, per_step: bool = False, b: float = 0.05
 ) -> float:
     """Fraction of blocks kept dense at progress ``t`` (epochs).
 
     Args:
-        schedule: one of :data:`SCHEDULES`.
+        schedule: one of [`SCHEDULES`][maxq.SCHEDULES].
         t: training progress in epochs (``epoch + step / steps_per_epoch`` for a per-step ramp).
         start: ramp start in epochs: ``p = 1`` up to it.
         end: ramp end in epochs: ``p = 0`` from it on (``end >= start``).

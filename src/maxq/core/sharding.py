@@ -12,7 +12,7 @@ weight's bytes per bit plane), as FSDP gathers the weight.
 
 **Layer-wide statistics over the whole layer.** A row's N:M blocks and its filter query are local. The kernel query
 (over all rows at a kernel position) and the ramp's choice of dense blocks (over all blocks of a layer) are not:
-:func:`global_kth` selects their exact order statistic across ranks with a fixed number of all-reduces (a radix
+`global_kth` selects their exact order statistic across ranks with a fixed number of all-reduces (a radix
 select over the 64-bit keys of [`maxq.core.nm.order_keys`][maxq.core.nm.order_keys], ties broken by the *global*
 index), so the masks equal a single process's bit for bit, with no host synchronisation beyond the collectives.
 """
@@ -30,13 +30,18 @@ __all__ = ["RowSharding", "Span", "global_kth", "is_dtensor", "row_sharding"]
 _INT64_MIN = -(2**63)
 
 
+_DTENSOR: list[type] = []
+
+
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing distributed where it is absent)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - builds without distributed
+            return False
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 @dataclass(frozen=True)
@@ -206,3 +211,29 @@ def move_fsdp_param(root: Any, param: Any, module: Any, name: str) -> bool:
                 ) from exc
             found = True
     return found
+
+
+def remove_weight_parametrization(module: Any) -> None:
+    """``remove_parametrizations(module, "weight", leave_parametrized=False)``, also where ``fully_shard`` came after
+    the parametrization: FSDP2 then wrapped the parametrized class in its own (``FSDPParametrizedLinear``), which
+    torch's function does not expect (it looks for the weight's property on the outermost class and restores the
+    class's first base). Here the property is removed from the parametrized class, and the FSDP class is rebuilt
+    over the plain one, so the module ends as ``fully_shard`` would have left an unparametrized one."""
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    if "weight" in cls.__dict__:  # the parametrized class is the outermost one: torch's own function
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        return
+    owner = next(c for c in cls.__mro__ if isinstance(c.__dict__.get("weight"), property))
+    original = module.parametrizations["weight"].original
+    delattr(owner, "weight")
+    del module.parametrizations["weight"]
+    module._parameters["weight"] = original
+    if not parametrize.is_parametrized(module):
+        delattr(module, "parametrizations")
+        bases = tuple(owner.__bases__[0] if base is owner else base for base in cls.__bases__)
+        skip = ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__")
+        namespace = {k: v for k, v in cls.__dict__.items() if k not in skip}
+        name = cls.__name__.replace(owner.__name__, owner.__bases__[0].__name__, 1)
+        module.__class__ = type(name, bases, namespace)

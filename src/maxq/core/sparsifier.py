@@ -20,7 +20,10 @@ from .layout import NMLayout
 from .masks import MaskSpec, compute_state_, kept_mean, masked_weight, materialize_mask
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
+from .schedules import check_progress
 from .sharding import RowSharding, is_dtensor, move_fsdp_param, row_sharding
+from .state_keys import plain_to_original_
+from .stepping import check_manual_call
 
 __all__ = [
     "STATE_FORMAT",
@@ -42,7 +45,7 @@ _ATTR = "_maxq_sparsifier"
 
 @dataclass
 class LayerReport:
-    """One row of :meth:`Sparsifier.report`."""
+    """One row of [`Sparsifier.report`][maxq.Sparsifier.report]."""
 
     name: str
     kind: str
@@ -126,21 +129,23 @@ class _Layer:
 
 
 class Sparsifier:
-    """Handle on a model whose layers carry N:M masks; created by :func:`sparsify_`.
+    """Handle on a model whose layers carry N:M masks; created by [`sparsify_`][maxq.sparsify_].
 
-    The masks are updated only by explicit calls, never inside a forward (torch.ao's idiom)::
+    The masks are updated only by explicit calls, never inside a forward (torch.ao's idiom):
 
-        for epoch in range(epochs):
-            sparsifier.set_progress(epoch)      # ramp: recomputes the masks at once if the dense fraction changes
-            for x, y in loader:
-                loss = criterion(model(x), y)   # forward: W * mask, nothing else
-                optimizer.zero_grad(); loss.backward()
-                scaler.unscale_(optimizer)      # with AMP
-                sparsifier.regularize_()        # SR-STE decay on pruned weights
-                optimizer.step()
-                sparsifier.step()               # masks from the updated weights (every update_every steps)
+    ```python
+    for epoch in range(epochs):
+        sparsifier.set_progress(epoch)      # the ramp: masks recomputed if the dense fraction moves
+        for x, y in loader:
+            loss = criterion(model(x), y)   # forward: W * mask, nothing else
+            optimizer.zero_grad(); loss.backward()
+            scaler.unscale_(optimizer)      # with AMP
+            sparsifier.regularize_()        # SR-STE decay on pruned weights
+            optimizer.step()
+            sparsifier.step()               # masks from the updated weights (every update_every steps)
+    ```
 
-    :meth:`hook_optimizer` makes the two calls around ``optimizer.step()`` automatic.
+    [`hook_optimizer`][maxq.Sparsifier.hook_optimizer] makes the two calls around ``optimizer.step()`` automatic.
     """
 
     #: compute masks with the fused CPU kernels where they apply (False: the device-agnostic path, same masks)
@@ -156,6 +161,7 @@ class Sparsifier:
         self.folded = False
         self._layers: dict[str, _Layer] = {}
         self._load_hook = model.register_load_state_dict_post_hook(self._after_load)
+        self._plain_hook = model._register_load_state_dict_pre_hook(self._before_load)  # public from torch 2.5
         setattr(model, _ATTR, self)
 
     # -- attaching -------------------------------------------------------------------------------------------
@@ -191,9 +197,17 @@ class Sparsifier:
 
     def _zero_pruned(self) -> None:
         """Set the pruned weights of a frozen mask to exactly zero (its forward then uses the weight itself)."""
+        self._follow_sharding()
         with torch.no_grad():
             for layer in self._layers.values():
                 layer.local_weight.mul_(oi_view(layer.param.kept(), layer.param.input_axis))
+
+    def _follow_sharding(self) -> None:
+        """Cut the state of layers whose weight was sharded since the last look (``fully_shard`` after
+        ``sparsify_``) to this rank's rows, before anything reads it per row."""
+        for name, layer in self._layers.items():
+            if layer.sharding is None and is_dtensor(layer.weight):
+                self._shard(name, layer)
 
     def _shard(self, name: str, layer: _Layer) -> RowSharding | None:
         """The layer's row sharding now; the first time its weight is found sharded (``fully_shard`` after
@@ -285,12 +299,15 @@ class Sparsifier:
 
         Args:
             progress: optional training progress in epochs for the step to come (a per-step ramp): the same as
-                calling :meth:`set_progress` first, but the masks are computed once, not twice.
+                calling [`set_progress`][maxq.Sparsifier.set_progress] first, but the masks are computed once, not
+                twice.
 
         Returns:
             whether the masks were recomputed.
         """
         self._check_attached()
+        self._follow_sharding()
+        check_manual_call(self, "step")
         changed = self._set_fraction(progress) if progress is not None else False
         self.steps += 1
         if self.config.frozen or not (changed or self.steps % self.config.update_every == 0):
@@ -302,7 +319,11 @@ class Sparsifier:
         """Set training progress (in epochs, fractional allowed) and return the dense fraction ``p`` it implies.
 
         Call it at the start of every epoch (paper staircase) or every step with ``epoch + i / steps`` (per-step
-        ramp; or pass the progress to :meth:`step`). If ``p`` changes, the masks are recomputed at once.
+        ramp; or pass the progress to [`step`][maxq.Sparsifier.step]). If ``p`` changes, the masks are recomputed at
+        once.
+
+        Raises:
+            ValueError: ``epoch`` is negative, not finite or not a number.
         """
         self._check_attached()
         if self._set_fraction(epoch) and not self.config.frozen:
@@ -311,11 +332,26 @@ class Sparsifier:
 
     def _set_fraction(self, progress: float) -> bool:
         """Record ``progress``; True if the dense fraction it implies differs from the current one."""
-        self.progress = float(progress)
+        self.progress = check_progress(progress)
         fraction = self.config.dense_fraction(self.progress)
         changed = fraction != self._fraction
         self._fraction = fraction
         return changed
+
+    def _before_load(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A plain state dict (dense, or folded) is loading: its ``<layer>.weight`` go to the sparsified layers'
+        ``...parametrizations.weight.original`` (`maxq.core.state_keys.plain_to_original_`); the masks are
+        then recomputed from them (`_after_load`). A one-shot mask is computed once, at ``sparsify_``, so
+        new dense weights would keep a mask that is not theirs: refused, saying what to do."""
+        if self.folded or not plain_to_original_(state_dict, prefix, self._layers):
+            return
+        if self.config.frozen:
+            raise ValueError(
+                "loading plain (dense) weights into a model sparsified with OneShotConfig: its mask was computed "
+                "once, from the weights it had at maxq.sparsify_, and would not be the new weights' mask. Load the "
+                "weights first, then call maxq.sparsify_ (or resume with a state dict saved from the sparsified "
+                "model, plus sparsifier.state_dict())"
+            )
 
     def _after_load(self, module: nn.Module, incompatible: Any) -> None:
         """New weights were loaded into the model: their masks replace the old ones. A one-shot mask is taken
@@ -348,9 +384,11 @@ class Sparsifier:
         Call after ``backward()`` (and after ``GradScaler.unscale_``), before ``optimizer.step()``. A no-op for
         methods without decay; parameters without a gradient are left alone.
         """
+        check_manual_call(self, "regularize_")
         lam = self.config.decay
         if lam == 0.0:
             return
+        self._follow_sharding()
         with torch.no_grad():
             for layer in self._layers.values():
                 param = layer.param
@@ -370,9 +408,10 @@ class Sparsifier:
                     grad.add_(weight.masked_fill(keep, 0.0), alpha=lam)
 
     def hook_optimizer(self, optimizer: Any, steps_per_epoch: int | None = None) -> list[Any]:
-        """Automatic mode: :meth:`regularize_` before and :meth:`step` after every ``optimizer.step()``.
+        """Automatic mode: [`regularize_`][maxq.Sparsifier.regularize_] before and [`step`][maxq.Sparsifier.step] after
+        every ``optimizer.step()``.
 
-        The rules are :class:`~maxq.core.stepping.OptimizerSteps`' (the one owner of what happens around an
+        The rules are [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]' (the one owner of what happens around an
         optimizer step). With ``GradScaler``, ``scaler.step(optimizer)`` unscales before calling
         ``optimizer.step()``, so the decay sees true gradients; a step the scaler skips (inf/NaN gradients) is not
         counted. A closure passed to ``step()`` (LBFGS, Lightning) is wrapped so the decay follows the gradients
@@ -382,14 +421,18 @@ class Sparsifier:
             optimizer: a ``torch.optim.Optimizer``, or a wrapper around one (accelerate's
                 ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the hooks go on the torch optimizer.
             steps_per_epoch: optimizer steps per epoch; with it the ramp moves by itself (progress = steps /
-                ``steps_per_epoch`` epochs, counted from this sparsifier's :attr:`steps`), so no
-                :meth:`set_progress` calls are needed.
+                ``steps_per_epoch`` epochs, counted from this sparsifier's `steps`), so no
+                [`set_progress`][maxq.Sparsifier.set_progress] calls are needed.
 
         Returns:
-            the hook handles (``.remove()`` them to go back to explicit calls).
+            the hook handles (``.remove()`` one of them to take both hooks off and go back to explicit calls).
 
         Raises:
             TypeError: ``optimizer`` is no torch optimizer and wraps none (the message says what to pass).
+            RuntimeError: this sparsifier's optimizer is hooked already (remove those hooks first). Once hooked,
+                calling [`regularize_`][maxq.Sparsifier.regularize_] or [`step`][maxq.Sparsifier.step] by hand raises
+                ``RuntimeError`` too: the hooks make those calls, and making them twice would count every step twice and
+                double the decay.
         """
         from .stepping import OptimizerSteps
 
@@ -477,8 +520,9 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (load the model's weights first); raises ``ValueError`` naming the mismatch
-        if it is for another setup. States written by earlier maxq versions (whole float masks) load too."""
+        """Restore [`state_dict`][maxq.Sparsifier.state_dict] (load the model's weights first); raises ``ValueError``
+        naming the mismatch if it is for another setup. States written by earlier maxq versions (whole float masks)
+        load too."""
         formats = (STATE_FORMAT, _STATE_FORMAT_V2, _STATE_FORMAT_V1)
         if not isinstance(state, dict) or state.get("format") not in formats:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -495,7 +539,14 @@ class Sparsifier:
                 )
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if differ:
-            log.warning("sparsifier state was saved with different settings: %s", {k: saved.get(k) for k in differ})
+            log.warning(
+                "maxq: the sparsifier state was saved with other settings (saved %s, this sparsifier %s); training "
+                "continues with this sparsifier's. To continue the saved run exactly, build the config with the saved "
+                "values (e.g. maxq.make_config(%r, **saved)) before loading the state",
+                {k: saved.get(k) for k in differ},
+                {k: mine.get(k) for k in differ},
+                mine.get("method"),
+            )
         layers = state["layers"]
         if set(layers) != set(self._layers):
             missing, extra = sorted(set(self._layers) - set(layers)), sorted(set(layers) - set(self._layers))
@@ -562,7 +613,7 @@ class Sparsifier:
 
     # -- folding ---------------------------------------------------------------------------------------------
     def fold_(self, force: bool = False) -> nn.Module:
-        """Same as :func:`maxq.fold_` on this sparsifier's model."""
+        """Same as [`maxq.fold_`][maxq.fold_] on this sparsifier's model."""
         from .fold import fold_
 
         return fold_(self.model, force=force)
@@ -574,6 +625,7 @@ class Sparsifier:
     def _detach(self) -> None:
         """Forget the model (after folding)."""
         self._load_hook.remove()
+        self._plain_hook.remove()
         for handle in getattr(self, "_hooks", []):
             handle.remove()
         self._layers.clear()
@@ -638,7 +690,7 @@ def _fusable(t: Tensor) -> bool:
 
 
 def sparsifier_of(model: nn.Module) -> Sparsifier | None:
-    """The :class:`Sparsifier` attached to ``model`` (its root module), or ``None``."""
+    """The [`Sparsifier`][maxq.Sparsifier] attached to ``model`` (its root module), or ``None``."""
     return getattr(model, _ATTR, None)
 
 
@@ -672,11 +724,12 @@ def _blocks_nonzero(mask: Tensor, m: int) -> Tensor:
 
 
 def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = None) -> Sparsifier:
-    """Attach N:M masks to ``model`` in place and return the :class:`Sparsifier` that drives them.
+    """Attach N:M masks to ``model`` in place and return the [`Sparsifier`][maxq.Sparsifier] that drives them.
 
     Args:
         model: any ``nn.Module`` (torchvision, timm, your own); its classes are not changed.
-        config: :class:`MaxQConfig`, :class:`SRSTEConfig` or :class:`OneShotConfig`.
+        config: [`MaxQConfig`][maxq.MaxQConfig], [`SRSTEConfig`][maxq.SRSTEConfig] or
+            [`OneShotConfig`][maxq.OneShotConfig].
         filter_fn: ``(module, qualified_name) -> bool`` choosing layers; default: every eligible Conv2d/Linear/HF
             Conv1D except the first conv and the last classifier (METHOD.md §1).
 

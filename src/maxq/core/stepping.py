@@ -1,21 +1,19 @@
 """What happens around an optimizer step, in every training loop: the one owner.
 
-``maxq train``, :meth:`Sparsifier.hook_optimizer` and the Lightning and Hugging Face callbacks all drive a
-:class:`~maxq.Sparsifier` through an :class:`OptimizerSteps`; none of them repeats its rules:
+``maxq train``, [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer] and the Lightning and Hugging Face
+callbacks all drive a [`Sparsifier`][maxq.Sparsifier] through an
+[`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]; none of them repeats its rules. The three moments, the
+framework hook at each, and the call:
 
-=====================  =============================================  ==========================================
-moment                 framework hook                                 call
-=====================  =============================================  ==========================================
-an optimizer step      HF ``on_step_begin``; Lightning                :meth:`OptimizerSteps.begin_step` (``done``
-begins (first          ``on_train_batch_start``; ``maxq train``       = optimizer steps completed so far)
-micro-batch)           before the forward
-gradients are final    HF ``on_pre_optimizer_step``; Lightning        :meth:`OptimizerSteps.before_optimizer_step`
-(after the last        ``on_before_optimizer_step``; an optimizer
-micro-batch)           step pre-hook
-the optimizer          HF ``on_step_end``; Lightning                  :meth:`OptimizerSteps.after_optimizer_step`
-stepped                ``on_train_batch_end`` when ``global_step``
-                       moved; an optimizer step post-hook
-=====================  =============================================  ==========================================
+* **An optimizer step begins** (its first micro-batch): HF ``on_step_begin``; Lightning ``on_train_batch_start``;
+  ``maxq train`` before the forward -> [`OptimizerSteps.begin_step`][maxq.core.stepping.OptimizerSteps.begin_step]
+  (``done`` = optimizer steps completed so far).
+* **The gradients are final** (after the last micro-batch): HF ``on_pre_optimizer_step``; Lightning
+  ``on_before_optimizer_step``; an optimizer step pre-hook ->
+  [`OptimizerSteps.before_optimizer_step`][maxq.core.stepping.OptimizerSteps.before_optimizer_step].
+* **The optimizer stepped**: HF ``on_step_end``; Lightning ``on_train_batch_end`` when ``global_step`` moved; an
+  optimizer step post-hook ->
+  [`OptimizerSteps.after_optimizer_step`][maxq.core.stepping.OptimizerSteps.after_optimizer_step].
 
 The rules:
 
@@ -36,7 +34,10 @@ The rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +45,14 @@ import torch
 if TYPE_CHECKING:
     from .sparsifier import Sparsifier
 
-__all__ = ["OptimizerSteps", "check_steps_per_epoch", "torch_optimizer", "unscale_once"]
+__all__ = [
+    "HookHandle",
+    "OptimizerSteps",
+    "check_manual_call",
+    "check_steps_per_epoch",
+    "torch_optimizer",
+    "unscale_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +109,74 @@ def unscale_once(scaler: Any, optimizer: Any) -> None:
             raise
 
 
+#: sparsifier -> the OptimizerSteps whose optimizer hooks drive it (``hook_optimizer``); weak keys: a sparsifier
+#: that goes away takes its entry with it.
+_HOOKED: weakref.WeakKeyDictionary[Any, OptimizerSteps] = weakref.WeakKeyDictionary()
+
+
+def check_manual_call(sparsifier: Sparsifier, call: str) -> None:
+    """Refuse ``sparsifier.<call>()`` (``regularize_`` or ``step``) made outside the optimizer hooks that already
+    make it ([`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]): both would run, counting every step twice
+    and doubling the decay.
+
+    Raises:
+        RuntimeError: the sparsifier's optimizer is hooked and the call does not come from the hooks.
+    """
+    driver = _HOOKED.get(sparsifier)
+    if driver is None or driver._in_hook or not driver._hooked():
+        return
+    raise RuntimeError(
+        f"Sparsifier.{call}() was called on a sparsifier whose optimizer is hooked (hook_optimizer): the hooks "
+        f"already call regularize_() before and step() after every optimizer.step(), so this call would count the "
+        f"step twice and double the decay. Drop the {call}() calls (a MaxQCallback makes them too: use the callback "
+        "or the hooks, not both), or remove the hooks first (handle.remove() on the handles hook_optimizer "
+        "returned) to drive the sparsifier by hand"
+    )
+
+
+class HookHandle:
+    """A handle on the hooks [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer] put on an optimizer:
+    [`remove`][maxq.core.stepping.OptimizerSteps.remove] takes all of them off (as torch's ``RemovableHandle`` does for
+    one hook), and so does leaving a ``with`` block."""
+
+    def __init__(self, driver: OptimizerSteps) -> None:
+        self._driver = driver
+
+    def remove(self) -> None:
+        self._driver.remove()
+
+    def __enter__(self) -> HookHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 class OptimizerSteps:
-    """Drives a :class:`~maxq.Sparsifier` around the optimizer steps of any training loop.
+    """Drives a [`Sparsifier`][maxq.Sparsifier] around the optimizer steps of any training loop.
 
     Args:
         sparsifier: the sparsifier to drive.
         steps_per_epoch: optimizer steps per epoch (after gradient accumulation). With it, the ramp's progress
-            comes from the step counter passed to :meth:`begin_step` / :meth:`after_optimizer_step`; without it,
-            progress is left to :meth:`Sparsifier.set_progress` calls of your own.
+            comes from the step counter passed to [`begin_step`][maxq.core.stepping.OptimizerSteps.begin_step] /
+            [`after_optimizer_step`][maxq.core.stepping.OptimizerSteps.after_optimizer_step]; without it, progress is
+            left to [`Sparsifier.set_progress`][maxq.Sparsifier.set_progress] calls of your own.
         eager: move a staircase ramp right after the step that ends an epoch (for loops with no hook before a
-            step, such as :meth:`Sparsifier.hook_optimizer`) instead of when the next step begins.
+            step, such as [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]) instead of when the next step
+            begins.
 
-    Example (a loop of your own; ``done`` counts optimizer steps)::
+    Example (a loop of your own; ``done`` counts optimizer steps):
 
-        steps = OptimizerSteps(sparsifier, steps_per_epoch=len(loader))
-        for x, y in loader:
-            steps.begin_step(done)
-            scaler.scale(loss_fn(model(x), y)).backward()
-            steps.before_optimizer_step(optimizer, scaler)   # unscale once, SR-STE decay
-            scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
-            done += 1
-            steps.after_optimizer_step(done)                 # masks from the updated weights
+    ```python
+    steps = OptimizerSteps(sparsifier, steps_per_epoch=len(loader))
+    for x, y in loader:
+        steps.begin_step(done)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        steps.before_optimizer_step(optimizer, scaler)   # unscale once, SR-STE decay
+        scaler.step(optimizer); scaler.update(); optimizer.zero_grad()
+        done += 1
+        steps.after_optimizer_step(done)                 # masks from the updated weights
+    ```
     """
 
     def __init__(self, sparsifier: Sparsifier, *, steps_per_epoch: int | None = None, eager: bool = False) -> None:
@@ -131,12 +186,22 @@ class OptimizerSteps:
         self._stepped: bool | None = None  # set by watch()'s post-hook when the optimizer really steps
         self._watching = False
         self._handles: list[Any] = []
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None  # the optimizer hook() hooked
+        self._in_hook = False  # a hook of hook() is running: its regularize_() / step() calls are the hooks' own
 
     # -- the three moments ---------------------------------------------------------------------------------------
     def progress(self, done: int) -> float | None:
         """Training progress in epochs of optimizer step number ``done`` (0-based), or ``None`` without
         ``steps_per_epoch``."""
         return None if self.steps_per_epoch is None else done / self.steps_per_epoch
+
+    def last_progress(self, total_steps: int) -> float | None:
+        """The ramp's progress (epochs) that the masks at the end of a run of ``total_steps`` optimizer steps
+        follow: ``total_steps / steps_per_epoch`` where the ramp moves after each step (a per-step ramp, or
+        ``eager``), else that of the last step's beginning, ``(total_steps - 1) / steps_per_epoch``. ``None``
+        without ``steps_per_epoch``."""
+        moves_after_a_step = self.eager or getattr(self.sparsifier.config, "per_step", False)
+        return self.progress(int(total_steps) if moves_after_a_step else max(int(total_steps) - 1, 0))
 
     def begin_step(self, done: int) -> float:
         """An optimizer step begins (``done`` steps completed so far): the step counter and the ramp follow the
@@ -162,7 +227,7 @@ class OptimizerSteps:
             done: optimizer steps completed, this one included (the framework's counter); default: the
                 sparsifier's counter + 1.
             stepped: whether the weights really changed (``False``: the AMP scaler skipped the step); default:
-                what :meth:`watch` saw, else ``True``.
+                what [`watch`][maxq.core.stepping.OptimizerSteps.watch] saw, else ``True``.
 
         Returns:
             whether the masks were recomputed.
@@ -191,39 +256,73 @@ class OptimizerSteps:
         self._handles.append(opt.register_step_post_hook(lambda o, args, kwargs: self._mark_stepped()))
         self._watching = True
 
-    def hook(self, optimizer: Any) -> list[Any]:
+    def hook(self, optimizer: Any) -> list[HookHandle]:
         """Make the calls around ``optimizer.step()`` automatic with step hooks (see
-        :meth:`Sparsifier.hook_optimizer`); returns the handles."""
+        [`Sparsifier.hook_optimizer`][maxq.Sparsifier.hook_optimizer]); returns the handles.
+
+        Raises:
+            RuntimeError: the sparsifier's optimizer is hooked already (by this or another ``OptimizerSteps``):
+                two sets of hooks would count every step twice. Remove the first hooks before hooking again.
+        """
         opt = torch_optimizer(optimizer)
+        current = _HOOKED.get(self.sparsifier)
+        if current is not None and current._hooked():
+            other = current._optimizer() if current._optimizer is not None else None
+            which = "this optimizer" if other is opt else f"another optimizer ({type(other).__name__})"
+            raise RuntimeError(
+                f"hook_optimizer was already called for this sparsifier, on {which}: its hooks already call "
+                "regularize_() and step() around every optimizer.step(), and a second set would count every step "
+                "twice and double the decay. Remove the first hooks (handle.remove() on the handles it returned) "
+                "before hooking again"
+            )
 
         def pre(o: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             # args[0] is the optimizer itself; a closure comes positionally after it or as a keyword.
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if closure is None:
-                self.before_optimizer_step()
+                with self._hook_call():
+                    self.before_optimizer_step()
                 return None
 
             # A closure computes the gradients inside step() (LBFGS, Lightning): decay right after it.
             def decayed() -> Any:
                 loss = closure()
-                self.before_optimizer_step()
+                with self._hook_call():
+                    self.before_optimizer_step()
                 return loss
 
             return (args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": decayed})
 
-        handles = [
-            opt.register_step_pre_hook(pre),
-            opt.register_step_post_hook(lambda o, args, kwargs: self.after_optimizer_step()),
-        ]
-        self._handles.extend(handles)
-        return handles
+        def post(o: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            with self._hook_call():
+                self.after_optimizer_step()
+
+        self._handles.extend([opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)])
+        self._optimizer = weakref.ref(opt)
+        _HOOKED[self.sparsifier] = self
+        return [HookHandle(self), HookHandle(self)]  # one per hook, as before; either removes both
+
+    @contextlib.contextmanager
+    def _hook_call(self) -> Iterator[None]:
+        self._in_hook = True
+        try:
+            yield
+        finally:
+            self._in_hook = False
+
+    def _hooked(self) -> bool:
+        """Whether hook()'s hooks are on an optimizer that still exists."""
+        return self._optimizer is not None and self._optimizer() is not None
 
     def remove(self) -> None:
-        """Remove every hook this object registered."""
+        """Remove every hook this object registered (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._watching = False
+        self._optimizer = None
+        if _HOOKED.get(self.sparsifier) is self:
+            del _HOOKED[self.sparsifier]
 
     def _mark_stepped(self) -> None:
         self._stepped = True

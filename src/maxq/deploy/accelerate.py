@@ -5,7 +5,7 @@
 channels, whose weights are exactly 2:4 and whose shapes fit the kernels. Each is timed dense vs sparse at the
 input shape it actually sees in ``example``; only layers where sparse is faster by ``min_speedup`` are swapped.
 Real speedups are shape-dependent (often none for small matrices), hence the measurement. No CPU runtime
-accelerates 50 % N:M: on CPU the gain is storage (:mod:`maxq.compress`), and :func:`accelerate_` refuses.
+accelerates 50 % N:M: on CPU the gain is storage (`maxq.compress`), and [`accelerate_`][maxq.accelerate_] refuses.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Reading every file kind maxq writes (and plain state dicts / ONNX files) back into models or weights.
 
 Kinds: ``checkpoint`` (``maxq train``'s checkpoint.pt, masks not folded), ``folded`` (model_folded.pt),
-``compressed`` (:mod:`maxq.deploy.compress`), ``onnx``, a plain ``state_dict`` (``torch.save(model.state_dict())``),
-and weights from elsewhere: ``safetensors`` (any safetensors file; :func:`maxq.train.checkpoint.save_safetensors`
+``compressed`` (`maxq.deploy.compress`), ``onnx``, a plain ``state_dict`` (``torch.save(model.state_dict())``),
+and weights from elsewhere: ``safetensors`` (any safetensors file; `maxq.train.checkpoint.save_safetensors`
 adds the layout record), ``hf`` (a Hugging Face model folder) and ``lightning`` (a Lightning ``.ckpt``).
 """
 
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core.layout import LAYOUT_ATTR, NMLayout
 from ..core.nm import parse_nm
 from ..core.sparsifier import saved_masked_weight
+from ..core.state_keys import ORIGINAL
 from ..train.checkpoint import (
     CHECKPOINT_FORMAT,
     FOLDED_FORMAT,
@@ -107,7 +108,7 @@ def weights_from(path: str | Path) -> Weights:
     carry one in its header metadata (``maxq.layout``), an HF folder in ``config.json`` (``maxq_layout``), a
     Lightning checkpoint under ``ckpt["maxq_layout"]`` (e.g. from ``on_save_checkpoint``). Weights stored
     ``[in, out]`` (HF Conv1D) are known from the record, or for an HF folder from its ``model_type``
-    (:func:`maxq.train.checkpoint.hf_transposed`)."""
+    (`maxq.train.checkpoint.hf_transposed`)."""
     path = Path(path)
     kind = file_kind(path)
     if kind == "run":
@@ -149,6 +150,8 @@ def weights_from(path: str | Path) -> Weights:
         if not isinstance(state.get("state_dict"), dict):
             raise CheckpointError(f"{path}: a Lightning checkpoint without a state_dict")
         tensors = {k: v for k, v in state["state_dict"].items() if isinstance(v, Tensor)}
+        if any(".parametrizations." in k for k in tensors):  # written during a MaxQCallback fit: not folded yet
+            return _from_lightning_fit(tensors, state, path)
         return _layout_weights(tensors, state.get("maxq_layout"), "lightning", str(path))
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         layout = NMLayout.from_dict(state["layout"], str(path)) if state.get("layout") else None
@@ -166,6 +169,22 @@ def weights_from(path: str | Path) -> Weights:
     raise CheckpointError(f"{path}: not a maxq checkpoint or a state dict")
 
 
+def _unfold(tensors: dict[str, Tensor], sparsifier: dict[str, Any], prefix: str = "") -> tuple[list[str], bool]:
+    """Fold on the fly, in ``tensors`` (a state dict): each layer of a sparsifier state (``Sparsifier.state_dict()``,
+    layer names below ``prefix``) gets ``<layer>.weight = W * Mask`` in place of its
+    ``...parametrizations.weight.original``. Returns the layers (with the prefix) and whether the ramp was
+    unfinished (blocks still dense)."""
+    layers = []
+    for name, entry in sparsifier["layers"].items():
+        layer = f"{prefix}{name}"
+        original = tensors.pop(f"{layer}.{ORIGINAL}", None)
+        if original is None:
+            raise CheckpointError(f"the sparsifier state names layer {name}, which the weights do not hold")
+        tensors[f"{layer}.weight"] = saved_masked_weight(original, entry, sparsifier["config"])
+        layers.append(layer)
+    return layers, any(float(e["dense_fraction"]) > 0 for e in sparsifier["layers"].values())
+
+
 def _from_checkpoint(state: dict[str, Any]) -> Weights:
     """Effective weights ``W * Mask`` of an unfolded training checkpoint (as an eval forward would use)."""
     model = dict(state["model"])
@@ -173,15 +192,44 @@ def _from_checkpoint(state: dict[str, Any]) -> Weights:
     sparsifier = state.get("sparsifier")
     if not sparsifier:
         return Weights(model, None, None, None, "checkpoint", dense=cfg.get("method") == "dense")
+    layers, unfinished = _unfold(model, sparsifier)
     tensors = {k: v for k, v in model.items() if ".parametrizations." not in k}
-    for name, entry in sparsifier["layers"].items():
-        weight = model[f"{name}.parametrizations.weight.original"]
-        tensors[f"{name}.weight"] = saved_masked_weight(weight, entry, sparsifier["config"])
     n, m = parse_nm(cfg["nm"])
-    note = "unfolded checkpoint: checked W * Mask" + (
-        "; ramp unfinished" if any(e["dense_fraction"] > 0 for e in sparsifier["layers"].values()) else ""
-    )
-    return Weights(tensors, list(sparsifier["layers"]), n, m, "checkpoint", note)
+    note = "unfolded checkpoint: checked W * Mask" + ("; ramp unfinished" if unfinished else "")
+    return Weights(tensors, layers, n, m, "checkpoint", note)
+
+
+def _from_lightning_fit(tensors: dict[str, Tensor], ckpt: dict[str, Any], path: Path) -> Weights:
+    """A Lightning checkpoint written during a ``MaxQCallback`` fit: weights still parametrized, the masks in the
+    callback's state (``ckpt["callbacks"]``); checked as ``W * Mask``, as the model would be folded."""
+    callbacks = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), dict) else {}
+    states = [
+        s
+        for s in callbacks.values()
+        if isinstance(s, dict) and str(s.get("format", "")).startswith("maxq.sparsifier/") and s.get("layers")
+    ]
+    if not states:
+        raise CheckpointError(
+            f"{path}: the weights of a sparsified model (...parametrizations.weight.original) without the masks "
+            "(no MaxQCallback state in the checkpoint's callbacks): verify a checkpoint a MaxQCallback fit wrote, "
+            "or fold the model with maxq.fold_ and save that"
+        )
+    layers, unfinished, patterns = [], False, set()
+    for state in states:
+        first = f"{next(iter(state['layers']))}.{ORIGINAL}"
+        prefixes = [k[: -len(first)] for k in tensors if k == first or k.endswith(f".{first}")]
+        holds_all = (p for p in prefixes if all(f"{p}{name}.{ORIGINAL}" in tensors for name in state["layers"]))
+        found, late = _unfold(tensors, state, next(holds_all, ""))
+        layers += found
+        unfinished = unfinished or late
+        patterns.add((int(state["config"]["n"]), int(state["config"]["m"])))
+    if len(patterns) > 1:
+        raise CheckpointError(f"{path}: MaxQCallbacks of different patterns {sorted(patterns)}; verify each part")
+    ((n, m),) = patterns
+    tensors = {k: v for k, v in tensors.items() if ".parametrizations." not in k}
+    note = "written during fit, not folded: checked W * Mask" + ("; ramp unfinished" if unfinished else "")
+    record = ckpt.get("maxq_layout") or {"n": n, "m": m, "layers": layers}
+    return _layout_weights(tensors, record, "lightning", str(path), note=note)
 
 
 def model_from(path: str | Path, *, force: bool = False, as_trained: bool = False) -> tuple[nn.Module, dict[str, Any]]:

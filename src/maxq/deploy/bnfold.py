@@ -45,7 +45,7 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
     multiplies whole filters, so an N:M pattern is kept; each folded BatchNorm becomes ``nn.Identity``.
 
     Args:
-        model: a folded model (after :func:`maxq.fold_`), or any model without maxq masks.
+        model: a folded model (after [`maxq.fold_`][maxq.fold_]), or any model without maxq masks.
 
     Raises:
         ValueError: the model still carries N:M masks.

@@ -3,7 +3,7 @@
 File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ file:
 
 * for every sparsified layer ``L``: ``L.weight.values`` -- ``[G, N]`` in the weight's dtype, blocks in
-  :func:`maxq.nm.to_blocks` order ``(o, kh, kw, i // M)``, a block's kept values in channel order -- and
+  `maxq.nm.to_blocks` order ``(o, kh, kw, i // M)``, a block's kept values in channel order -- and
   ``L.weight.indices`` -- ``uint8``, the ``G * N`` in-block positions as one little-endian bit stream of
   ``ceil(log2 M)`` bits each;
 * every other tensor of the state dict, as it is;
@@ -15,7 +15,7 @@ File layout -- one `safetensors <https://github.com/huggingface/safetensors>`_ f
   digits. Every read checks it, so any changed byte is rejected; version-1 files (no hash) load with a warning.
 
 A block with fewer than N nonzeros stores zeros at its lowest free positions, so decompression restores the
-folded weights bit for bit (pruned entries are ``+0.0``, as :func:`maxq.fold_` leaves them). Storage of a sparse
+folded weights bit for bit (pruned entries are ``+0.0``, as [`maxq.fold_`][maxq.fold_] leaves them). Storage of a sparse
 layer: ``G * N * value_bits`` plus ``ceil(G * N * index_bits / 8)`` bytes -- within a byte of the bound
 ``G * (N * value_bits + N * ceil(log2 M))`` bits.
 """
@@ -113,7 +113,7 @@ def save_compressed(
     """Write a folded N:M state dict compressed.
 
     Args:
-        state_dict: folded weights (no masks left), e.g. ``model.state_dict()`` after :func:`maxq.fold_`.
+        state_dict: folded weights (no masks left), e.g. ``model.state_dict()`` after [`maxq.fold_`][maxq.fold_].
         n: weights kept per block (``1 <= n < m``).
         m: block size along input channels; must divide the input size.
         layers: the sparsified layers (module names; their ``.weight`` is compressed).
@@ -262,7 +262,7 @@ def load_compressed(path: str | Path) -> dict[str, Tensor]:
     """Decompress to the folded state dict, bit for bit as it was saved.
 
     Args:
-        path: a file written by :func:`save_compressed` (``maxq export --compressed``).
+        path: a file written by [`save_compressed`][maxq.save_compressed] (``maxq export --compressed``).
 
     Returns:
         the state dict (name -> tensor, dense layout), ready for ``model.load_state_dict``.
@@ -275,8 +275,8 @@ def load_compressed(path: str | Path) -> dict[str, Tensor]:
 
 
 def decompress(tensors: Mapping[str, Tensor], meta: dict[str, Any], source: str | Path = "") -> dict[str, Tensor]:
-    """The folded state dict from what :func:`read_compressed` returned (for callers that also need ``meta``,
-    so the file is read once). ``source`` names the file in error messages."""
+    """The folded state dict from what [`read_compressed`][maxq.deploy.compress.read_compressed] returned (for callers
+    that also need ``meta``, so the file is read once). ``source`` names the file in error messages."""
     tensors = dict(tensors)
     n, m, bits = meta["n"], meta["m"], meta["index_bits"]
     state: dict[str, Tensor] = {}

@@ -2,7 +2,7 @@
 
 Kinds: a run folder (its ``model_folded.pt``), ``checkpoint.pt`` (folded here), ``model_folded.pt``, a compressed
 file (PyTorch, CPU), and FP32 / FP16 / INT8 ONNX files (onnxruntime, CPU). Images are normalized exactly as in
-training (:func:`maxq.train.data.normalize`); the dataset defaults to the one the file records.
+training (`maxq.train.data.normalize`); the dataset defaults to the one the file records.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``maxq export``: from a trained run to verified deployable files.
 
-Fold the masks (done by :func:`maxq.deploy.artifacts.model_from`), optionally fold BatchNorm, verify N:M, then
-write the requested artifacts: a folded PyTorch file, the compressed N:M file (checked to restore bit-exactly),
-and ONNX in FP32 and FP16 (each checked against PyTorch with onnxruntime and by ``maxq verify``) and INT8
-(:mod:`maxq.deploy.quantize`; verified on its int8 weights). Nothing is written unless the model verifies, and no
+Fold the masks (done by [`maxq.deploy.artifacts.model_from`][maxq.deploy.artifacts.model_from]), optionally fold
+BatchNorm, verify N:M, then write the requested artifacts: a folded PyTorch file, the compressed N:M file (checked to
+restore bit-exactly), and ONNX in FP32 and FP16 (each checked against PyTorch with onnxruntime and by ``maxq verify``)
+and INT8 (`maxq.deploy.quantize`; verified on its int8 weights). Nothing is written unless the model verifies, and no
 existing file is replaced unless asked (``overwrite``).
 """
 
@@ -40,8 +40,8 @@ AGREEMENT_SAMPLES = 256
 
 @dataclass
 class ExportResult:
-    """What :func:`export_model` checked and wrote; ``ok`` is false if a check failed (then nothing more is
-    written after it)."""
+    """What [`export_model`][maxq.deploy.export.export_model] checked and wrote; ``ok`` is false if a check failed (then
+    nothing more is written after it)."""
 
     check: NMCheck
     summary: dict[str, Any] = field(default_factory=dict)
@@ -99,12 +99,12 @@ def export_model(
         bn_fold: fold BatchNorm into the preceding convs first (keeps the pattern).
         source: the run or file the model came from (for messages and the files' metadata).
         folded: path of the folded PyTorch model file (``None``: not written; the same for the other paths).
-        compressed: path of the compressed N:M file (:func:`maxq.save_compressed`).
+        compressed: path of the compressed N:M file ([`maxq.save_compressed`][maxq.save_compressed]).
         onnx: path of the FP32 ONNX file, checked against PyTorch with onnxruntime.
         fp16: path of the FP16 ONNX file (FP32 inputs and outputs).
         int8: path of the INT8 (QDQ) ONNX file.
         calib_samples: training images that calibrate the INT8 activations (default
-            :data:`~maxq.deploy.quantize.DEFAULT_CALIB_SAMPLES`).
+            `DEFAULT_CALIB_SAMPLES`).
         dataset: the dataset of the calibration images (default: the one ``arch`` records).
         data_dir: its folder (default: the dataset's default location).
         overwrite: replace existing output files (otherwise an existing one is an error, before any writing).

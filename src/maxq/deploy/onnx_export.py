@@ -1,12 +1,12 @@
 """ONNX export of a folded model (FP32, FP16), its check against PyTorch, and reading N:M weights back out of
-ONNX files (FP32, FP16 and INT8 QDQ; INT8 export itself is :mod:`maxq.deploy.quantize`).
+ONNX files (FP32, FP16 and INT8 QDQ; INT8 export itself is `maxq.deploy.quantize`).
 
 Needs the optional ``onnx`` and ``onnxruntime`` packages (``pip install maxq[onnx]``; ``make`` installs them).
 Export uses PyTorch's TorchScript-based exporter, which needs no further packages; constant folding merges
 eval-mode BatchNorm into the convolutions, which scales whole filters and keeps the N:M pattern.
 
-Metadata (``metadata_props``): ``maxq.layout`` -- the :class:`~maxq.core.layout.NMLayout` record plus the
-``sparse_initializers`` that hold the N:M layers; ``maxq.arch`` -- what :mod:`maxq.deploy.evaluate` needs (model,
+Metadata (``metadata_props``): ``maxq.layout`` -- the `NMLayout` record plus the
+``sparse_initializers`` that hold the N:M layers; ``maxq.arch`` -- what `maxq.deploy.evaluate` needs (model,
 input channels, classes, image size, dataset, method, ``precision``: fp32 / fp16 / int8).
 """
 
@@ -112,7 +112,7 @@ def _dequantized_source(node: Any, inits: dict[str, Any]) -> tuple[str, np.ndarr
 
 def _weight_inputs(model_proto: Any) -> list[tuple[Any, str, np.ndarray]]:
     """``(node, weight name, [O, I(, kh, kw)] array)`` of every Conv (group 1) / Gemm / constant MatMul, in graph
-    order (see :func:`onnx_weights`)."""
+    order (see `onnx_weights`)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model_proto.graph.initializer}
@@ -159,7 +159,7 @@ def onnx_weights(model_proto: Any) -> dict[str, tuple[Tensor, str]]:
 
 
 def weight_nodes(model_proto: Any) -> dict[str, str]:
-    """``{Conv/Gemm/MatMul node name: its weight's name as :func:`onnx_weights` keys it}`` (node names survive
+    """``{Conv/Gemm/MatMul node name: its weight's name as `onnx_weights` keys it}`` (node names survive
     quantization, initializer names do not)."""
     return {node.name: name for node, name, _ in _weight_inputs(model_proto)}
 

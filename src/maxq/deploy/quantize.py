@@ -11,7 +11,7 @@
   non-negative, which uint8 covers without wasting a sign bit. (CPUs without VNNI can saturate in ``u8 x s8``;
   onnxruntime's ``reduce_range`` is the remedy there, not needed on this machine.)
 * Calibration: training images only (never test images), a seeded random sample, normalized exactly as training
-  does (:func:`maxq.train.data.normalize`).
+  does (`maxq.train.data.normalize`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ SCHEME = {
 
 @dataclass
 class QuantizeInfo:
-    """What :func:`quantize_int8` checked: the sparse int8 initializers, and the weights quantization zeroed.
+    """What [`quantize_int8`][maxq.deploy.quantize.quantize_int8] checked: the sparse int8 initializers, and the weights
+    quantization zeroed.
 
     ``pruned_nonzero`` (pruned FP32 weights that are not 0 in int8) must be 0; ``kept_rounded_to_zero`` counts kept
     weights smaller than half a quantization step (a block then holds fewer than N nonzeros: still N:M)."""
@@ -105,7 +106,8 @@ class _Reader:
 
 
 def quantize_int8(src: str | Path, dst: str | Path, images: Tensor, *, batch_size: int = 64) -> QuantizeInfo:
-    """Quantize the FP32 ONNX file ``src`` (as :func:`maxq.deploy.onnx_export.export_onnx` writes it) to ``dst``.
+    """Quantize the FP32 ONNX file ``src`` (as
+    [`maxq.deploy.onnx_export.export_onnx`][maxq.deploy.onnx_export.export_onnx] writes it) to ``dst``.
 
     The N:M records follow the weights: ``maxq.layout`` names the int8 initializers of the sparse layers, and
     ``maxq.arch`` gains ``precision: int8`` and the scheme.

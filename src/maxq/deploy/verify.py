@@ -1,12 +1,14 @@
-"""``maxq verify``: N:M compliance of any file maxq reads (see :mod:`maxq.deploy.artifacts`).
+"""``maxq verify``: N:M compliance of any file maxq reads (see `maxq.deploy.artifacts`).
 
-Which layers must be N:M (:func:`verify_file`):
+Which layers must be N:M ([`verify_file`][maxq.deploy.verify.verify_file]):
 
 1. ``layers`` (``--layers REGEX``): every 2-D/4-D weight whose layer name matches the regular expression;
 2. else the file's layout record (maxq files; safetensors / HF / Lightning files that carry one);
-3. else (no record, pattern from ``--nm``): the layers found N:M -- a layer counts as N:M when at least half of
-   its blocks hold at most N nonzeros (a dense layer has almost none), and passes only if all of them do. The
-   file passes when at least one layer counts as N:M and every such layer passes; the others are listed as dense.
+3. else (no record, pattern from ``--nm``): nothing says which layers may stay dense, so every layer must be N:M
+   or dense. A layer whose blocks all hold at most N nonzeros is N:M; a layer is found dense when at most 1 % of
+   its blocks that are not entirely zero hold at most N nonzeros (a dense weight has almost none; zero rows such
+   as a padding embedding do not count); any other layer is neither, and fails. The file passes when at least one
+   layer is N:M and none is neither; the dense ones are listed as found dense, never as dense by design.
 
 Weights stored ``[in, out]`` (HF Conv1D) are checked along dim 0: those the file (or its kind) says, or with
 ``transposed`` (``--transposed REGEX``), the 2-D weights whose layer name matches (this replaces the file's word).
@@ -17,16 +19,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..core.check import NMCheck, check_nm
+from ..core.check import LayerCheck, NMCheck, check_nm
 from ..core.nm import parse_nm
 from .artifacts import weights_from
 
-__all__ = ["DENSE_NOTE", "DETECTED_SOURCE", "verify_file"]
+__all__ = ["DENSE_MAX_NM_SHARE", "DENSE_NOTE", "DETECTED_SOURCE", "verify_file"]
 
 #: the note of a file that records a dense run (its check has no layers, so it is not ``ok``).
 DENSE_NOTE = "dense run: no N:M layers to check"
 #: where the expected layers come from when the file has no layout record and no ``--layers`` is given.
-DETECTED_SOURCE = "no layout record: the layers with at least half their blocks N:M"
+DETECTED_SOURCE = "no layout record: every layer not found dense"
+#: without a record, a layer is found dense when at most this share of its blocks that are not all zero are N:M.
+DENSE_MAX_NM_SHARE = 0.01
 
 
 def _regex(text: str, flag: str) -> re.Pattern[str]:
@@ -42,7 +46,7 @@ def verify_file(
     """Check the file's N:M layers; returns ``(report, file kind, note)``.
 
     The pattern comes from the file (maxq files record it) or from ``nm``; a disagreement is an error. A dense
-    run (without ``nm``) gives an empty report (not ``ok``: nothing in it is N:M) and :data:`DENSE_NOTE`.
+    run (without ``nm``) gives an empty report (not ``ok``: nothing in it is N:M) and `DENSE_NOTE`.
     ``layers`` and ``transposed`` are regular expressions over layer names (``re.search``); see the module doc.
 
     Raises:
@@ -81,5 +85,27 @@ def verify_file(
     else:
         report = check_nm(weights.tensors, n, m, [], source=DETECTED_SOURCE, transposed=inputs_first)
         for layer in report.layers:
-            layer.expected = layer.groups > 0 and 2 * layer.violations <= layer.groups
+            _classify(layer, n, m)
     return report, weights.kind, weights.note
+
+
+def _classify(layer: LayerCheck, n: int, m: int) -> None:
+    """Without a record: the layer must be N:M unless it is found dense (see the module doc); sets its
+    ``expected`` and note."""
+    transposed = [part for part in layer.note.split("; ") if part.startswith("[in, out]")]
+    nonzero_blocks = layer.groups - layer.zero_blocks
+    nm_blocks = nonzero_blocks - layer.violations  # blocks with 1 to n nonzeros
+    if layer.groups == 0:
+        layer.expected = False
+        return
+    if layer.violations == 0:
+        layer.expected, note = True, ""
+    elif nm_blocks <= DENSE_MAX_NM_SHARE * nonzero_blocks:
+        layer.expected, note = False, "found dense (no record says which layers are dense)"
+    else:
+        layer.expected = True
+        note = (
+            f"neither dense nor {n}:{m}: {nm_blocks} of {layer.groups} blocks are {n}:{m}, {layer.violations} are "
+            "not (if it is meant to be dense, say which layers must be N:M with --layers)"
+        )
+    layer.note = "; ".join([note, *transposed] if note else transposed)

@@ -7,31 +7,35 @@ import logging
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..calibrate.config import CalibrationConfig, calibration_for
 from ..core.check import NMCheck, check_nm
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier, sparsifier_of, sparsify_
-from ..core.stepping import check_steps_per_epoch
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of, sparsify_
+from ..core.state_keys import original_to_plain_
+from ..core.stepping import OptimizerSteps, check_steps_per_epoch
 
 __all__ = [
     "adopt_or_sparsify",
     "callback_calibration",
     "callback_config",
+    "check_ramp_fits",
     "epoch_steps",
     "finish",
     "has_ramp",
     "ramp_metrics",
+    "save_folded",
 ]
 
 log = logging.getLogger(__name__)
 
 
 def adopt_or_sparsify(model: nn.Module, config: NMConfig | None, filter_fn: FilterFn | None) -> Sparsifier:
-    """The model's sparsifier: the one the user attached with :func:`maxq.sparsify_` (adopted as is), else a new
-    one from ``config``.
+    """The model's sparsifier: the one the user attached with [`maxq.sparsify_`][maxq.sparsify_] (adopted as is), else a
+    new one from ``config``.
 
     Raises:
         ValueError: the model is not sparsified and no ``config`` was given, or it is sparsified with another
@@ -66,27 +70,29 @@ def ramp_metrics(sparsifier: Sparsifier) -> dict[str, float]:
     }
 
 
-def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMCheck | None:
-    """End of training: log the per-layer report; with ``fold``, fold the masks into plain weights (the model
-    is then an ordinary model that saves and loads without maxq) and check that every sparsified layer is exactly
-    N:M.
+def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> tuple[Report | None, NMCheck | None]:
+    """End of training: log the per-layer report (at INFO, on the ``maxq`` logger); with ``fold``, fold the masks
+    into plain weights (the model is then an ordinary model that saves and loads without maxq) and check that
+    every sparsified layer is exactly N:M.
 
     Args:
         fold: fold and check (otherwise only report).
         force: fold even if the ramp is unfinished (the remaining dense blocks are pruned first; a warning says so).
 
     Returns:
-        the :class:`~maxq.NMCheck` of the folded model, or ``None`` without ``fold``.
+        the per-layer [`Report`][maxq.Report] at the end of training (``None`` if the model was folded already)
+        and the [`NMCheck`][maxq.NMCheck] of the folded model (``None`` without ``fold``).
 
     Raises:
         RuntimeError: the folded model is not exactly N:M (never expected), or the ramp is unfinished and not
             ``force`` (the message says so).
     """
     if sparsifier.folded:
-        return None
-    log.info("maxq: per-layer report at the end of training\n%s", sparsifier.report())
+        return None, None
+    report = sparsifier.report()
+    log.info("maxq: per-layer report at the end of training\n%s", report)
     if not fold:
-        return None
+        return report, None
     model, cfg, layers = sparsifier.model, sparsifier.config, sparsifier.layers
     if not sparsifier.ramp_finished and not force:
         raise RuntimeError(
@@ -99,7 +105,82 @@ def finish(sparsifier: Sparsifier, *, fold: bool, force: bool = False) -> NMChec
     if not result.ok:
         raise RuntimeError(f"folded model is not {cfg.n}:{cfg.m}:\n{result}")
     log.info("maxq: folded; %d layer(s) exactly %d:%d", len(layers), cfg.n, cfg.m)
-    return result
+    return report, result
+
+
+def save_folded(sparsifier: Sparsifier) -> Any:
+    """From now until the returned handle's ``remove()``, the state dict of the sparsifier's model is the folded
+    model's: each sparsified layer's ``...parametrizations.weight.original`` becomes ``<layer>.weight`` holding
+    ``W * Mask`` (what [`maxq.fold_`][maxq.fold_] would write), so whatever saves it (``trainer.save_model``,
+    ``save_pretrained``, ``torch.save(model.state_dict())``) writes an ordinary model, while the masks stay
+    attached. Loading such a state dict back into the sparsified model works too (the sparsifier renames plain
+    weights on load)."""
+    model = sparsifier.model
+
+    def folded_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if sparsifier.folded:
+            return
+        with torch.no_grad():
+            weights = {name: model.get_submodule(name).weight.detach() for name in sparsifier.layers}
+        original_to_plain_(state_dict, prefix, weights)
+
+    register = getattr(model, "register_state_dict_post_hook", None)  # public from torch 2.5
+    return (register or model._register_state_dict_hook)(folded_names)
+
+
+def check_ramp_fits(driver: OptimizerSteps, total_steps: float | None, plan: str, *, fold: bool, force: bool) -> None:
+    """At the start of training: does the ramp finish within the planned optimizer steps?
+
+    A ramp that cannot is an error when the run would fold at the end (``fold`` without ``force``: the end would
+    refuse, after all the training), else a warning saying what happens to the blocks still dense. Where the plan
+    is unknown (``total_steps`` ``None`` or infinite) a warning says the ramp cannot be checked yet.
+
+    Args:
+        driver: the run's step driver (its steps per epoch and ramp rules).
+        total_steps: optimizer steps the run is planned to take, from its first step (resumed runs included);
+            ``None``, 0 or less, or infinite: unknown.
+        plan: how the framework was told the run's length (``max_epochs=2``), for the message.
+
+    Raises:
+        ValueError: the ramp cannot finish and the model would be folded at the end; the message says what to
+            change (the ramp's end, ``per_step``, the run's length, or ``fold_force=True``).
+    """
+    sp, spe = driver.sparsifier, driver.steps_per_epoch
+    cfg = sp.config
+    if not has_ramp(cfg) or spe is None:
+        return
+    start, end = cfg.ramp
+    if total_steps is None or not math.isfinite(total_steps) or total_steps <= 0:
+        if cfg.dense_fraction(0.0) > 0.0 or end > 0:
+            log.warning(
+                "maxq: the run's length is not set (%s), so whether the ramp %g-%g (epochs) finishes in training "
+                "cannot be checked now; if it does not, %s",
+                plan,
+                start,
+                end,
+                "the end of training refuses to fold" if fold and not force else "the model is not N:M at the end",
+            )
+        return
+    left = cfg.dense_fraction(driver.last_progress(int(total_steps)))
+    if left == 0.0:
+        return
+    epochs = total_steps / spe
+    per_step = getattr(cfg, "per_step", False)
+    last = epochs if per_step else math.floor((total_steps - 1) / spe)  # the last progress that still trains
+    kind = "per step" if per_step else "per-epoch staircase: p moves when an epoch begins"
+    fixes = [f"end the ramp by epoch {last:g} (ramp=({min(start, last):g}, {last:g}))"]
+    if not per_step:
+        fixes.append(f"ramp per step (per_step=True: ends by epoch {epochs:g})")
+    fixes.append(f"train longer (the ramp ends at epoch {end:g})")
+    message = (
+        f"MaxQCallback: the ramp {start:g}-{end:g} ({kind}) does not finish within the planned {int(total_steps)} "
+        f"optimizer steps ({plan}: {epochs:g} epochs of {spe} steps): {left:.0%} of the blocks would still be dense "
+        f"when training ends. To finish it in training, {', '.join(fixes[:-1])}, or {fixes[-1]}"
+    )
+    if fold and not force:
+        raise ValueError(f"{message}; or pass fold_force=True to prune the blocks still dense at the end")
+    consequence = "pruned when folding (fold_force=True)" if fold else "left dense: the model is not N:M (fold=False)"
+    log.warning("maxq: %s. As set, they are %s", message, consequence)
 
 
 def has_ramp(config: NMConfig) -> bool:

@@ -1,31 +1,32 @@
-"""N:M sparse training inside the Hugging Face ``Trainer``: :class:`MaxQCallback` (extra: ``pip install maxq[hf]``).
+"""N:M sparse training inside the Hugging Face ``Trainer``: `MaxQCallback` (extra: ``pip install maxq[hf]``).
 
-Pass the callback to the Trainer's constructor; nothing else in the training script changes::
+Pass the callback to the Trainer's constructor; nothing else in the training script changes:
 
-    from maxq import MaxQConfig
-    from maxq.integrations.hf import MaxQCallback
+```python
+from maxq import MaxQConfig
+from maxq.integrations.hf import MaxQCallback
 
-    callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 2)))
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
-    trainer.save_model("out")            # an ordinary model, exactly 2:4, that loads without maxq
+callback = MaxQCallback(MaxQConfig(n=2, m=4, ramp=(0, 2)))
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+trainer.save_model("out")            # an ordinary model, exactly 2:4, that loads without maxq
+```
 
 What the callback does at each moment of the Trainer's loop (the rules are
-:class:`~maxq.core.stepping.OptimizerSteps`', not repeated here):
+[`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]', not repeated here):
 
-==========================  ===========================================================================
-``on_init_end``             sparsify the model (or adopt the one you sparsified with ``maxq.sparsify_``),
-                            so a resume checkpoint's weights load into a sparsified model
-``on_train_begin``          steps per epoch from the Trainer's dataloader and gradient accumulation; on a
-                            resumed run, the sparsifier's state from the checkpoint folder
-``on_step_begin``           the ramp's progress from ``state.global_step`` (optimizer steps)
-``on_pre_optimizer_step``   unscale the gradients once under fp16 AMP, SR-STE decay on true gradients
-``on_step_end``             masks from the updated weights, unless the AMP scaler skipped the step
-``on_epoch_end``            ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged
-                            through ``Trainer.log`` (every reporting integration, ``state.log_history``)
-``on_save``                 the sparsifier's state (masks, step, progress) into the checkpoint folder
-``on_train_end``            fold, check N:M, log the per-layer report (``fold=True``, the default)
-==========================  ===========================================================================
+* ``on_init_end``: sparsify the model (or adopt the one you sparsified with ``maxq.sparsify_``), so a resume
+  checkpoint's weights load into a sparsified model.
+* ``on_train_begin``: steps per epoch from the Trainer's dataloader and gradient accumulation; check that the ramp
+  finishes within ``state.max_steps``; on a resumed run, the sparsifier's state from the checkpoint folder.
+* ``on_step_begin``: the ramp's progress from ``state.global_step`` (optimizer steps).
+* ``on_pre_optimizer_step``: unscale the gradients once under fp16 AMP, SR-STE decay on true gradients.
+* ``on_step_end``: masks from the updated weights, unless the AMP scaler skipped the step.
+* ``on_epoch_end``: ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged through
+  ``Trainer.log`` (every reporting integration, ``state.log_history``).
+* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder.
+* ``on_train_end``: the per-layer report (``callback.report``); fold and check N:M (``fold=True``, the default;
+  ``callback.result``).
 """
 
 from __future__ import annotations
@@ -42,11 +43,21 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..calibrate import CalibrationConfig, CalibrationReport, calibrate_
+from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier, sparsifier_of
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_calibration, callback_config, epoch_steps, finish, ramp_metrics
+from ._lifecycle import (
+    adopt_or_sparsify,
+    callback_calibration,
+    callback_config,
+    check_ramp_fits,
+    epoch_steps,
+    finish,
+    ramp_metrics,
+    save_folded,
+)
 
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
@@ -61,12 +72,15 @@ class MaxQCallback(TrainerCallback):
 
     Args:
         config: the method (``maxq.MaxQConfig(n=2, m=4, ramp=(0, 2))``, ``SRSTEConfig``, ``OneShotConfig``);
-            ``None`` adopts the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
-        filter_fn: which layers to sparsify (see :func:`maxq.select_layers`); default: maxq's layer choice.
+            ``None`` adopts the sparsifier of a model you already sparsified with [`maxq.sparsify_`][maxq.sparsify_].
+        filter_fn: which layers to sparsify (see [`maxq.select_layers`][maxq.select_layers]); default: maxq's layer
+            choice.
         per_step: a smooth ramp that moves every optimizer step (``True``) or the paper's once-per-epoch
             staircase (``False``); default: the config's ``per_step``. Only for methods with a ramp (MaxQ).
         fold: at the end of training fold the masks into the weights and check N:M, so ``trainer.save_model``
-            writes an ordinary model (default). ``False`` leaves the model sparsified (masks still attached).
+            writes an ordinary model (default). ``False`` leaves the masks attached (to train on, or to inspect);
+            ``trainer.save_model`` still writes an ordinary model: from the end of ``train()`` on, the model's
+            ``state_dict()`` holds the folded weights ``W * Mask`` under their ordinary names.
         fold_force: fold even if the ramp has not finished (the blocks still dense are pruned; a warning says so).
         steps_per_epoch: optimizer steps per epoch, only where the Trainer cannot tell (an iterable dataset
             without a length). Default: the Trainer's own count, ``ceil(len(train_dataloader) /
@@ -114,17 +128,20 @@ class MaxQCallback(TrainerCallback):
         self._driver: OptimizerSteps | None = None
         self._trainer: Trainer | None = None
         self._pending_logs: dict[str, float] | None = None
+        self._save_folded: Any = None  # fold=False, after train(): the state-dict hook that saves the folded model
+        self.result: NMCheck | None = None  #: the N:M check of the folded model (after train(), with ``fold``)
+        self.report: Report | None = None  #: the per-layer report at the end of train() (also logged at INFO)
 
     @property
     def sparsifier(self) -> Sparsifier:
-        """The :class:`~maxq.Sparsifier` the callback drives (there once the Trainer is created)."""
+        """The [`Sparsifier`][maxq.Sparsifier] the callback drives (there once the Trainer is created)."""
         if self._sparsifier is None:
             raise RuntimeError("the callback has no model yet: pass it to Trainer(callbacks=[...])")
         return self._sparsifier
 
     @property
     def driver(self) -> OptimizerSteps | None:
-        """The :class:`~maxq.core.stepping.OptimizerSteps` in use during ``train()`` (``None`` outside it)."""
+        """The [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps] in use during ``train()`` (``None`` outside it)."""
         return self._driver
 
     # -- start ---------------------------------------------------------------------------------------------------
@@ -150,8 +167,13 @@ class MaxQCallback(TrainerCallback):
             sp = self._sparsifier = adopt_or_sparsify(model, self.config, self.filter_fn)
         if self._driver is not None:
             self._driver.remove()
+        if self._save_folded is not None:  # training again: checkpoints hold the sparsified weights, for resuming
+            self._save_folded.remove()
+            self._save_folded = None
         steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        plan = f"max_steps={args.max_steps}" if args.max_steps > 0 else f"num_train_epochs={args.num_train_epochs:g}"
+        check_ramp_fits(self._driver, state.max_steps or None, plan, fold=self.fold, force=self.fold_force)
         if optimizer is not None:
             self._driver.watch(optimizer)  # the torch optimizer inside accelerate's wrapper: was a step skipped?
         frame_locals = _trainer_locals(self)
@@ -265,8 +287,15 @@ class MaxQCallback(TrainerCallback):
             self._driver.remove()
             self._driver = None
         self._trainer = None
-        if self._sparsifier is not None and not self._sparsifier.folded:
-            finish(self._sparsifier, fold=self.fold, force=self.fold_force)
+        sp = self._sparsifier
+        if sp is not None and not sp.folded:
+            self.report, self.result = finish(sp, fold=self.fold, force=self.fold_force)
+            if not sp.folded:  # fold=False: the masks stay, but what saves the model writes an ordinary one
+                self._save_folded = save_folded(sp)
+                log.info(
+                    "maxq: fold=False: the masks stay attached; the model's state_dict() (what trainer.save_model "
+                    "and save_pretrained write) holds the folded weights W * Mask under their ordinary names"
+                )
 
 
 def _state_path(folder: str) -> str:

@@ -1,39 +1,37 @@
-"""N:M sparse training inside PyTorch Lightning: :class:`MaxQCallback`.
+"""N:M sparse training inside PyTorch Lightning: `MaxQCallback`.
 
-Install with ``pip install maxq[lightning]``. Usage::
+Install with ``pip install maxq[lightning]``. Usage:
 
-    import lightning.pytorch as L
-    import maxq
-    from maxq.integrations.lightning import MaxQCallback
+```python
+import lightning.pytorch as L
+import maxq
+from maxq.integrations.lightning import MaxQCallback
 
-    callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
-    trainer = L.Trainer(max_epochs=10, callbacks=[callback])
-    trainer.fit(module, train_loader)      # sparsify at setup, ramp, decay, masks; fold + check at the end
-    torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
+callback = MaxQCallback(maxq.MaxQConfig(n=2, m=4, ramp=(0, 5)))
+trainer = L.Trainer(max_epochs=10, callbacks=[callback])
+trainer.fit(module, train_loader)      # sparsify, ramp, decay, masks; fold + check at the end
+torch.save(module.state_dict(), "model.pt")   # an ordinary model: loads without maxq
+```
 
-What happens around every optimizer step is :class:`~maxq.core.stepping.OptimizerSteps`' job (the one owner of
-those rules); this callback only tells it when, with Lightning's own counters:
+What happens around every optimizer step is [`OptimizerSteps`][maxq.core.stepping.OptimizerSteps]' job (the one
+owner of those rules); this callback only tells it when, with Lightning's own counters:
 
-=================================  ============================================================================
-Lightning hook                     what the callback does
-=================================  ============================================================================
-``setup(stage="fit")``             sparsify the module (or adopt the sparsifier of a model you sparsified with
-                                   :func:`maxq.sparsify_`); before Lightning restores ``ckpt_path=``, so the
-                                   checkpoint's parametrized weights load into it
-``load_state_dict``                restore the sparsifier (masks, step count, progress) from the checkpoint
-``on_train_start``                 steps per epoch = ``ceil(num_training_batches / accumulate_grad_batches)``
-                                   (how Lightning counts optimizer steps, last partial accumulation included);
-                                   watch the optimizer; ``begin_step(global_step)``
-``on_train_batch_start``           ``begin_step(global_step)`` (idempotent under gradient accumulation)
-``on_before_optimizer_step``       ``before_optimizer_step``: unscale once (Lightning's AMP plugin already did)
-                                   and the SR-STE decay on the true gradients
-``on_train_batch_end``             ``after_optimizer_step(global_step)`` when ``global_step`` moved: the masks
-                                   follow the weights of a step that really happened (a step the AMP scaler
-                                   skipped recomputes nothing)
-``on_train_epoch_end``             log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``
-``on_train_end``                   fold, check N:M, log the per-layer report (after the last checkpoint of the
-                                   run; a ``trainer.save_checkpoint`` afterwards holds the folded model)
-=================================  ============================================================================
+* ``setup(stage="fit")``: sparsify the module (or adopt the sparsifier of a model you sparsified with
+  [`maxq.sparsify_`][maxq.sparsify_]); before Lightning restores ``ckpt_path=``, so the checkpoint's
+  parametrized weights load into it.
+* ``load_state_dict``: restore the sparsifier (masks, step count, progress) from the checkpoint.
+* ``on_train_start``: steps per epoch = ``ceil(num_training_batches / accumulate_grad_batches)`` (how Lightning
+  counts optimizer steps, last partial accumulation included); check that the ramp finishes within the planned
+  steps; watch the optimizer; ``begin_step(global_step)``.
+* ``on_train_batch_start``: ``begin_step(global_step)`` (idempotent under gradient accumulation).
+* ``on_before_optimizer_step``: ``before_optimizer_step``: unscale once (Lightning's AMP plugin already did) and
+  the SR-STE decay on the true gradients.
+* ``on_train_batch_end``: ``after_optimizer_step(global_step)`` when ``global_step`` moved: the masks follow the
+  weights of a step that really happened (a step the AMP scaler skipped recomputes nothing).
+* ``on_train_epoch_end``: log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``.
+* ``on_save_checkpoint``: the layout record (``checkpoint["maxq_layout"]``), so ``maxq verify`` reads the file.
+* ``on_train_end``: fold, check N:M, the per-layer report (after the last checkpoint of the run; a
+  ``trainer.save_checkpoint`` afterwards holds the folded model).
 
 Since the ramp's progress is ``global_step / steps_per_epoch``, a run resumed from any checkpoint (mid-epoch
 included) has the uninterrupted run's progress, dense fraction, step count and masks from its first step on.
@@ -52,10 +50,11 @@ from torch import nn
 
 from ..core.check import NMCheck
 from ..core.config import NMConfig
+from ..core.fold import nm_layout
 from ..core.layers import FilterFn
-from ..core.sparsifier import Sparsifier
+from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, epoch_steps, finish, ramp_metrics
+from ._lifecycle import adopt_or_sparsify, callback_config, check_ramp_fits, epoch_steps, finish, ramp_metrics
 
 __all__ = ["MaxQCallback"]
 
@@ -66,12 +65,14 @@ class MaxQCallback(pl.Callback):
     """Train a LightningModule N:M sparse (MaxQ, SR-STE or one-shot) and hand back an ordinary N:M model.
 
     Args:
-        config: the method (:class:`maxq.MaxQConfig`, :class:`maxq.SRSTEConfig`, :class:`maxq.OneShotConfig`).
-            ``None``: adopt the sparsifier of a model you already sparsified with :func:`maxq.sparsify_`.
+        config: the method ([`maxq.MaxQConfig`][maxq.MaxQConfig], [`maxq.SRSTEConfig`][maxq.SRSTEConfig],
+            [`maxq.OneShotConfig`][maxq.OneShotConfig]). ``None``: adopt the sparsifier of a model you already
+            sparsified with [`maxq.sparsify_`][maxq.sparsify_].
         filter_fn: ``(module, qualified_name) -> bool`` choosing the layers (names relative to ``module``);
             default: every eligible Conv2d/Linear except the first conv and the last classifier.
         per_step: ``True``: a smooth ramp moved every optimizer step; ``False``: the paper's once-per-epoch
-            staircase; ``None``: as the config says. Only for a config with a ramp (:class:`maxq.MaxQConfig`).
+            staircase; ``None``: as the config says. Only for a config with a ramp
+            ([`maxq.MaxQConfig`][maxq.MaxQConfig]).
         fold: at the end of training fold the masks into the weights, check that every sparsified layer is exactly
             N:M and log the per-layer report; the module is then an ordinary model. ``False``: report only.
         fold_force: fold even if training ended before the ramp did (the remaining dense blocks are pruned).
@@ -85,7 +86,7 @@ class MaxQCallback(pl.Callback):
     Raises:
         ValueError: an argument is invalid (the message says what to pass instead).
 
-    The :class:`~maxq.Sparsifier` it drives is :attr:`sparsifier` (``None`` before ``trainer.fit`` set it up).
+    The [`Sparsifier`][maxq.Sparsifier] it drives is `sparsifier` (``None`` before ``trainer.fit`` set it up).
     Only one optimizer is supported. Manual optimization works when ``training_step`` steps the optimizer once
     per batch through ``self.optimizers()`` (Lightning then counts ``global_step`` and calls
     ``on_before_optimizer_step``); pass ``steps_per_epoch`` if it steps another number of times per epoch.
@@ -119,6 +120,7 @@ class MaxQCallback(pl.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.log_metrics = log_metrics
         self.result: NMCheck | None = None  #: the N:M check of the folded model (after fit, with ``fold``)
+        self.report: Report | None = None  #: the per-layer report at the end of fit (also logged at INFO)
         self._sparsifier: Sparsifier | None = None
         self._driver: OptimizerSteps | None = None
         self._pending: dict[str, Any] | None = None  # a checkpoint's state that came before setup
@@ -126,7 +128,7 @@ class MaxQCallback(pl.Callback):
 
     @property
     def sparsifier(self) -> Sparsifier | None:
-        """The :class:`~maxq.Sparsifier` this callback drives (``None`` before ``trainer.fit`` sets it up)."""
+        """The [`Sparsifier`][maxq.Sparsifier] this callback drives (``None`` before ``trainer.fit`` sets it up)."""
         return self._sparsifier
 
     @property
@@ -138,6 +140,7 @@ class MaxQCallback(pl.Callback):
         if stage != "fit" or (self._sparsifier is not None and not self._sparsifier.folded):
             return
         target = self._target(pl_module)
+        self._refuse_whole_module_over_a_sparsified_part(pl_module, target)
         with _quiet_unless_rank_zero(trainer):
             self._sparsifier = adopt_or_sparsify(target, self.config, self.filter_fn)
         cfg = self._sparsifier.config
@@ -148,6 +151,20 @@ class MaxQCallback(pl.Callback):
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.load_state_dict(state)
+
+    def _refuse_whole_module_over_a_sparsified_part(self, pl_module: pl.LightningModule, target: nn.Module) -> None:
+        """A submodule sparsified by hand (``maxq.sparsify_(module.model, ...)``) while the callback targets the
+        whole LightningModule: say which ``module=`` adopts it, instead of a confusing "already parametrized" or
+        "not sparsified" error."""
+        if self.module is not None or sparsifier_of(target) is not None:
+            return
+        inner = [name for name, sub in pl_module.named_modules() if name and sparsifier_of(sub) is not None]
+        if inner:
+            raise ValueError(
+                f"MaxQCallback: {type(pl_module).__name__}.{inner[0]} was sparsified with maxq.sparsify_, and the "
+                f"callback works on the whole LightningModule (module=None): pass MaxQCallback(module={inner[0]!r}) "
+                "to adopt that sparsifier (with config=None, or the config it was sparsified with)"
+            )
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.module is None:
@@ -173,6 +190,7 @@ class MaxQCallback(pl.Callback):
             )
         steps = self.steps_per_epoch or self._count_steps(trainer)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
+        check_ramp_fits(self._driver, *self._planned_steps(trainer, steps), fold=self.fold, force=self.fold_force)
         self._driver.watch(optimizers[0])
         self._begun = trainer.global_step
         self._driver.begin_step(trainer.global_step)
@@ -180,6 +198,19 @@ class MaxQCallback(pl.Callback):
             f"maxq: {steps} optimizer step(s) per epoch, starting at step {trainer.global_step} "
             f"(dense fraction {sp.dense_fraction:.3f})"
         )
+
+    @staticmethod
+    def _planned_steps(trainer: pl.Trainer, steps_per_epoch: int | None) -> tuple[float | None, str]:
+        """Optimizer steps the fit is planned to take (``None``: unknown), and what says so."""
+        max_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else None
+        max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+        total = trainer.estimated_stepping_batches  # the smaller limit; inf without one, -1 for an unsized loader
+        if not 0 < total < float("inf"):
+            by_epochs = max_epochs * steps_per_epoch if max_epochs and steps_per_epoch else None
+            total = min(x for x in (max_steps, by_epochs, float("inf")) if x is not None)
+        if max_steps is not None and total == max_steps:
+            return total, f"max_steps={max_steps}"
+        return total, f"max_epochs={trainer.max_epochs}"
 
     def _count_steps(self, trainer: pl.Trainer) -> int | None:
         return epoch_steps(
@@ -218,7 +249,7 @@ class MaxQCallback(pl.Callback):
         if sp is None or sp.folded:
             return
         with _quiet_unless_rank_zero(trainer):
-            self.result = finish(sp, fold=self.fold, force=self.fold_force)
+            self.report, self.result = finish(sp, fold=self.fold, force=self.fold_force)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._driver is not None:
@@ -226,6 +257,15 @@ class MaxQCallback(pl.Callback):
             self._driver = None
 
     # -- the checkpoint -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The layout record (which layers are N:M, with their state-dict names) goes into the checkpoint, so
+        ``maxq verify`` needs no ``--nm`` for it, mid-fit (weights unfolded on the fly) or after."""
+        layout = nm_layout(pl_module)
+        if layout is not None:
+            checkpoint["maxq_layout"] = layout.to_dict()
+
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state (masks, step count, progress) for Lightning's checkpoint; empty before setup and
         after folding (the folded model needs none)."""
@@ -235,7 +275,8 @@ class MaxQCallback(pl.Callback):
         return sp.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (Lightning calls it after ``setup`` and after loading the weights)."""
+        """Restore [`state_dict`][maxq.integrations.lightning.MaxQCallback.state_dict] (Lightning calls it after
+        ``setup`` and after loading the weights)."""
         if not state_dict:
             return
         if self._sparsifier is None or self._sparsifier.folded:

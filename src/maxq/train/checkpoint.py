@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -138,7 +139,7 @@ def atomic_write_bytes(data: bytes | list[bytes | memoryview], path: str | Path)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` ``obj``, sealed with its SHA-256, atomically (see :func:`atomic_write_bytes`).
+    """``torch.save`` ``obj``, sealed with its SHA-256, atomically (see `atomic_write_bytes`).
 
     ``obj`` must hold only tensors, dicts, lists, tuples, numbers, strings and ``None`` (what
     ``torch.load(weights_only=True)`` reads back)."""
@@ -195,7 +196,7 @@ def load_checkpoint(path: str | Path, *, kind: str = CHECKPOINT_FORMAT) -> dict[
     """Load and sanity-check a checkpoint written by ``maxq train`` (or another ``kind`` of maxq torch file).
 
     Raises:
-        CheckpointError: see :func:`read_torch_file`; or not a ``kind`` file.
+        CheckpointError: see `read_torch_file`; or not a ``kind`` file.
     """
     state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != kind:
@@ -205,7 +206,7 @@ def load_checkpoint(path: str | Path, *, kind: str = CHECKPOINT_FORMAT) -> dict[
 
 
 def folded_file(state_dict: dict[str, Any], layout: Any, arch: dict[str, Any], config: dict | None) -> dict[str, Any]:
-    """The content of a folded-model file (:data:`FOLDED_FORMAT`); ``layout`` is an ``NMLayout`` or ``None``."""
+    """The content of a folded-model file (`FOLDED_FORMAT`); ``layout`` is an ``NMLayout`` or ``None``."""
     return {
         "format": FOLDED_FORMAT,
         "state_dict": state_dict,
@@ -222,7 +223,7 @@ def load_folded(path: str | Path):
 
 
 def folded_model(state: dict[str, Any], source: str | Path = ""):
-    """The model of an already-read folded file (:data:`FOLDED_FORMAT`), with its layout attached."""
+    """The model of an already-read folded file (`FOLDED_FORMAT`), with its layout attached."""
     from ..core.layout import LAYOUT_ATTR, NMLayout
     from .models import build_model
 
@@ -244,8 +245,8 @@ def folded_model(state: dict[str, Any], source: str | Path = ""):
 
 # -- weight files from elsewhere: safetensors, Hugging Face model folders, Lightning checkpoints --------------------
 
-#: safetensors header metadata key holding a :class:`~maxq.core.layout.NMLayout` record (JSON), as
-#: :func:`save_safetensors` writes it; ``config.json`` of a Hugging Face folder may carry it as ``maxq_layout``.
+#: safetensors header metadata key holding a `NMLayout` record (JSON), as
+#: `save_safetensors` writes it; ``config.json`` of a Hugging Face folder may carry it as ``maxq_layout``.
 SAFETENSORS_LAYOUT_KEY = "maxq.layout"
 #: ``config.json`` key for the layout record (``model.config.maxq_layout = layout.to_dict()`` before
 #: ``save_pretrained``).
@@ -294,7 +295,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {_one_line(exc)}") from None
     meta = header.get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return in_name_order(tensors), {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders the numbers inside names as numbers: ``layer.2`` before ``layer.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
+def in_name_order(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` ordered by name, numbers as numbers (``h.2`` before ``h.10``). A safetensors file does not keep
+    the state dict's order (its reader returns the tensors in no fixed order), so reports list its layers in this
+    one, the same on every read."""
+    return {key: tensors[key] for key in sorted(tensors, key=_natural_key)}
 
 
 def safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -312,7 +325,7 @@ def safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, layout: Any = None) -> None:
     """Write a (folded) state dict as safetensors, atomically, with ``layout`` (an ``NMLayout``) in the header
-    metadata under :data:`SAFETENSORS_LAYOUT_KEY`, so ``maxq verify`` knows which layers are N:M. Tensors sharing
+    metadata under `SAFETENSORS_LAYOUT_KEY`, so ``maxq verify`` knows which layers are N:M. Tensors sharing
     memory (tied weights) are stored as copies."""
     import json
 
@@ -371,6 +384,8 @@ def read_hf_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"{file}: not a state dict of tensors")
         tensors.update(part)
+    if files[0].suffix == ".safetensors":  # no order kept across shards either: by name, as for one file
+        tensors = in_name_order(tensors)
     return tensors, config, meta or {}
 
 
@@ -382,7 +397,7 @@ HF_CONV1D_LAYERS = r"(^|\.)(c_attn|q_attn|c_fc|c_proj)$"
 
 def hf_transposed(config: dict[str, Any], names: list[str]) -> list[str]:
     """Which of the layer ``names`` of a Hugging Face folder are ``Conv1D`` (``[in, out]`` weights): those matching
-    :data:`HF_CONV1D_LAYERS` when ``config["model_type"]`` is in :data:`HF_CONV1D_MODEL_TYPES`, else none."""
+    `HF_CONV1D_LAYERS` when ``config["model_type"]`` is in `HF_CONV1D_MODEL_TYPES`, else none."""
     import re
 
     if config.get("model_type") not in HF_CONV1D_MODEL_TYPES:
@@ -407,7 +422,7 @@ def read_init(path: str | Path) -> InitWeights:
     ``weights_only=True``.
 
     Raises:
-        CheckpointError: missing, unreadable or unsafe (see :func:`read_torch_file`), another kind of file, a run
+        CheckpointError: missing, unreadable or unsafe (see `read_torch_file`), another kind of file, a run
             folder without a checkpoint, or a checkpoint that still holds masks (use the run's folded model).
     """
     path = Path(path)

@@ -7,7 +7,7 @@
 * ``imagefolder``: an ImageNet-style ``train/`` and ``val/`` tree of class folders (decoded on the fly).
 * ``synthetic``: a small random, learnable set for smoke tests.
 
-In-memory sets return ``uint8`` images; :func:`augment` and :func:`normalize` run on whole batches (on the
+In-memory sets return ``uint8`` images; `augment` and `normalize` run on whole batches (on the
 training device), which is much faster on few cores than per-image PIL transforms.
 """
 

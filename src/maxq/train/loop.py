@@ -1,4 +1,4 @@
-"""The training loop behind ``maxq train``: one function, :func:`train`, readable top to bottom.
+"""The training loop behind ``maxq train``: one function, `train`, readable top to bottom.
 
 setup (processes, device, seeds) -> safety checks (resume / init, before anything is written) -> data -> model
 -> sparsifier -> optimizer and schedule -> restore -> epochs (train, evaluate, log, checkpoint) -> fold, verify,
@@ -53,7 +53,7 @@ from .metrics import batch_counts, from_counts
 from .models import build_model
 from .recipe import AMP_DTYPES, RESUMABLE_OVERRIDES, TrainConfig
 
-__all__ = ["train", "RunExists", "TrainingInterrupted", "lr_factor", "resume_command"]
+__all__ = ["train", "RunExists", "TrainingInterrupted", "lr_factor", "ramp_left", "resume_command"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class RunExists(ValueError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped :func:`train`. The folder is left resumable from its last checkpoint.
+    """Ctrl-C or SIGTERM stopped `train`. The folder is left resumable from its last checkpoint.
 
     Attributes:
         out: the run folder.
@@ -340,8 +340,7 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
     if cfg.method_ramp is None:
         return cfg
     start, end = cfg.method_ramp
-    last = cfg.epochs if cfg.per_step else cfg.epochs - 1  # the last progress value that still trains
-    left = cfg.sparsity_config().dense_fraction(last)
+    left, fix = ramp_left(cfg)
     if left == 0:
         return dataclasses.replace(cfg, ramp=(start, end))
     if cfg.ramp is None and "per_step" not in given:
@@ -355,9 +354,6 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
         return dataclasses.replace(cfg, ramp=(start, end), per_step=True)
     if say:
         staircase = "" if cfg.per_step else " (per-epoch staircase: the ramp moves at epoch starts only)"
-        fix = f"end it by epoch {cfg.epochs:g} with --per-step" if cfg.per_step else (
-            f"end it by epoch {cfg.epochs - 1:g}, or add --per-step to ramp every step up to epoch {cfg.epochs:g}"
-        )  # fmt: skip
         log.warning(
             "the ramp %g-%g does not finish within this %s%s: %.0f%% of the blocks are still dense at the end "
             "and get pruned when folding, without retraining, which costs accuracy. To finish it in training, %s "
@@ -365,6 +361,26 @@ def _fit_ramp(cfg: TrainConfig, given: set[str], say: bool) -> TrainConfig:
             start, end, f"{cfg.epochs}-epoch run", staircase, 100 * left, fix,
         )  # fmt: skip
     return dataclasses.replace(cfg, ramp=(start, end))
+
+
+def ramp_left(cfg: TrainConfig) -> tuple[float, str]:
+    """The share of blocks the run's ramp leaves dense at its end (0: it finishes in training), and how to make it
+    finish: with a per-step ramp the last progress that trains is ``epochs``, with the per-epoch staircase the
+    start of the last epoch, ``epochs - 1``."""
+    if cfg.method_ramp is None:
+        return 0.0, ""
+    start, _ = cfg.method_ramp
+    last = cfg.epochs if cfg.per_step else cfg.epochs - 1  # the last progress value that still trains
+    left = cfg.sparsity_config().dense_fraction(last)
+    if cfg.per_step:
+        half = cfg.epochs / 2
+        fix = (
+            f"end it by epoch {cfg.epochs:g}: e.g. --ramp {min(start, half):g} {half:g} (the first half of the run, "
+            "which leaves the second half to recover at the final pattern)"
+        )
+    else:
+        fix = f"end it by epoch {cfg.epochs - 1:g}, or add --per-step to ramp every step up to epoch {cfg.epochs:g}"
+    return left, fix
 
 
 def _epochs(count: float) -> str:
@@ -427,7 +443,7 @@ def train(
 ) -> dict[str, Any]:
     """Train per ``cfg`` and return the final report (also written to ``<out>/report.json``).
 
-    Ctrl-C or SIGTERM stop it with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) once the run folder has
+    Ctrl-C or SIGTERM stop it with `TrainingInterrupted` (a ``KeyboardInterrupt``) once the run folder has
     been touched: the folder then resumes from its last checkpoint, and the exception (also logged) says where
     that is and the command that continues. Interrupted earlier, it raises the plain ``KeyboardInterrupt``.
 
@@ -438,7 +454,7 @@ def train(
             every rank.
 
     Raises:
-        ValueError: a bad configuration or ``--out``; :class:`RunExists` and ``CheckpointError`` are ValueErrors.
+        ValueError: a bad configuration or ``--out``; `RunExists` and ``CheckpointError`` are ValueErrors.
         TrainingInterrupted: Ctrl-C / SIGTERM after the run started.
     """
     run = _RunState(Path(cfg.out), cfg.epochs)
@@ -693,8 +709,9 @@ def _train(
                 f.write(json.dumps(record) + "\n")
             extra = f" val {val['top1']:.2f}%" if val is not None else ""
             log.info(
-                "epoch %d/%d  loss %.4f  test top-1 %.2f%%%s  p %.2f  %.0fs",
-                epoch + 1, cfg.epochs, record["train_loss"], test["top1"], extra, p, record["epoch_time_s"],
+                "epoch %d/%d  loss %.4f  test top-1 %.2f%%%s  %s  %.0fs",
+                epoch + 1, cfg.epochs, record["train_loss"], test["top1"], extra,
+                _dense_text(p, sparsifier.dense_fraction if sparsifier is not None else 0.0), record["epoch_time_s"],
             )  # fmt: skip
         run.checkpoint_epoch = epoch + 1
         if on_epoch_end is not None:
@@ -736,6 +753,12 @@ def _calibrate(
             count, report.seconds,
         )  # fmt: skip
     return {**report.to_dict(), "samples": count}
+
+
+def _dense_text(start: float, end: float) -> str:
+    """The ramp's dense fraction ``p`` over an epoch for its log line: the value the epoch's evaluation used (at
+    its end), with the start when a per-step ramp moved it during the epoch (``p 1.00->0.67``)."""
+    return f"p {end:.2f}" if start == end else f"p {start:.2f}->{end:.2f}"
 
 
 def _weight_layers(model: nn.Module) -> list[str]:

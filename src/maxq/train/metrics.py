@@ -28,7 +28,7 @@ def batch_counts(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def from_counts(totals: Tensor) -> dict[str, float]:
-    """Summed :func:`batch_counts` -> ``loss`` (mean, nats), ``top1`` and ``top5`` (percent)."""
+    """Summed `batch_counts` -> ``loss`` (mean, nats), ``top1`` and ``top5`` (percent)."""
     loss, top1, top5, count = (float(v) for v in totals)
     count = max(count, 1.0)
     return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}

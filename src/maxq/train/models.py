@@ -111,7 +111,7 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """Every name :func:`build_model` accepts: ours, then torchvision's classification models."""
+    """Every name `build_model` accepts: ours, then torchvision's classification models."""
     from torchvision import models as tvm
 
     return sorted(MODELS) + sorted(tvm.list_models(module=tvm))

@@ -92,6 +92,7 @@ class TrainConfig:
     resume: bool = False
     extend: bool = False  # with resume: train a run past the --epochs it was started with (see README)
     init: str | None = None  # start from this checkpoint's weights (dense or folded)
+    finetune: bool = False  # a fine-tuning recipe (configs/finetune.yaml): refused without init, it would start cold
     device: str = "auto"
     workers: int = 2
     threads: int | None = None
@@ -124,6 +125,7 @@ class TrainConfig:
             "progress",
             "compile",
             "channels_last",
+            "finetune",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
@@ -169,6 +171,13 @@ class TrainConfig:
                 raise ValueError(
                     "--calibrate prunes a trained model from its activations: pass its weights with --init RUN"
                 )
+        if self.finetune and not self.init and not self.resume:
+            raise ValueError(
+                f"{self.config or 'this recipe'} fine-tunes a trained model (finetune: true), and no --init says "
+                "which: pass --init RUN/checkpoint.pt (a run folder, checkpoint.pt, model_folded.pt or a state dict "
+                "of the same --model). To train from scratch, use another recipe (its learning rate and length are "
+                "set for a trained model) or set finetune: false"
+            )
         if self.extend and not self.resume:
             raise ValueError("--extend continues a run past its --epochs; it needs --resume (and a larger --epochs)")
         self.sparsity_config()  # validates ramp, schedule, tau, order, ... with the library's own messages
@@ -271,7 +280,7 @@ def _nm_hint(value: int) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe: a YAML mapping of :class:`TrainConfig` option names (dashes or underscores)."""
+    """Read a recipe: a YAML mapping of `TrainConfig` option names (dashes or underscores)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
