@@ -75,6 +75,9 @@ def _build(name: str):
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    # This file's folder is on sys.path; its accelerate.py would shadow the accelerate package transformers needs.
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
     import torch
     from torch import nn
 
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label", default="", help="a name for this run (e.g. before/after), kept in the JSON")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (after every cell)")
+    parser.add_argument("--resume", action="store_true", help="keep the cells --out already holds; measure the rest")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -251,9 +255,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(args.allocators) - set(ALLOCATORS))
     if unknown:
         parser.error(f"unknown allocator setting(s) {unknown}; choose from {sorted(ALLOCATORS)}")
-    records = []
+    records: list[dict[str, Any]] = []
+    if args.resume and args.out is not None and args.out.is_file():  # keep the cells measured so far
+        records = json.loads(args.out.read_text())["records"]
+    done = {_key(r) for r in records}
     cells = [(cell, allocator) for cell in _cells(args) for allocator in args.allocators]
     for index, (cell, allocator) in enumerate(cells, 1):
+        if _key({**cell, "allocator": allocator}) in done:
+            continue
         # The mmap setting measures memory in use (deterministic up to a few pages): one process is enough.
         repeats = 1 if args.device.startswith("cuda") or allocator == "mmap" else args.repeats
         runs = [_measure(cell, allocator) for _ in range(repeats)]
@@ -271,11 +280,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-    rows = summarize(records)
+        _write(args, argv, records)  # after every cell: an interrupted run resumes with --resume
+    result = _write(args, argv, records)
+    print(table(result["rows"]))
+    return result
+
+
+def _key(record: dict[str, Any]) -> tuple:
+    return tuple(record.get(k, "default") for k in ("model", "dtype", "optimizer", "method", "nm", "allocator"))
+
+
+def _write(args: argparse.Namespace, argv: list[str] | None, records: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     import maxq
 
+    rows = summarize(records)
     result = {
         "label": args.label,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -288,7 +308,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": records,
         "rows": rows,
     }
-    print(table(rows))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

@@ -78,3 +78,31 @@ def test_a_filter_fn_of_the_wrong_signature_says_what_it_must_take(filter_fn):
     # Keyword-friendly and variadic callables are fine.
     assert any(c.selected for c in select_layers(small_cnn(), 4, lambda *args: True))
     assert any(c.selected for c in select_layers(small_cnn(), 4, lambda module, name, extra=1: True))
+
+
+def test_multihead_attention_projection_is_listed_dense_with_the_reason():
+    """Issue 27 (7): nn.MultiheadAttention's packed Q/K/V weight was silently missing from the report."""
+    import maxq
+    from maxq.core.layers import ATTENTION_REASON
+
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), nn.Linear(32, 10))
+    sp = maxq.sparsify_(model, maxq.SRSTEConfig())
+    rows = {r.name: r for r in sp.report().layers}
+    packed = rows["0.self_attn.in_proj_weight"]
+    assert packed.nm == "dense" and packed.skipped == ATTENTION_REASON and packed.shape == (96, 32)
+    assert {"0.self_attn.out_proj", "0.linear1", "0.linear2"} <= set(sp.layers)
+    assert "0.self_attn.in_proj_weight" in str(sp.report())
+    with pytest.raises(ValueError, match="in_proj_weight: packed Q/K/V"):
+        maxq.sparsify_(
+            nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 10)),
+            maxq.SRSTEConfig(strict=True),
+        )
+    # Leaving the attention module out of the selection is what strict mode then asks for.
+    other = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 10))
+    maxq.sparsify_(other, maxq.SRSTEConfig(strict=True), filter_fn=lambda m, n: isinstance(m, nn.Linear))
+
+
+def test_separate_attention_projections_are_listed_too():
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, kdim=16, vdim=16), nn.Linear(32, 32), nn.Linear(32, 4))
+    names = [c.name for c in select_layers(model, 4)]
+    assert names[:3] == ["0.q_proj_weight", "0.k_proj_weight", "0.v_proj_weight"]

@@ -94,6 +94,28 @@ def _check_filter_fn(filter_fn: FilterFn) -> None:
         ) from None
 
 
+#: why nn.MultiheadAttention's packed projections stay dense
+ATTENTION_REASON = (
+    "packed Q/K/V projection of nn.MultiheadAttention: a raw parameter its attention op reads directly, not a "
+    "Linear module, so maxq keeps it dense (its out_proj is a Linear and is sparsified); for N:M Q/K/V use "
+    "attention built from nn.Linear layers (timm, Hugging Face)"
+)
+
+
+def _attention_projections(module: nn.MultiheadAttention, name: str, requested: bool) -> list[LayerChoice]:
+    """``nn.MultiheadAttention``'s Q/K/V projection weights (``in_proj_weight``, or ``q/k/v_proj_weight``), listed
+    as dense with the reason, so that the report names them rather than silently leaving them out."""
+    names = ("in_proj_weight",) if module._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    out = []
+    for tensor in names:
+        weight = getattr(module, tensor, None)
+        if weight is None:
+            continue
+        label = f"{name}.{tensor}" if name else tensor
+        out.append(LayerChoice(label, "MultiheadAttention", tuple(weight.shape), False, ATTENTION_REASON, requested))
+    return out
+
+
 def select_layers(
     model: nn.Module,
     m: int,
@@ -121,9 +143,15 @@ def select_layers(
     if filter_fn is not None:
         _check_filter_fn(filter_fn)
     candidates = [
-        (name, mod) for name, mod in model.named_modules() if is_weight_layer(mod) or isinstance(mod, _UNSUPPORTED)
+        (name, mod)
+        for name, mod in model.named_modules()
+        if is_weight_layer(mod) or isinstance(mod, (*_UNSUPPORTED, nn.MultiheadAttention))
     ]
     supported = [(name, mod) for name, mod in candidates if is_weight_layer(mod)]
+    if filter_fn is not None:  # the packed projections below are reported with the filter's verdict
+        requested_by = filter_fn
+    else:
+        requested_by = lambda mod, name: True  # noqa: E731
     owners: dict[int, list[str]] = {}  # parameter -> every module that holds it (tied weights: more than one)
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname.rpartition(".")[0])
@@ -134,6 +162,9 @@ def select_layers(
         weight = getattr(mod, "weight", None)
         shape = () if weight is None or isinstance(weight, nn.UninitializedParameter) else tuple(weight.shape)
         kind = type(mod).__name__
+        if isinstance(mod, nn.MultiheadAttention):
+            choices += _attention_projections(mod, name, bool(requested_by(mod, name)))
+            continue
         if not is_weight_layer(mod):
             choices.append(LayerChoice(name, kind, shape, False, f"unsupported layer type {kind}"))
             continue
