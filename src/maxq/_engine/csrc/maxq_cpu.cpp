@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -858,8 +859,9 @@ void check_planes(const torch::Tensor& planes, int64_t count) {
               "planes must be a contiguous uint8 CPU tensor of [P, O, ceil(L / 8)] bytes");
 }
 
-// The soft mask of one row (all entries), branch-free: M = B * (1 + Q_f + Q_k), + 0.5 where kept at a tied cut.
-// B, F, Kf: the row's planes as 0/1 floats; tk, ck: the kernel sets' thresholds along the row (or null).
+// The soft mask of one row (all entries): M = B * (1 + Q_f + Q_k), + 0.5 where kept at a tied cut; then W * M if
+// weighted. B, F, Kf: the row's planes as 0/1 floats; tk, ck: the kernel sets' thresholds along the row (or null).
+// One simple loop per step, so that each vectorizes (the first is soft_row's).
 __attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, const float* __restrict__ B,
                                              const float* __restrict__ F, const float* __restrict__ Kf,
                                              float* __restrict__ out, int64_t L, float t, float cut,
@@ -867,20 +869,24 @@ __attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, cons
                                              float inv_tau, bool weighted) {
   const float shift = -t * inv_tau;
   if (tk != nullptr) {
-    for (int64_t j = 0; j < L; ++j) {
-      const float a = std::fabs(row[j]);
-      float mval = B[j] * soft_scale_fk(a, inv_tau, shift, cut, tk[j], ck[j]);
-      mval = mval + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (mval != 0.0f)) * 0.5f;
-      mval = mval + static_cast<float>((Kf[j] != 0.0f) & !(a > ck[j]) & (mval != 0.0f)) * 0.5f;
-      out[j] = weighted ? row[j] * mval : mval;
-    }
+    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_fk(std::fabs(row[j]), inv_tau, shift, cut, tk[j], ck[j]);
   } else {
+    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_f(std::fabs(row[j]), inv_tau, shift, cut);
+  }
+  if (F != nullptr) {  // entries kept at a tied filter cut (adding 0.0 elsewhere changes nothing)
     for (int64_t j = 0; j < L; ++j) {
       const float a = std::fabs(row[j]);
-      float mval = B[j] * soft_scale_f(a, inv_tau, shift, cut);
-      mval = mval + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (mval != 0.0f)) * 0.5f;
-      out[j] = weighted ? row[j] * mval : mval;
+      out[j] = out[j] + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (out[j] != 0.0f)) * 0.5f;
     }
+  }
+  if (Kf != nullptr) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float a = std::fabs(row[j]);
+      out[j] = out[j] + static_cast<float>((Kf[j] != 0.0f) & !(a > ck[j]) & (out[j] != 0.0f)) * 0.5f;
+    }
+  }
+  if (weighted) {
+    for (int64_t j = 0; j < L; ++j) out[j] = row[j] * out[j];
   }
 }
 
@@ -937,6 +943,7 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
   const bool weighted = weighted_ == 1;
   const float inv_tau = static_cast<float>(1.0 / tau);
   const RowView view(w, O, I, K);
+  static const bool compact = std::getenv("MAXQ_APPLY_COMPACT") == nullptr || std::getenv("MAXQ_APPLY_COMPACT")[0] != '0';
   const float* pw = w.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const uint8_t* pb = planes.data_ptr<uint8_t>();
@@ -945,6 +952,10 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
     tk_row[j] = thr[2 * O + j % K];
     ck_row[j] = thr[2 * O + K + j % K];
   }
+  // A set can hold entries kept at a tied cut only if a(k) == a(k + 1), i.e. t == a(k) (t may also round onto
+  // a(k) without a tie: then the tie pass just changes nothing). Rows and layers without one skip that pass.
+  bool k_tie = false;
+  for (int64_t kk = 0; has_k && kk < K; ++kk) k_tie = k_tie || thr[2 * O + kk] == thr[2 * O + K + kk];
   at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
     std::vector<float> wbuf(view.contiguous ? 0 : L), obuf(view.contiguous ? 0 : L), B(L);
     std::vector<float> F(soft ? L : 0), Kf(has_k ? L : 0);
@@ -959,11 +970,12 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
       if (!soft) {
         for (int64_t j = 0; j < L; ++j) orow[j] = weighted ? row[j] * B[j] : B[j];
       } else {
-        unpack_floats(pb + (O + o) * Lb, L, F.data());
-        if (has_k) unpack_floats(pb + (2 * O + o) * Lb, L, Kf.data());
         const float t = thr[o], cut = thr[O + o];
+        const bool f_tie = t == cut;
+        const uint8_t* frow = pb + (O + o) * Lb;
+        const uint8_t* krow = has_k ? pb + (2 * O + o) * Lb : nullptr;
         const int64_t kept = popcount_row(brow, Lb);
-        if (2 * kept <= L) {  // sparse row: the sigmoids of its kept entries only
+        if (compact && 3 * kept <= L) {  // sparse row (1:4 and sparser): the sigmoids of its kept entries only
           ca.resize(kept);
           cf.resize(kept);
           cj.resize(kept);
@@ -981,11 +993,11 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
               byte &= byte - 1;
               cj[c] = j;
               ca[c] = std::fabs(row[j]);
-              cf[c] = F[j];
+              cf[c] = static_cast<float>(get_bit(frow, j));
               if (has_k) {
                 ctk[c] = tk_row[j];
                 ck_[c] = ck_row[j];
-                ckf[c] = Kf[j];
+                ckf[c] = static_cast<float>(get_bit(krow, j));
               }
               ++c;
             }
@@ -1000,8 +1012,11 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
             for (int64_t x = 0; x < kept; ++x) orow[cj[x]] = cs[x];
           }
         } else {
-          soft_mask_row(row, B.data(), F.data(), has_k ? Kf.data() : nullptr, orow, L, t, cut,
-                        has_k ? tk_row.data() : nullptr, has_k ? ck_row.data() : nullptr, inv_tau, weighted);
+          if (f_tie) unpack_floats(frow, L, F.data());
+          if (has_k && k_tie) unpack_floats(krow, L, Kf.data());
+          soft_mask_row(row, B.data(), f_tie ? F.data() : nullptr, has_k && k_tie ? Kf.data() : nullptr, orow, L,
+                        t, cut, has_k ? tk_row.data() : nullptr, has_k ? ck_row.data() : nullptr, inv_tau,
+                        weighted);
         }
       }
       if (!view.contiguous) view.scatter(orow, o, po);
