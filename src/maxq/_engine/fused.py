@@ -119,9 +119,18 @@ def fused_state_(
 
 
 def fused_apply_(
-    out: Tensor, w: Tensor, planes: Tensor, thresholds: Tensor | None, *, soft: bool, tau: float, weighted: bool
+    out: Tensor,
+    w: Tensor,
+    planes: Tensor,
+    thresholds: Tensor | None,
+    *,
+    n: int,
+    m: int,
+    soft: bool,
+    tau: float,
+    weighted: bool,
 ) -> Tensor:
-    """``out`` = the mask (``weighted=False``) or ``w * mask`` of ``w`` from its state; ``w`` and ``out`` are float32
-    CPU ``[O, I(, kh, kw)]`` views with the same strides. Returns ``out``."""
-    torch.ops.maxq.apply_(w, planes, thresholds if soft else None, soft, tau, 1 if weighted else 0, out)
+    """``out`` = the mask (``weighted=False``) or ``w * mask`` of ``w`` (N:M pattern ``n``:``m``) from its state; ``w``
+    and ``out`` are float32 CPU ``[O, I(, kh, kw)]`` views with the same strides. Returns ``out``."""
+    torch.ops.maxq.apply_(w, planes, thresholds if soft else None, soft, tau, 1 if weighted else 0, out, n, m)
     return out

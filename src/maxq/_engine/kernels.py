@@ -219,12 +219,20 @@ def _register_ops(ext: ModuleType) -> None:
 
     @torch.library.custom_op("maxq::apply_", mutates_args=("out",), device_types="cpu")
     def apply(
-        w: Tensor, planes: Tensor, thr: Tensor | None, soft: bool, tau: float, weighted: int, out: Tensor
+        w: Tensor,
+        planes: Tensor,
+        thr: Tensor | None,
+        soft: bool,
+        tau: float,
+        weighted: int,
+        out: Tensor,
+        n: int,
+        m: int,
     ) -> None:
-        ext.apply_(w, planes, thr, soft, tau, weighted, out)
+        ext.apply_(w, planes, thr, soft, tau, weighted, out, n, m)
 
     @apply.register_fake
-    def _(w, planes, thr, soft, tau, weighted, out):
+    def _(w, planes, thr, soft, tau, weighted, out, n, m):
         return None
 
     @torch.library.custom_op("maxq::decay_", mutates_args=("grad",), device_types="cpu")

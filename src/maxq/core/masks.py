@@ -376,7 +376,9 @@ def materialize_mask(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: 
             out = oi_view(torch.empty(weight.shape, dtype=torch.float32), spec.input_axis)
             if not _same_walk(out, w):  # e.g. a channels_last weight: the values do not depend on its layout
                 w = oi_view(oi_view(w, spec.input_axis).contiguous(), spec.input_axis)
-            mask = fused_apply_(out, w, planes, thresholds, soft=spec.soft, tau=spec.tau, weighted=False)
+            mask = fused_apply_(
+                out, w, planes, thresholds, n=spec.n, m=spec.m, soft=spec.soft, tau=spec.tau, weighted=False
+            )
         else:
             mask = _materialize_eager(w, planes, thresholds, spec)
         if spec.soft and spec.strength:  # soften_'s operations, with the strength as a tensor (no recompiles)
@@ -401,8 +403,17 @@ def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Ten
         oi = oi_view(w, spec.input_axis)
         fast = not spec.soft or not (spec.strength or spec.normalize)
         if fast and (spec.fused or not spec.soft) and fused_available(oi) and planes.device.type == "cpu":
-            fused_apply_(oi_view(out, spec.input_axis), oi, planes, thresholds, soft=spec.soft, tau=spec.tau,
-                         weighted=True)  # fmt: skip
+            fused_apply_(
+                oi_view(out, spec.input_axis),
+                oi,
+                planes,
+                thresholds,
+                n=spec.n,
+                m=spec.m,
+                soft=spec.soft,
+                tau=spec.tau,
+                weighted=True,
+            )
             return out
         if not spec.soft:
             keep = unpack_rows(planes[0], oi[0].numel()).view(oi.shape)

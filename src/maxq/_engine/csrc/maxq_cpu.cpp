@@ -29,7 +29,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -859,21 +858,12 @@ void check_planes(const torch::Tensor& planes, int64_t count) {
               "planes must be a contiguous uint8 CPU tensor of [P, O, ceil(L / 8)] bytes");
 }
 
-// The soft mask of one row (all entries): M = B * (1 + Q_f + Q_k), + 0.5 where kept at a tied cut; then W * M if
-// weighted. B, F, Kf: the row's planes as 0/1 floats; tk, ck: the kernel sets' thresholds along the row (or null).
-// One simple loop per step, so that each vectorizes (the first is soft_row's).
-__attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, const float* __restrict__ B,
-                                             const float* __restrict__ F, const float* __restrict__ Kf,
-                                             float* __restrict__ out, int64_t L, float t, float cut,
-                                             const float* __restrict__ tk, const float* __restrict__ ck,
-                                             float inv_tau, bool weighted) {
-  const float shift = -t * inv_tau;
-  if (tk != nullptr) {
-    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_fk(std::fabs(row[j]), inv_tau, shift, cut, tk[j], ck[j]);
-  } else {
-    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_f(std::fabs(row[j]), inv_tau, shift, cut);
-  }
-  if (F != nullptr) {  // entries kept at a tied filter cut (adding 0.0 elsewhere changes nothing)
+// A row's mask M after its soft scale: + 0.5 on the entries kept at a tied query cut (F, Kf: the planes as 0/1
+// floats, null where no set of the row has a tie; adding 0.0 elsewhere changes nothing), then W * M if weighted.
+__attribute__((noinline)) void finish_row(const float* __restrict__ row, const float* __restrict__ F,
+                                          const float* __restrict__ Kf, float* __restrict__ out, int64_t L, float cut,
+                                          const float* __restrict__ ck, bool weighted) {
+  if (F != nullptr) {
     for (int64_t j = 0; j < L; ++j) {
       const float a = std::fabs(row[j]);
       out[j] = out[j] + static_cast<float>((F[j] != 0.0f) & !(a > cut) & (out[j] != 0.0f)) * 0.5f;
@@ -890,26 +880,21 @@ __attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, cons
   }
 }
 
-// The same for the kept entries only (gathered: their magnitudes a, tie flags and kernel thresholds), into s.
-__attribute__((noinline)) void soft_kept_values(const float* __restrict__ a, const float* __restrict__ tf,
-                                                const float* __restrict__ tkf, float* __restrict__ s, int64_t n,
-                                                float t, float cut, const float* __restrict__ tk,
-                                                const float* __restrict__ ck, float inv_tau) {
+// The soft mask of one row (all entries): M = B * (1 + Q_f + Q_k), + 0.5 where kept at a tied cut; then W * M if
+// weighted. B, F, Kf: the row's planes as 0/1 floats; tk, ck: the kernel sets' thresholds along the row (or null).
+// One simple loop per step, so that each vectorizes (the first is soft_row's).
+__attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, const float* __restrict__ B,
+                                             const float* __restrict__ F, const float* __restrict__ Kf,
+                                             float* __restrict__ out, int64_t L, float t, float cut,
+                                             const float* __restrict__ tk, const float* __restrict__ ck,
+                                             float inv_tau, bool weighted) {
   const float shift = -t * inv_tau;
   if (tk != nullptr) {
-    for (int64_t c = 0; c < n; ++c) {
-      float mval = 1.0f * soft_scale_fk(a[c], inv_tau, shift, cut, tk[c], ck[c]);
-      mval = mval + static_cast<float>((tf[c] != 0.0f) & !(a[c] > cut) & (mval != 0.0f)) * 0.5f;
-      mval = mval + static_cast<float>((tkf[c] != 0.0f) & !(a[c] > ck[c]) & (mval != 0.0f)) * 0.5f;
-      s[c] = mval;
-    }
+    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_fk(std::fabs(row[j]), inv_tau, shift, cut, tk[j], ck[j]);
   } else {
-    for (int64_t c = 0; c < n; ++c) {
-      float mval = 1.0f * soft_scale_f(a[c], inv_tau, shift, cut);
-      mval = mval + static_cast<float>((tf[c] != 0.0f) & !(a[c] > cut) & (mval != 0.0f)) * 0.5f;
-      s[c] = mval;
-    }
+    for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_f(std::fabs(row[j]), inv_tau, shift, cut);
   }
+  finish_row(row, F, Kf, out, L, cut, ck, weighted);
 }
 
 inline int64_t popcount_row(const uint8_t* bits, int64_t Lb) {
@@ -926,7 +911,7 @@ inline int64_t popcount_row(const uint8_t* bits, int64_t Lb) {
 // in the [O, L] order of the logical view. A row whose blocks all keep exactly n (no dense blocks) computes the
 // soft scale of its kept entries only.
 void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> thr_opt, bool soft, double tau,
-            int64_t weighted_, torch::Tensor out) {
+            int64_t weighted_, torch::Tensor out, int64_t n, int64_t m) {
   TORCH_CHECK(w.dim() == 2 || w.dim() == 4, "weight must be [O, I] or [O, I, kh, kw]");
   check_view(w, w, "weight");
   check_view(out, w, "out");
@@ -943,7 +928,10 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
   const bool weighted = weighted_ == 1;
   const float inv_tau = static_cast<float>(1.0 / tau);
   const RowView view(w, O, I, K);
-  static const bool compact = std::getenv("MAXQ_APPLY_COMPACT") == nullptr || std::getenv("MAXQ_APPLY_COMPACT")[0] != '0';
+  // Rows without dense blocks can take pass B's block-wise path (the sigmoids of each block's n largest only);
+  // it pays for its reordering passes only with a kernel query and at most a quarter kept (measured: a 3x3 conv
+  // at 1:4 and sparser; a Linear, or 2:4, runs faster through the vectorized full row).
+  const bool blockwise = has_k && 2 * n < m;
   const float* pw = w.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const uint8_t* pb = planes.data_ptr<uint8_t>();
@@ -956,11 +944,18 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
   // a(k) without a tie: then the tie pass just changes nothing). Rows and layers without one skip that pass.
   bool k_tie = false;
   for (int64_t kk = 0; has_k && kk < K; ++kk) k_tie = k_tie || thr[2 * O + kk] == thr[2 * O + K + kk];
+  TORCH_CHECK(!soft || (m >= 2 && n >= 1 && n < m && I % m == 0), "bad N:M pattern for this weight");
+  const int64_t Bk = soft ? I / m : 0, Q = Bk * K;  // blocks per kernel position, blocks per row
+  std::vector<float> tk_q(has_k ? Q : 0), ck_q(has_k ? Q : 0);
+  for (int64_t q = 0; q < static_cast<int64_t>(tk_q.size()); ++q) {
+    tk_q[q] = thr[2 * O + q % K];
+    ck_q[q] = thr[2 * O + K + q % K];
+  }
   at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
     std::vector<float> wbuf(view.contiguous ? 0 : L), obuf(view.contiguous ? 0 : L), B(L);
     std::vector<float> F(soft ? L : 0), Kf(has_k ? L : 0);
-    std::vector<float> ca, cf, ck_, ctk, ckf, cs;  // the kept entries, gathered
-    std::vector<int64_t> cj;
+    std::vector<float> T(soft ? L : 0), R(soft ? L : 0), M(soft ? L : 0), top(soft ? (n + 2) * Q : 0);
+    std::vector<float> S(soft ? n * Q : 0);
     for (int64_t o = o0; o < o1; ++o) {
       const float* row = view.contiguous ? pw + o * L : wbuf.data();
       if (!view.contiguous) view.gather(pw, o, wbuf.data());
@@ -975,42 +970,20 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
         const uint8_t* frow = pb + (O + o) * Lb;
         const uint8_t* krow = has_k ? pb + (2 * O + o) * Lb : nullptr;
         const int64_t kept = popcount_row(brow, Lb);
-        if (compact && 3 * kept <= L) {  // sparse row (1:4 and sparser): the sigmoids of its kept entries only
-          ca.resize(kept);
-          cf.resize(kept);
-          cj.resize(kept);
-          cs.resize(kept);
-          if (has_k) {
-            ctk.resize(kept);
-            ck_.resize(kept);
-            ckf.resize(kept);
-          }
-          int64_t c = 0;
-          for (int64_t b = 0; b < Lb; ++b) {
-            uint32_t byte = brow[b];
-            while (byte) {
-              const int64_t j = b * 8 + __builtin_ctz(byte);
-              byte &= byte - 1;
-              cj[c] = j;
-              ca[c] = std::fabs(row[j]);
-              cf[c] = static_cast<float>(get_bit(frow, j));
-              if (has_k) {
-                ctk[c] = tk_row[j];
-                ck_[c] = ck_row[j];
-                ckf[c] = static_cast<float>(get_bit(krow, j));
-              }
-              ++c;
-            }
-          }
-          soft_kept_values(ca.data(), cf.data(), has_k ? ckf.data() : nullptr, cs.data(), kept, t, cut,
-                           has_k ? ctk.data() : nullptr, has_k ? ck_.data() : nullptr, inv_tau);
-          std::fill(orow, orow + L, 0.0f);
-          if (weighted) {
-            for (int64_t j = 0; j < L; ++j) orow[j] = row[j] * 0.0f;  // pruned: W * 0 (its sign, as the product)
-            for (int64_t x = 0; x < kept; ++x) orow[cj[x]] = row[cj[x]] * cs[x];
-          } else {
-            for (int64_t x = 0; x < kept; ++x) orow[cj[x]] = cs[x];
-          }
+        if (blockwise && kept * m == static_cast<int64_t>(n) * L) {
+          // No dense block in the row: every block keeps exactly its n largest. Pass B's own no-dense-block path
+          // (soft_kept): the soft scale of each block's n largest values only, spread back to the kept entries;
+          // then the ties and W * M in row order.
+          to_block_major(row, T.data(), Bk, static_cast<int>(m), K);
+          to_block_major(B.data(), R.data(), Bk, static_cast<int>(m), K);  // 0/1 flags: fabs changes nothing
+          block_top_n(T.data(), Q, static_cast<int>(n), static_cast<int>(m), top.data());
+          soft_kept(T.data(), R.data(), top.data(), S.data(), M.data(), Q, static_cast<int>(n), static_cast<int>(m),
+                    t, cut, has_k ? tk_q.data() : nullptr, has_k ? ck_q.data() : nullptr, inv_tau);
+          keep_to_row(M.data(), nullptr, orow, Bk, static_cast<int>(m), K);
+          if (f_tie) unpack_floats(frow, L, F.data());
+          if (has_k && k_tie) unpack_floats(krow, L, Kf.data());
+          finish_row(row, f_tie ? F.data() : nullptr, has_k && k_tie ? Kf.data() : nullptr, orow, L, cut,
+                     has_k ? ck_row.data() : nullptr, weighted);
         } else {
           if (f_tie) unpack_floats(frow, L, F.data());
           if (has_k && k_tie) unpack_floats(krow, L, Kf.data());
