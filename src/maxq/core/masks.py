@@ -397,22 +397,16 @@ def _same_walk(a: Tensor, b: Tensor) -> bool:
 def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
     """``W * Mask`` from the weight and its mask state, in the weight's dtype and memory layout (a new tensor; no
     gradient): bit for bit ``weight * mask`` with the float mask `compute_mask_` writes."""
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+    # The forward's hot path: no autocast context (only elementwise ops here, which autocast leaves alone).
+    with torch.no_grad():
         w = weight.detach()
         out = torch.empty_like(w)
         oi = oi_view(w, spec.input_axis)
-        fast = not spec.soft or not (spec.strength or spec.normalize)
-        if fast and (spec.fused or not spec.soft) and fused_available(oi) and planes.device.type == "cpu":
+        kernel = not spec.soft or (spec.fused and not (spec.strength or spec.normalize))
+        if kernel and w.dtype == torch.float32 and w.device.type == "cpu" and fused_available(oi):
             fused_apply_(
-                oi_view(out, spec.input_axis),
-                oi,
-                planes,
-                thresholds,
-                n=spec.n,
-                m=spec.m,
-                soft=spec.soft,
-                tau=spec.tau,
-                weighted=True,
+                oi_view(out, spec.input_axis), oi, planes, thresholds, n=spec.n, m=spec.m, soft=spec.soft,
+                tau=spec.tau, weighted=True,
             )
             return out
         if not spec.soft:

@@ -897,6 +897,10 @@ __attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, cons
   finish_row(row, F, Kf, out, L, cut, ck, weighted);
 }
 
+// Rows per parallel task: about ATen's grain (32768 entries), so that small layers run on the calling thread
+// (waking a pool for a few microseconds of work costs more than the work, the more so on a busy machine).
+inline int64_t row_grain(int64_t L) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)); }
+
 inline int64_t popcount_row(const uint8_t* bits, int64_t Lb) {
   int64_t count = 0;
   for (int64_t b = 0; b < Lb; ++b) count += __builtin_popcount(bits[b]);
@@ -951,7 +955,7 @@ void apply_(torch::Tensor w, torch::Tensor planes, c10::optional<torch::Tensor> 
     tk_q[q] = thr[2 * O + q % K];
     ck_q[q] = thr[2 * O + K + q % K];
   }
-  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, O, row_grain(L), [&](int64_t o0, int64_t o1) {
     std::vector<float> wbuf(view.contiguous ? 0 : L), obuf(view.contiguous ? 0 : L), B(L);
     std::vector<float> F(soft ? L : 0), Kf(has_k ? L : 0);
     std::vector<float> T(soft ? L : 0), R(soft ? L : 0), M(soft ? L : 0), top(soft ? (n + 2) * Q : 0);
@@ -1009,7 +1013,7 @@ void decay_bits_(torch::Tensor grad, torch::Tensor w, torch::Tensor planes, doub
   float* pg = grad.data_ptr<float>();
   const uint8_t* pb = planes.data_ptr<uint8_t>();
   const float l = static_cast<float>(lam);
-  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, O, row_grain(L), [&](int64_t o0, int64_t o1) {
     std::vector<float> wbuf(view.contiguous ? 0 : L), gbuf(view.contiguous ? 0 : L), B(L);
     for (int64_t o = o0; o < o1; ++o) {
       const float* row = view.contiguous ? pw + o * L : wbuf.data();
@@ -1034,7 +1038,7 @@ void mask_grad_(torch::Tensor grad, torch::Tensor planes) {
   const RowView view(grad, O, I, K);
   float* pg = grad.data_ptr<float>();
   const uint8_t* pb = planes.data_ptr<uint8_t>();
-  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, O, row_grain(L), [&](int64_t o0, int64_t o1) {
     std::vector<float> gbuf(view.contiguous ? 0 : L), B(L);
     for (int64_t o = o0; o < o1; ++o) {
       float* grow = view.contiguous ? pg + o * L : gbuf.data();
