@@ -19,8 +19,11 @@ Two allocator settings (``--allocators``), because glibc's ``malloc`` is part of
 Models: ``linear8`` (8 x (Linear(2048, 2048) + LayerNorm), batch 8), ``resnet50`` (torchvision, batch 16 at
 96x96), ``gpt2`` (GPT-2-small architecture built from its config, batch 2 x 64 tokens; needs transformers).
 
-    python benchmarks/memory.py --out results/memory/after.json            # every model, fp32 + bf16, SGD + AdamW
-    python benchmarks/memory.py --models linear8 --dtypes fp32 --repeats 1  # a quick look
+    python benchmarks/memory.py --allocators default,mmap --out results/memory/after.json   # every cell
+    python benchmarks/memory.py --models linear8 --dtypes fp32 --repeats 1                   # a quick look
+    python benchmarks/memory.py --per-rank --out results/memory/per_rank.json    # mask bytes per rank, world 1 / 2
+    python benchmarks/memory.py --report results/memory/before.json results/memory/after.json \
+        results/memory/per_rank.json                                             # the block in docs/RESULTS.md
 
 Prints a Markdown table and writes JSON (one record per cell, with the raw peaks of every repeat).
 """
@@ -74,10 +77,14 @@ def _build(name: str):
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    # This file's folder is on sys.path; its accelerate.py would shadow the accelerate package transformers needs.
+def _unshadow() -> None:
+    """This file's folder is on sys.path; its accelerate.py would shadow the package transformers imports."""
     here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    _unshadow()
     import torch
     from torch import nn
 
@@ -145,6 +152,140 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if sparsifier is not None and hasattr(sparsifier, "mask_bytes"):
         out["mask_bytes"] = sum(sparsifier.mask_bytes().values())
     return out
+
+
+# -- mask bytes per rank under FSDP2 (torchrun, gloo) ---------------------------------------------------------------
+def per_rank_worker(models: list[str], methods: list[str], nm: str) -> list[dict[str, Any]]:
+    """Every rank: each model sparsified, then sharded with ``fully_shard`` (world size > 1) on every sparsified
+    layer and the root; one ``step()`` cuts the mask state to the rank's rows. Returns this rank's mask bytes."""
+    _unshadow()
+    import torch.distributed as dist
+
+    import maxq
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = []
+    for name in models:
+        for method in methods:
+            model, _, _ = _build(name)
+            n, m = maxq.parse_nm(nm)
+            options: dict[str, Any] = {"n": n, "m": m}
+            if method == "maxq":
+                options["ramp"] = (0.0, 0.0)
+            sp = maxq.sparsify_(model, maxq.make_config(method, **options))
+            if world > 1:
+                from torch.distributed.fsdp import fully_shard
+                from torch.distributed.tensor import Shard
+
+                from maxq.core.layers import is_hf_conv1d
+
+                conv1d = {id(mod.parametrizations.weight.original) for mod in model.modules() if is_hf_conv1d(mod)
+                          and hasattr(mod, "parametrizations")}  # fmt: skip
+
+                def placement(param, conv1d=conv1d):  # Conv1D weights [in, out]: shard their outputs
+                    return Shard(1) if id(param) in conv1d else None
+
+                for layer in sp.layers:
+                    fully_shard(model.get_submodule(layer), shard_placement_fn=placement)
+                fully_shard(model, shard_placement_fn=placement)
+            sp.step()
+            held = sum(sp.mask_bytes().values())
+            weights = 0
+            for layer in sp.layers:
+                w = model.get_submodule(layer).parametrizations.weight.original
+                local = w.to_local() if hasattr(w, "to_local") else w
+                weights += local.numel() * local.element_size()
+            out.append({"model": name, "method": method, "nm": nm, "world": world, "rank": rank,
+                        "mask_bytes": held, "local_weight_bytes": weights})  # fmt: skip
+            del model, sp
+    return out
+
+
+def per_rank(args: argparse.Namespace) -> dict[str, Any]:
+    """World size 1 (this process) and 2 (torchrun, gloo): each rank's mask bytes."""
+    import shutil
+    import tempfile
+
+    records = per_rank_worker(args.models, [m for m in args.methods if m != "dense"], args.nm)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = json.dumps({"models": args.models, "methods": [m for m in args.methods if m != "dense"], "nm": args.nm,
+                           "out": tmp})  # fmt: skip
+        env = dict(os.environ, MAXQ_QUIET="1", OMP_NUM_THREADS="1")
+        cmd = [torchrun, "--standalone", "--nproc-per-node=2", __file__, "--per-rank-worker", spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun failed:\n{proc.stderr[-4000:]}")
+        for path in sorted(Path(tmp).glob("rank*.json")):
+            records += json.loads(path.read_text())
+    return {"records": records}
+
+
+def _per_rank_main(spec: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    records = per_rank_worker(spec["models"], spec["methods"], spec["nm"])
+    Path(spec["out"], f"rank{dist.get_rank()}.json").write_text(json.dumps(records))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def report(before_path: Path, after_path: Path, per_rank_path: Path | None) -> str:
+    """The Markdown block of docs/RESULTS.md section 9 from the two runs (and the per-rank bytes)."""
+    before = {_key(r): r for r in json.loads(before_path.read_text())["rows"]}
+    after_run = json.loads(after_path.read_text())
+    lines = [
+        "x = (peak - dense peak) / the model's weight bytes; goal (issue 24, fp32): one-shot <= 0.10, SR-STE <= 0.15,",
+        "MaxQ <= 0.35. `default`: glibc as it comes; `mmap`: `MALLOC_MMAP_THRESHOLD_=65536` (freed blocks go back to",
+        "the system, so the peak is memory in use). masks x: what maxq holds (`Sparsifier.mask_bytes`) / sparsified",
+        "weight bytes.",
+        "",
+        "| model | dtype | optimizer | method | dense peak MiB | before x (default) | after x (default) | "
+        "before x (mmap) | after x (mmap) | masks x | goal met (mmap) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [r for r in after_run["rows"] if r["method"] != "dense" and r["allocator"] == "default"]
+    dense = {_key(r)[:3]: r for r in after_run["rows"] if r["method"] == "dense" and r["allocator"] == "default"}
+
+    def get(table: dict, row: dict, allocator: str, field: str) -> Any:
+        found = table.get(_key({**row, "allocator": allocator}))
+        return "" if found is None else found.get(field, "")
+
+    after = {_key(r): r for r in after_run["rows"]}
+    for r in rows:
+        live = get(after, r, "mmap", "x_weights")
+        goal = GOALS.get(r["method"])
+        met = "" if live == "" or r["dtype"] != "fp32" else ("yes" if live <= goal else "**no**")
+        base = dense.get(_key(r)[:3], {})
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['optimizer']} | {r['method']} | {base.get('peak_mib', '')} | "
+            f"{get(before, r, 'default', 'x_weights')} | {r.get('x_weights', '')} | "
+            f"{get(before, r, 'mmap', 'x_weights')} | {live} | {r.get('mask_x', '')} | {met} |"
+        )
+    if per_rank_path is not None and per_rank_path.is_file():
+        records = json.loads(per_rank_path.read_text())["records"]
+        lines += [
+            "",
+            "Mask bytes held per rank (FSDP2 `fully_shard`, gloo; world size 1 = one process, unsharded):",
+            "",
+            "| model | method | world 1 | world 2, rank 0 | world 2, rank 1 | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        single = {(r["model"], r["method"]): r for r in records if r["world"] == 1}
+        for (model, method), one in single.items():
+            ranks = sorted((r for r in records if r["world"] == 2 and (r["model"], r["method"]) == (model, method)),
+                           key=lambda r: r["rank"])  # fmt: skip
+            if len(ranks) != 2:
+                continue
+            ratio = max(r["mask_bytes"] for r in ranks) / one["mask_bytes"]
+            lines.append(f"| {model} | {method} | {one['mask_bytes']:,} | {ranks[0]['mask_bytes']:,} | "
+                         f"{ranks[1]['mask_bytes']:,} | {ratio:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 # -- driver --------------------------------------------------------------------------------------------------------
@@ -245,11 +386,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--label", default="", help="a name for this run (e.g. before/after), kept in the JSON")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (after every cell)")
     parser.add_argument("--resume", action="store_true", help="keep the cells --out already holds; measure the rest")
+    parser.add_argument("--per-rank", action="store_true", help="mask bytes per rank at world size 1 and 2 (FSDP2)")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="BEFORE AFTER [PER_RANK]: write the table into docs/RESULTS.md and print it")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--per-rank-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    if args.per_rank_worker is not None:
+        _per_rank_main(json.loads(args.per_rank_worker))
+        return {}
+    if args.report:
+        from study import _replace_block
+
+        block = report(args.report[0], args.report[1], args.report[2] if len(args.report) > 2 else None)
+        comment = "<!-- generated by benchmarks/memory.py --report; edit the surrounding docs, not this block -->\n"
+        _replace_block(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md", "memory", comment + block)
+        print(block)
+        return {}
+    if args.per_rank:
+        result = per_rank(args)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["records"], indent=1))
+        return result
     if "dense" not in args.methods:
         args.methods = ["dense", *args.methods]
     unknown = sorted(set(args.allocators) - set(ALLOCATORS))
