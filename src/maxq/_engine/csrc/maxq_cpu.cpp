@@ -889,6 +889,16 @@ __attribute__((noinline)) void soft_mask_row(const float* __restrict__ row, cons
                                              const float* __restrict__ tk, const float* __restrict__ ck,
                                              float inv_tau, bool weighted) {
   const float shift = -t * inv_tau;
+  if (weighted && F == nullptr && Kf == nullptr) {  // no tie in the row: W * M in the same pass
+    if (tk != nullptr) {
+      for (int64_t j = 0; j < L; ++j) {
+        out[j] = row[j] * (B[j] * soft_scale_fk(std::fabs(row[j]), inv_tau, shift, cut, tk[j], ck[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < L; ++j) out[j] = row[j] * (B[j] * soft_scale_f(std::fabs(row[j]), inv_tau, shift, cut));
+    }
+    return;
+  }
   if (tk != nullptr) {
     for (int64_t j = 0; j < L; ++j) out[j] = B[j] * soft_scale_fk(std::fabs(row[j]), inv_tau, shift, cut, tk[j], ck[j]);
   } else {
