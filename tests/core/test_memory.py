@@ -251,3 +251,30 @@ def test_second_order_gradients_flow_through_the_rebuilt_weight():
     (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     gx.pow(2).sum().backward()
     torch.testing.assert_close(w.grad, ws["2"].grad)
+
+
+def test_keeping_the_soft_mask_trades_memory_for_time_with_the_same_results():
+    """``keep_soft_mask=True`` holds the float mask (1x the weight bytes) and gives the same training bit for bit."""
+    runs = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = _Net()
+        sp = maxq.sparsify_(model, maxq.MaxQConfig(ramp=(0, 0), keep_soft_mask=keep))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            sp.regularize_()
+            opt.step()
+            sp.step()
+            losses.append(loss.item())
+        ratio = sum(sp.mask_bytes().values()) / sum(_weight_bytes(sp).values())
+        runs[keep] = (losses, {k: v.clone() for k, v in sp.named_masks()}, ratio)
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[True][1])
+    assert runs[False][2] < 0.35 < 1.0 <= runs[True][2]
+    with pytest.raises(ValueError, match="keep_soft_mask"):
+        maxq.MaxQConfig(keep_soft_mask="yes")

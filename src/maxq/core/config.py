@@ -166,6 +166,10 @@ class MaxQConfig(SRSTEConfig):
             not the paper's; METHOD.md §8): ``none`` (paper), ``ramp`` (phased in with the ramp,
             ``Mask = a * B(1 + Q_f + Q_k) + (1 - a) * B`` with ``a = 1 - p``, so the first forward of a fully dense
             ramp is the model itself), ``normalize`` (each layer's kept mask values rescaled to a mean of 1).
+        keep_soft_mask: hold each layer's soft mask as a weight-sized float tensor between updates (as maxq 0.2
+            did) instead of rebuilding ``1 + Q_f + Q_k`` from its bit-plane state in every forward and backward:
+            the same results bit for bit, 1x the sparsified weight bytes more memory, less CPU time per step (the
+            sigmoids once per update instead of twice per step). For CPU training where memory is not the limit.
     """
 
     method: ClassVar[str] = "maxq"
@@ -179,6 +183,7 @@ class MaxQConfig(SRSTEConfig):
     exp_rate: float = 0.05
     seed: int = 0
     soft_warmup: str = "none"
+    keep_soft_mask: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,6 +207,8 @@ class MaxQConfig(SRSTEConfig):
         if self.exp_rate <= 0:
             raise ValueError(f"exp_rate must be > 0, got {self.exp_rate}")
         _check_number("seed", self.seed, integer=True)
+        if not isinstance(self.keep_soft_mask, bool):
+            raise ValueError(f"keep_soft_mask must be True or False, got {self.keep_soft_mask!r}")
         if self.soft_warmup not in SOFT_WARMUPS:
             raise ValueError(f"unknown soft_warmup {self.soft_warmup!r}; choose one of {list(SOFT_WARMUPS)}")
 

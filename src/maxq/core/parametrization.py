@@ -178,9 +178,11 @@ class NMMask(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self.materialized:
             mask = self._full(self.mask)
-            if self.straight_through:
-                return _StraightThrough.apply(weight, mask)
-            return weight * mask
+            if not self.straight_through:
+                return weight * mask
+            w_eff = _StraightThrough.apply(weight, mask)
+            mark(w_eff, lambda: _StraightThrough.apply(weight, self._full(self.mask)), (weight, self._local(self.mask)))
+            return w_eff
         if self.frozen:
             return _Frozen.apply(weight, self._full(self.planes), self.input_axis)
         w_eff = self._from_state(weight)

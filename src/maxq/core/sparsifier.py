@@ -286,7 +286,7 @@ class Sparsifier:
             scale[1].copy_(kept_mean(warmed))
         if param.materialized:
             param.mask = torch.zeros(0, dtype=param.mask.dtype, device=param.thresholds.device)
-        if cfg.soft and cfg.update_every > 1:
+        if cfg.soft and (cfg.update_every > 1 or getattr(cfg, "keep_soft_mask", False)):
             mask = param.mask_for(weight)
             sharding = row_sharding(weight, param.input_axis)
             param.mask = sharding.distribute(mask, sharding.row_dim) if sharding is not None else mask
