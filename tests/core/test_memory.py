@@ -278,3 +278,43 @@ def test_keeping_the_soft_mask_trades_memory_for_time_with_the_same_results():
     assert runs[False][2] < 0.35 < 1.0 <= runs[True][2]
     with pytest.raises(ValueError, match="keep_soft_mask"):
         maxq.MaxQConfig(keep_soft_mask="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "input_axis"), [((12, 16), 1), ((10, 8, 3, 3), 1), ((16, 6), 0), ((9, 4, 1, 1), 1)])
+@pytest.mark.parametrize(
+    ("soft", "dense_fraction", "order"),
+    [(False, 0.0, "smallest"), (True, 0.0, "smallest"), (True, 0.4, "random"), (False, 0.3, "largest")],
+)
+def test_row_chunks_give_the_whole_layer_state_and_masked_weight(
+    monkeypatch, dtype, shape, input_axis, soft, dense_fraction, order
+):
+    """The device-agnostic paths run a large layer in row chunks (bounded temporaries): chunks of one and of three
+    rows give the state and ``W * mask`` of the whole layer, bit for bit."""
+    from maxq.core import masks
+
+    n, m = 2, 4
+    torch.manual_seed(3)
+    weight = torch.randn(shape).to(dtype)
+    weight[0, :4] = 0.5  # ties
+    oi = masks.oi_view(weight, input_axis)
+    planes_shape, count = masks.state_shapes(tuple(weight.shape), soft, input_axis)
+    groups = oi.numel() // m
+    priority = torch.randperm(groups).float() if order == "random" else None
+    spec = masks.MaskSpec(n, m, soft, 0.01, input_axis, False, soft, soft)
+    scale = torch.tensor([0.7, 1.3])
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        planes = torch.zeros(planes_shape, dtype=torch.uint8)
+        thresholds = torch.zeros(count)
+        masks.compute_state_(planes, thresholds, oi, n, m, dense_fraction=dense_fraction, order=order,
+                             priority=priority, soft=soft, fused=False)  # fmt: skip
+        return planes, thresholds, masks.masked_weight(weight, planes, thresholds, scale, spec)
+
+    whole = run()
+    for rows in (1, 3):
+        monkeypatch.setattr(masks, "_chunk_rows", lambda w, rows=rows: rows)
+        chunked = run()
+        for a, b in zip(whole, chunked):
+            assert a.dtype == b.dtype and torch.equal(a, b), rows
+    assert whole[2].ne(0).sum() < weight.ne(0).sum()  # something was pruned

@@ -313,21 +313,30 @@ def compute_state_(
                 thresholds[rows + first : rows + first + o].copy_(local_thr[o : 2 * o])
                 _gather_row_thresholds(thresholds, sharding)
             return True
-        a = w.abs().float()
-        o = a.shape[0]
+        o = w.shape[0]
         rows, first = (sharding.rows, sharding.offset) if sharding else (o, 0)
         k = w[0, 0].numel() if w.dim() == 4 else 1
+        # Row by row in chunks (every statistic below but the kernel query's is a row's own): the float32
+        # magnitudes and the selections' indices of one chunk at a time, not of the whole layer.
+        chunks = [(r, min(r + _chunk_rows(w), o)) for r in range(0, o, _chunk_rows(w))]
         dense = None
         if count > 0:
             span = sharding.span(per_row) if sharding else None
-            dense = dense_blocks(block_l1(a, m), count, order, priority, span)
-        planes[0].copy_(pack_rows(nm_keep(a, n, m, dense).reshape(o, -1)))
+            parts = [block_l1(w[r0:r1].abs().float(), m) for r0, r1 in chunks]
+            l1 = torch.cat(parts) if parts else w.new_empty(0, dtype=torch.float32)
+            dense = dense_blocks(l1, count, order, priority, span).view(o, per_row)
+        for r0, r1 in chunks:
+            a = w[r0:r1].abs().float()
+            dense_rows = None if dense is None else dense[r0:r1].reshape(-1)
+            planes[0, r0:r1].copy_(pack_rows(nm_keep(a, n, m, dense_rows).reshape(r1 - r0, -1)))
+            if soft:
+                t, cut, keep = axis_threshold(a.reshape(r1 - r0, -1), n, m, tau, 1)
+                planes[1, r0:r1].copy_(pack_rows(keep))
+                thresholds[first + r0 : first + r1].copy_(t.view(-1))
+                thresholds[rows + first + r0 : rows + first + r1].copy_(cut.view(-1))
         if soft:
-            t, cut, keep = axis_threshold(a.reshape(o, -1), n, m, tau, 1)
-            planes[1].copy_(pack_rows(keep))
-            thresholds[first : first + o].copy_(t.view(-1))
-            thresholds[rows + first : rows + first + o].copy_(cut.view(-1))
-            if k > 1:
+            if k > 1:  # the kernel query: its sets are columns across all the rows
+                a = w.abs().float()
                 span = sharding.span(a.shape[1]) if sharding else None
                 t, cut, keep = axis_threshold(a.reshape(-1, k), n, m, tau, 0, span)
                 planes[2].copy_(pack_rows(keep.reshape(o, -1)))
@@ -336,6 +345,13 @@ def compute_state_(
             if sharding is not None:
                 _gather_row_thresholds(thresholds, sharding)
         return False
+
+
+def _chunk_rows(w: Tensor) -> int:
+    """Rows of ``w`` per chunk of the row-wise paths: about 2^18 weights on the CPU (a few MiB of temporaries),
+    2^22 elsewhere (fewer kernel launches); at least one row. The values do not depend on it."""
+    entries = 1 << 18 if w.device.type == "cpu" else 1 << 22
+    return max(1, entries // max(1, w[0].numel())) if w.shape[0] else 1
 
 
 def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:
@@ -381,12 +397,18 @@ def materialize_mask(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: 
             )
         else:
             mask = _materialize_eager(w, planes, thresholds, spec)
-        if spec.soft and spec.strength:  # soften_'s operations, with the strength as a tensor (no recompiles)
-            kept = mask.ne(0).to(mask.dtype)
-            mask.sub_(kept).mul_(scale[0]).add_(kept)
-        if spec.soft and spec.normalize:
-            mask.div_(scale[1])
-        return mask
+        return _warm_up(mask, scale, spec)
+
+
+def _warm_up(mask: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
+    """The soft factor's warm-up on a float32 ``mask``, in place: `soften_`'s operations, with the strength as a
+    tensor (no recompiles), and the division by the kept mean."""
+    if spec.soft and spec.strength:
+        kept = mask.ne(0).to(mask.dtype)
+        mask.sub_(kept).mul_(scale[0]).add_(kept)
+    if spec.soft and spec.normalize:
+        mask.div_(scale[1])
+    return mask
 
 
 def _same_walk(a: Tensor, b: Tensor) -> bool:
@@ -405,15 +427,34 @@ def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Ten
         kernel = not spec.soft or (spec.fused and not (spec.strength or spec.normalize))
         if kernel and w.dtype == torch.float32 and w.device.type == "cpu" and fused_available(oi):
             fused_apply_(
-                oi_view(out, spec.input_axis), oi, planes, thresholds, n=spec.n, m=spec.m, soft=spec.soft,
-                tau=spec.tau, weighted=True,
+                oi_view(out, spec.input_axis),
+                oi,
+                planes,
+                thresholds,
+                n=spec.n,
+                m=spec.m,
+                soft=spec.soft,
+                tau=spec.tau,
+                weighted=True,
             )
             return out
-        if not spec.soft:
-            keep = unpack_rows(planes[0], oi[0].numel()).view(oi.shape)
-            return torch.mul(w, oi_view(keep, spec.input_axis), out=out)
-        mask = materialize_mask(w, planes, thresholds, scale, spec).to(w.dtype)
-        return torch.mul(w, oi_view(mask, spec.input_axis), out=out)
+        if spec.soft and spec.fused and fused_available(oi) and planes.device.type == "cpu":
+            mask = materialize_mask(w, planes, thresholds, scale, spec).to(w.dtype)
+            return torch.mul(w, oi_view(mask, spec.input_axis), out=out)
+        # Elsewhere (another dtype or device) row chunks of about a million weights: the same values, with the
+        # float32 mask of one chunk at a time instead of the whole layer's.
+        o, length, out_oi = oi.shape[0], oi[0].numel(), oi_view(out, spec.input_axis)
+        for r0 in range(0, o, _chunk_rows(oi)):
+            r1 = min(r0 + _chunk_rows(oi), o)
+            rows = oi[r0:r1]
+            if not spec.soft:
+                keep = unpack_rows(planes[0, r0:r1], length).view(rows.shape)
+                torch.mul(rows, keep, out=out_oi[r0:r1])
+                continue
+            part = torch.cat((thresholds[r0:r1], thresholds[o + r0 : o + r1], thresholds[2 * o :]))
+            mask = _warm_up(_materialize_eager(rows, planes[:, r0:r1], part, spec), scale, spec)
+            torch.mul(rows, mask.to(w.dtype), out=out_oi[r0:r1])
+        return out
 
 
 def compute_mask_(
