@@ -2,7 +2,8 @@
 page lists every argument, the reference covers the public API, and the pages' Python code blocks run.
 
 Convention: every fenced ``python`` block of a page runs, in order, in one namespace per page (from a temporary
-folder), unless the line before its fence is ``<!-- no-run -->``. ``console``/``bash`` blocks are shown, not run.
+folder), unless the line before its fence is ``<!-- no-run -->``; a block after ``<!-- torchrun -->`` is a whole
+script run by ``torchrun`` in two CPU processes (gloo). ``console``/``bash`` blocks are shown, not run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.conftest import one_thread
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 NO_RUN = "<!-- no-run -->"
+TORCHRUN = "<!-- torchrun -->"
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)^```", re.S | re.M)
 
 
@@ -35,16 +37,23 @@ def python_blocks(text: str) -> tuple[list[str], int]:
     for block in BLOCK.finditer("\n" + text):
         if block["lang"] != "python":
             continue
-        if block["before"].strip() == NO_RUN:
+        if block["before"].strip() in (NO_RUN, TORCHRUN):
             skipped += 1
         else:
             run.append(block["code"])
     return run, skipped
 
 
+def torchrun_blocks(text: str) -> list[str]:
+    """The ``python`` blocks of a Markdown page marked ``<!-- torchrun -->`` (whole scripts)."""
+    return [b["code"] for b in BLOCK.finditer("\n" + text) if b["lang"] == "python" and b["before"].strip() == TORCHRUN]
+
+
 def test_block_convention():
     page = "text\n\n```python\na = 1\n```\n\n<!-- no-run -->\n```python\nb = 2\n```\n\n```bash\nmake\n```\n"
     assert python_blocks(page) == (["a = 1\n"], 1)
+    page += "\n<!-- torchrun -->\n```python\nc = 3\n```\n"
+    assert python_blocks(page) == (["a = 1\n"], 2) and torchrun_blocks(page) == ["c = 3\n"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +158,12 @@ def test_docstring_examples(module):
     assert attempted > 0 and failed == 0
 
 
-PAGES = ["index.md", "library.md", *sorted(p.relative_to(DOCS).as_posix() for p in (DOCS / "tutorials").glob("*.md"))]
+PAGES = [
+    "index.md",
+    "library.md",
+    "sharded.md",
+    *sorted(p.relative_to(DOCS).as_posix() for p in (DOCS / "tutorials").glob("*.md")),
+]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -163,6 +177,27 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
         for i, code in enumerate(blocks):
             exec(compile(code, f"docs/{page} block {i + 1}", "exec"), namespace)
     assert "maxq" in namespace
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fsdp")
+@pytest.mark.parametrize("page", ["sharded.md"])
+def test_torchrun_blocks_run_in_two_processes(page, tmp_path):
+    import shutil
+
+    scripts = torchrun_blocks((DOCS / page).read_text())
+    assert scripts, f"{page} has no torchrun block"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    for i, code in enumerate(scripts):
+        script = tmp_path / f"block{i + 1}.py"
+        script.write_text(code)
+        cmd = [torchrun, "--standalone", "--nproc-per-node=2", str(script)]
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"docs/{page} torchrun block {i + 1}:\n" + run.stderr[-4000:]
 
 
 def test_the_cli_page_names_every_model_and_dataset():
