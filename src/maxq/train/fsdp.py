@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.sharding import is_dtensor
+
 __all__ = ["shard_blocks", "broadcast_buffers", "full_model_state", "equal_batch_count"]
 
 #: containers whose children are the blocks worth sharding (their own forward only calls the children).
@@ -66,11 +68,15 @@ def shard_blocks(model: nn.Module, device: torch.device, world: int) -> list[str
 
 @torch.no_grad()
 def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) to every process, in place."""
+    """Rank 0's persistent buffers (BatchNorm running statistics: those the state dict holds, and a checkpoint
+    saves once, as replicated) to every process, in place. maxq's mask state is held in non-persistent buffers,
+    sharded with the weights: each process keeps its own."""
     if dist.get_world_size() == 1:
         return
-    for buffer in model.buffers():
-        dist.broadcast(buffer, 0)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set and not is_dtensor(buffer):
+                dist.broadcast(buffer, 0)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

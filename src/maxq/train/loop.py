@@ -147,7 +147,7 @@ class Processes:
 
 def _setup_processes(cfg: TrainConfig) -> tuple[Processes, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    procs = Processes(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), cfg.fsdp)
+    procs = Processes(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
@@ -157,13 +157,19 @@ def _setup_processes(cfg: TrainConfig) -> tuple[Processes, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if procs.distributed and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend)
-    elif procs.sharded and not torch_dist.is_initialized():  # fully_shard and DCP need a group, if of one
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return procs, device
+
+
+def _setup_sharding(procs: Processes, device: torch.device) -> None:
+    """``--fsdp`` (known once a resumed run's configuration is read): ``fully_shard`` and DCP need a process group,
+    so one process gets a group of one, closed when `train` ends."""
+    procs.sharded = True
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
         procs.own_group = True
-    return procs, device
 
 
 # -- schedules and optimizer ----------------------------------------------------------------------------------
@@ -519,6 +525,8 @@ def _train(
     elif (out / CHECKPOINT).exists() or (out / "report.json").exists():
         raise RunExists(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     cfg = _fit_ramp(cfg, given, procs.main)
+    if cfg.fsdp:
+        _setup_sharding(procs, device)
     sparse_cfg = cfg.sparsity_config()
     init = read_init(cfg.init) if cfg.init else None  # read (and refused) before anything is written
     amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
