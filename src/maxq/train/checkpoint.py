@@ -248,9 +248,8 @@ def save_sharded(sharded: dict[str, Any], index: dict[str, Any], path: str | Pat
     Atomic: the state goes to a temporary folder beside ``path``; once every process has written its part and
     hashed a share of the files, rank 0 renames the folder to a fresh name, then writes ``index`` (plain data,
     `SHARDED_FORMAT`) to ``path`` with `atomic_save`, naming that folder and each of its files' SHA-256, and only
-    then removes the folders of earlier checkpoints. A crash at any point leaves
-    ``path`` naming a complete folder (the previous checkpoint's until the new index is in place).
-    """
+    then removes the folders of earlier checkpoints. A crash at any point leaves ``path`` naming a complete folder
+    (the previous checkpoint's until the new index is in place)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 

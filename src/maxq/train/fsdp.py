@@ -88,7 +88,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def equal_batch_count(batches: int, device: torch.device) -> int:
     """The most batches any process has to evaluate: under FSDP every forward is a collective, so every process
-    runs that many (the ones with fewer repeat a batch whose results they drop)."""
+    runs that many (the ones with fewer run one-sample batches whose results they drop)."""
     count = torch.tensor(batches, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count)
