@@ -1,5 +1,5 @@
 """Command line: ``maxq train | export | verify | eval`` (also ``python -m maxq ...``; ``torchrun -m maxq train``:
-DDP)."""
+DDP, or FSDP2 with ``--fsdp``)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "with torch.save(model.state_dict()) of the same --model",
     )
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        help="shard the model with FSDP2 (fully_shard) instead of replicating it with DDP (under torchrun; one "
+        "process works too); checkpoints are torch.distributed.checkpoint folders beside checkpoint.pt. Fixed for "
+        "the run: a resumed run keeps its own",
+    )
     g.add_argument("--workers", type=int, help="data-loader workers (imagefolder)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (TTY only)")

@@ -20,6 +20,8 @@ import logging
 import os
 import pickle
 import re
+import secrets
+import shutil
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -32,6 +34,7 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "SHARDED_FORMAT",
     "FOLDED_FORMAT",
     "CheckpointError",
     "atomic_save",
@@ -39,6 +42,8 @@ __all__ = [
     "seal",
     "read_torch_file",
     "load_checkpoint",
+    "save_sharded",
+    "load_sharded",
     "load_folded",
     "folded_model",
     "HF_CONFIG_LAYOUT_KEY",
@@ -61,6 +66,10 @@ log = logging.getLogger(__name__)
 
 #: ``maxq train``'s ``checkpoint.pt``: model (masks not folded), optimizer, schedule, sparsifier, RNG, config.
 CHECKPOINT_FORMAT = "maxq.checkpoint/1"
+#: ``maxq train --fsdp``'s ``checkpoint.pt``: the loop's own state (config, epoch, schedule, each process's RNG,
+#: history), naming the folder beside it that holds the sharded model, optimizer and sparsifier state
+#: (``torch.distributed.checkpoint``), with the SHA-256 of each of that folder's files (see `save_sharded`).
+SHARDED_FORMAT = "maxq.checkpoint-sharded/1"
 #: a folded model (``model_folded.pt``, ``maxq export --folded``): state dict, N:M layout, architecture.
 FOLDED_FORMAT = "maxq.folded/1"
 
@@ -192,17 +201,117 @@ def read_torch_file(path: str | Path) -> Any:
     return obj
 
 
-def load_checkpoint(path: str | Path, *, kind: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
-    """Load and sanity-check a checkpoint written by ``maxq train`` (or another ``kind`` of maxq torch file).
+def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] = CHECKPOINT_FORMAT) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint written by ``maxq train`` (or another ``kind`` of maxq torch file, or any
+    of several kinds).
 
     Raises:
         CheckpointError: see `read_torch_file`; or not a ``kind`` file.
     """
+    kinds = (kind,) if isinstance(kind, str) else kind
     state = read_torch_file(path)
-    if not isinstance(state, dict) or state.get("format") != kind:
+    if not isinstance(state, dict) or state.get("format") not in kinds:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a {kind} file (found {found!r})")
+        raise CheckpointError(f"{path} is not a {' or '.join(kinds)} file (found {found!r})")
     return state
+
+
+# -- sharded checkpoints (maxq train --fsdp): torch.distributed.checkpoint folders -------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sharded_prefix(path: Path) -> str:
+    """The name every sharded-state folder of the index ``path`` starts with (``checkpoint.pt`` ->
+    ``checkpoint.sharded-``)."""
+    return f"{path.stem}.sharded-"
+
+
+def save_sharded(sharded: dict[str, Any], index: dict[str, Any], path: str | Path) -> None:
+    """Save a sharded checkpoint; a collective: every process of the default group calls it with its own
+    ``sharded`` state (DTensors and plain values, as ``torch.distributed.checkpoint.save`` takes it).
+
+    Atomic: the state goes to a temporary folder beside ``path``; once every process has written its part and
+    hashed a share of the files, rank 0 renames the folder to a fresh name, then writes ``index`` (plain data,
+    `SHARDED_FORMAT`) to ``path`` with `atomic_save`, naming that folder and each of its files' SHA-256, and only
+    then removes the folders of earlier checkpoints. A crash at any point leaves ``path`` naming a complete folder
+    (the previous checkpoint's until the new index is in place)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = path.parent / f".{_sharded_prefix(path)}tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was interrupted
+    dist.barrier()
+    dcp.save(sharded, checkpoint_id=str(tmp))  # returns on every process once the metadata is written
+    names = sorted(p.name for p in tmp.iterdir())
+    mine = {name: _sha256_file(tmp / name) for name in names[rank::world]}
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        files = {name: digest for share in shares for name, digest in share.items()}
+        final = path.parent / f"{_sharded_prefix(path)}{index.get('epoch', 0)}-{secrets.token_hex(4)}"
+        os.replace(tmp, final)
+        _fsync_dir(path.parent)
+        atomic_save({**index, "sharded": {"folder": final.name, "files": dict(sorted(files.items()))}}, path)
+        for old in path.parent.glob(f"{_sharded_prefix(path)}*"):
+            if old != final and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(state: dict[str, Any], index: dict[str, Any], path: str | Path) -> None:
+    """Load the sharded state the index ``index`` (read from ``path`` by `load_checkpoint`) names into ``state``
+    (the same structure as saved, from this run's model, optimizer and sparsifier), in place; a collective.
+
+    Every file is checked against its SHA-256 first (each process checks a share), so a changed or missing file
+    is an error on every process before anything is loaded.
+
+    Raises:
+        CheckpointError: the folder or one of its files is missing, or a file changed since it was written.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entry = index.get("sharded") or {}
+    folder, files = path.parent / str(entry.get("folder", "")), dict(entry.get("files") or {})
+    problems = []
+    if not entry.get("folder") or not folder.is_dir():
+        problems.append(f"{path} names the folder {folder}, which does not exist; the sharded state is lost")
+    else:
+        for name in sorted(files)[rank::world]:
+            if not (folder / name).is_file():
+                problems.append(f"{folder / name} is missing (the checkpoint is incomplete)")
+            elif _sha256_file(folder / name) != files[name]:
+                problems.append(
+                    f"{folder / name} is corrupt: its SHA-256 does not match the one written with it (the file "
+                    f"changed after it was saved); restore the run folder from a copy or start over"
+                )
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, problems)
+    problems = [p for share in found for p in share]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+    dcp.load(state, checkpoint_id=str(folder))
 
 
 def folded_file(state_dict: dict[str, Any], layout: Any, arch: dict[str, Any], config: dict | None) -> dict[str, Any]:
@@ -432,7 +541,12 @@ def read_init(path: str | Path) -> InitWeights:
             raise CheckpointError(
                 f"--init {path} is a folder but not a maxq run (it holds neither checkpoint.pt nor model_folded.pt)"
             )
-        found = read_init(checkpoint if checkpoint.is_file() else folded)
+        try:
+            found = read_init(checkpoint if checkpoint.is_file() else folded)
+        except _ShardedInit:
+            if folded.is_file():  # a finished --fsdp run: its weights, whole
+                return read_init(folded)
+            raise
         if _has_masks(found.state_dict) and folded.is_file():  # a sparse run: start from its shipped weights
             return read_init(folded)
         return found
@@ -443,6 +557,11 @@ def read_init(path: str | Path) -> InitWeights:
     if fmt == CHECKPOINT_FORMAT:
         arch = state.get("arch") or {}
         weights = InitWeights(dict(state["model"]), path, "checkpoint", arch.get("model") or state["config"]["model"])
+    elif fmt == SHARDED_FORMAT:
+        raise _ShardedInit(
+            f"--init {path}: a sharded checkpoint (maxq train --fsdp) holds its weights in shards; pass its run's "
+            f"model_folded.pt (written when the run finishes)"
+        )
     elif fmt == FOLDED_FORMAT:
         weights = InitWeights(dict(state["state_dict"]), path, "folded", (state.get("arch") or {}).get("model"))
     elif isinstance(state, dict) and state and fmt is None and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -458,6 +577,10 @@ def read_init(path: str | Path) -> InitWeights:
             f"--init {path}: this checkpoint still holds masks (a sparse run); use its run's model_folded.pt"
         )
     return weights
+
+
+class _ShardedInit(CheckpointError):
+    """``--init`` was given a sharded checkpoint's index (a run folder then falls back to its folded model)."""
 
 
 def _has_masks(state_dict: dict[str, Any]) -> bool:

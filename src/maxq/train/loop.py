@@ -4,7 +4,9 @@ setup (processes, device, seeds) -> safety checks (resume / init, before anythin
 -> sparsifier -> optimizer and schedule -> restore -> epochs (train, evaluate, log, checkpoint) -> fold, verify,
 report, plot.
 
-One process or several (``torchrun``): DDP with gloo on CPU and NCCL on CUDA; only rank 0 writes files.
+One process or several (``torchrun``): DDP with gloo on CPU and NCCL on CUDA, or with ``--fsdp`` the model sharded
+by FSDP2 (``fully_shard``, see `maxq.train.fsdp`) and checkpointed by ``torch.distributed.checkpoint``; only rank 0
+writes files (each process writes its shards of a sharded checkpoint).
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ from ..core.sparsifier import Sparsifier, sparsify_
 from ..core.stepping import OptimizerSteps
 from .checkpoint import (
     CHECKPOINT_FORMAT,
+    SHARDED_FORMAT,
     CheckpointError,
     atomic_save,
     folded_file,
     load_checkpoint,
     load_init_,
+    load_sharded,
     read_init,
+    save_sharded,
 )
 from .data import DataInfo, augment, load_dataset, normalize
+from .fsdp import broadcast_buffers, equal_batch_count, full_model_state, shard_blocks
 from .metrics import batch_counts, from_counts
 from .models import build_model
 from .recipe import AMP_DTYPES, RESUMABLE_OVERRIDES, TrainConfig
@@ -127,6 +133,8 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    sharded: bool = False  # --fsdp: the model is sharded (every forward is a collective)
+    own_group: bool = False  # the process group is ours to close (--fsdp in one process)
 
     @property
     def main(self) -> bool:
@@ -152,6 +160,16 @@ def _setup_processes(cfg: TrainConfig) -> tuple[Processes, torch.device]:
     if procs.distributed and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return procs, device
+
+
+def _setup_sharding(procs: Processes, device: torch.device) -> None:
+    """``--fsdp`` (known once a resumed run's configuration is read): ``fully_shard`` and DCP need a process group,
+    so one process gets a group of one, closed when `train` ends."""
+    procs.sharded = True
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+        procs.own_group = True
 
 
 # -- schedules and optimizer ----------------------------------------------------------------------------------
@@ -209,6 +227,12 @@ def evaluate(
     for x, y in loader:
         x, y = _prepare(x, info, device, None), y.to(device)
         totals += batch_counts(model(x), y)
+    if procs.sharded:  # a sharded forward is a collective: as many on every process, the extra ones not counted
+        shard = loader.dataset
+        whole = shard.dataset if isinstance(shard, Subset) else shard
+        x, _ = default_collate([whole[0]])
+        for _ in range(equal_batch_count(len(loader), device) - len(loader)):
+            model(_prepare(x, info, device, None))
     if procs.distributed:
         torch_dist.all_reduce(totals)
     return from_counts(totals)
@@ -434,6 +458,7 @@ class _RunState:
     main: bool = True
     started: bool = False  # files in `out` may have been written
     checkpoint_epoch: int | None = None  # epochs held by out/checkpoint.pt, once known
+    procs: Processes | None = None  # set once the processes are
 
 
 def train(
@@ -471,6 +496,9 @@ def train(
             if run.main:
                 log.warning("%s", stop)
             raise stop from None
+        finally:
+            if run.procs is not None and run.procs.own_group and torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
 
 
 def _train(
@@ -482,19 +510,23 @@ def _train(
     out = Path(cfg.out)
     _check_out(out)
     procs, device = _setup_processes(cfg)
-    run.main = procs.main
+    run.main, run.procs = procs.main, procs
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
     # Safety checks first: nothing in `out` changes unless the run can actually start.
     saved = None
     if cfg.resume:
-        saved = load_checkpoint(out / CHECKPOINT)
+        saved = load_checkpoint(out / CHECKPOINT, kind=(CHECKPOINT_FORMAT, SHARDED_FORMAT))
         cfg = _check_resume(saved, cfg, given, out / CHECKPOINT)
+        if (saved["format"] == SHARDED_FORMAT) != cfg.fsdp:  # the option is pinned: only a changed file gets here
+            raise CheckpointError(f"{out / CHECKPOINT} is a {saved['format']} file, but its run has fsdp {cfg.fsdp}")
         run.epochs, run.checkpoint_epoch = cfg.epochs, int(saved["epoch"])
     elif (out / CHECKPOINT).exists() or (out / "report.json").exists():
         raise RunExists(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     cfg = _fit_ramp(cfg, given, procs.main)
+    if cfg.fsdp:
+        _setup_sharding(procs, device)
     sparse_cfg = cfg.sparsity_config()
     init = read_init(cfg.init) if cfg.init else None  # read (and refused) before anything is written
     amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
@@ -533,7 +565,11 @@ def _train(
     if sparsifier is not None:
         _warn_skipped(model, sparsifier, cfg)
     net: nn.Module = model
-    if procs.distributed:
+    if procs.sharded:  # after sparsify_, on a fresh start and on resume: the state meets the same structure
+        blocks = shard_blocks(model, device, procs.world)
+        if procs.main:
+            log.debug("fully_shard over %d process(es): %s, and the root", procs.world, ", ".join(blocks))
+    elif procs.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # the training forward only: W * mask needs no graph break; masks change outside it
         net = torch.compile(net)
@@ -551,13 +587,21 @@ def _train(
     start_epoch = 0
     if saved is not None:
         try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            if procs.sharded:
+                _load_sharded(model, optimizer, sparsifier, saved, out / CHECKPOINT)
+                rngs = saved["rng"]  # one per process; a run resumed on more processes than it had reuses rank 0's
+                rng = rngs[procs.rank] if procs.rank < len(rngs) else rngs[0]
+            else:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                if sparsifier is not None:
+                    sparsifier.load_state_dict(saved["sparsifier"])
+                rng = saved["rng"]
             scheduler.load_state_dict(saved["scheduler"])
             scaler.load_state_dict(saved["scaler"])
-            if sparsifier is not None:
-                sparsifier.load_state_dict(saved["sparsifier"])
-            _set_rng_state(saved["rng"])
+            _set_rng_state(rng)
+        except CheckpointError:
+            raise
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{out / CHECKPOINT} does not match this run: {exc}") from None
         history, start_epoch = list(saved["history"]), int(saved["epoch"])
@@ -666,6 +710,8 @@ def _train(
         stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]).double()
         if procs.distributed:
             torch_dist.all_reduce(stats)
+        if procs.sharded:  # every process evaluates, and the checkpoint holds, rank 0's BatchNorm statistics
+            broadcast_buffers(model)
         test = evaluate(model, test_loader, info, device, procs)
         val = evaluate(model, val_loader, info, device, procs) if val_loader is not None else None
         record: dict[str, Any] = {
@@ -686,24 +732,29 @@ def _train(
             sparse_rows = sparsifier.report().sparsified
             record["dense_block_fraction"] = float(np.mean([r.dense_block_fraction for r in sparse_rows]))
         history.append(record)
-        if procs.main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "maxq_version": __version__,
-                "config": cfg.to_dict(),
-                "arch": arch,
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
-                "rng": _rng_state(),
-                "history": history,
-                "before_finetune": before,
-                "calibration": calibration,
-            }
+        state = {
+            "format": SHARDED_FORMAT if procs.sharded else CHECKPOINT_FORMAT,
+            "maxq_version": __version__,
+            "config": cfg.to_dict(),
+            "arch": arch,
+            "epoch": epoch + 1,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+            "before_finetune": before,
+            "calibration": calibration,
+        }
+        if procs.sharded:  # every process writes its shards; the loop's state (each process's RNG) beside them
+            rngs: list[Any] = [None] * procs.world
+            torch_dist.all_gather_object(rngs, state["rng"])
+            save_sharded(_sharded_state(model, optimizer, sparsifier), {**state, "rng": rngs}, out / CHECKPOINT)
+        elif procs.main:
+            state["model"] = model.state_dict()
+            state["optimizer"] = optimizer.state_dict()
+            state["sparsifier"] = sparsifier.state_dict() if sparsifier is not None else None
             atomic_save(state, out / CHECKPOINT)
+        if procs.main:
             run.checkpoint_epoch = epoch + 1
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -721,6 +772,30 @@ def _train(
     if procs.distributed:
         torch_dist.barrier()
     return report
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier | None) -> dict:
+    """What a sharded checkpoint holds beside the loop's state: model, optimizer and sparsifier state, sharded."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if sparsifier is not None:
+        state["sparsifier"] = sparsifier.state_dict()
+    return state
+
+
+def _load_sharded(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier | None, saved: dict, path: Path
+) -> None:
+    """Restore model, optimizer and sparsifier from the sharded checkpoint whose index is ``saved``."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(model, optimizer, sparsifier)
+    load_sharded(state, saved, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if sparsifier is not None:
+        sparsifier.load_state_dict(state["sparsifier"])
 
 
 def _calibrate(
@@ -800,12 +875,24 @@ def _finish(
         skipped = [{"layer": c.name, "type": c.kind, "reason": c.reason} for c in sparsifier.choices if not c.selected]
         fold_(model, force=not ramp_finished)  # an unfinished ramp is pruned to N:M now (logged)
         layout = nm_layout(model)
-        nm_ok = check_nm(model, n, m).ok
     else:
-        skipped, nm_ok = [], None
+        skipped = []
     folded = evaluate(model, test_loader, info, device, procs)
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    if procs.sharded:  # the whole folded model, on rank 0 only; its numbers sent to every process
+        weights = full_model_state(model)
+        facts: list[Any] = [None, 0, 0]  # nm_ok, parameters, nonzero parameters
+        if procs.main:
+            names = [name for name, _ in model.named_parameters()]
+            layers = layout.layers if layout is not None else None
+            nm_ok = check_nm(weights, n, m, layers=layers).ok if sparsifier is not None else None
+            facts = [nm_ok, sum(weights[k].numel() for k in names), sum(int((weights[k] != 0).sum()) for k in names)]
+        torch_dist.broadcast_object_list(facts, 0)
+        nm_ok, total, nonzero = facts
+    else:
+        weights = model.state_dict()
+        nm_ok = check_nm(model, n, m).ok if sparsifier is not None else None
+        total = sum(p.numel() for p in model.parameters())
+        nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     tops = [h["test_top1"] for h in history]
     best = int(np.argmax(tops)) if tops else 0
     report: dict[str, Any] = {
@@ -844,7 +931,7 @@ def _finish(
         vals = [h["val_top1"] for h in history]
         report.update(val_top1_last=vals[-1], val_top1_best=max(vals))
     if procs.main:
-        atomic_save(folded_file(model.state_dict(), layout, arch, cfg.to_dict()), out / "model_folded.pt")
+        atomic_save(folded_file(weights, layout, arch, cfg.to_dict()), out / "model_folded.pt")
         from .plots import plot_run
 
         plot_run(history, cfg, out / "curves.png", folded["top1"])

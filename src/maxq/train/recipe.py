@@ -94,6 +94,7 @@ class TrainConfig:
     init: str | None = None  # start from this checkpoint's weights (dense or folded)
     finetune: bool = False  # a fine-tuning recipe (configs/finetune.yaml): refused without init, it would start cold
     device: str = "auto"
+    fsdp: bool = False  # shard the model with FSDP2 (fully_shard) instead of DDP; checkpoints through DCP
     workers: int = 2
     threads: int | None = None
     progress: bool = True
@@ -126,6 +127,7 @@ class TrainConfig:
             "compile",
             "channels_last",
             "finetune",
+            "fsdp",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
