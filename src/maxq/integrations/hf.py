@@ -46,6 +46,7 @@ from ..calibrate import CalibrationConfig, CalibrationReport, calibrate_
 from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
+from ..core.sharding import gathered
 from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
 from ._lifecycle import (
@@ -239,7 +240,13 @@ class MaxQCallback(TrainerCallback):
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
-        if not args.should_save or self._driver is None:
+        if self._driver is None:
+            return
+        # Under FSDP2 the mask state is sharded (DTensors, each rank its rows): gathered whole on every rank (a
+        # collective; the Trainer calls on_save on every process), then written by the process that saves, so the
+        # file holds the whole state and resumes at any world size.
+        saved = {"global_step": state.global_step, "sparsifier": gathered(self._driver.state_dict())}
+        if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._trainer is not None and hasattr(self._trainer, "_get_output_dir"):
@@ -249,7 +256,7 @@ class MaxQCallback(TrainerCallback):
         if not os.path.isdir(folder):
             log.warning("maxq: checkpoint folder %s not found; the sparsifier's state is not saved with it", folder)
             return
-        torch.save({"global_step": state.global_step, "sparsifier": self._driver.state_dict()}, _state_path(folder))
+        torch.save(saved, _state_path(folder))
 
     def _restore(self, args, state, folder: str | None) -> None:
         if not isinstance(folder, str):
