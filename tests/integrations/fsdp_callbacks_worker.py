@@ -314,6 +314,31 @@ class HFRun:
         self.callback.on_train_end(self.args, self.state, self.control, model=self.model)
 
 
+def conv1d_refusal(out: Path) -> str:
+    """A GPT-2 (HF ``Conv1D``, weights ``[in, out]``) sharded as accelerate's FSDP2 does (dim 0, its inputs): the
+    callback refuses at ``on_train_begin``, before a step. Returns the message."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState, TrainingArguments
+
+    from maxq.integrations.hf import MaxQCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=64))
+    args = TrainingArguments(output_dir=str(out / "gpt2"), report_to="none", use_cpu=True, max_steps=STEPS)
+    state, control = TrainerState(max_steps=STEPS), TrainerControl()
+    callback = MaxQCallback(config())
+    callback.on_init_end(args, state, control, model=model)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    try:
+        callback.on_train_begin(args, state, control, model=model, train_dataloader=[0, 1])
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def hf(rank: int, world: int, out: Path) -> dict:
     from maxq.integrations.hf import STATE_FILE
 
@@ -341,6 +366,7 @@ def hf(rank: int, world: int, out: Path) -> dict:
     result["report"] = (report_rows(run.callback.report), report_rows(ref.callback.report))
     result["check_ok"] = run.callback.result.ok
     result["folded"] = full_state(run.model)
+    result["conv1d_refused"] = conv1d_refusal(out)
     result["ref_folded"] = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
     result["resumed_folded"] = full_state(resumed.model)
     return result

@@ -92,3 +92,10 @@ def test_report_under_sharding_equals_the_unsharded_one(runs, mode):
     if mode == "lightning":
         metrics, ref_metrics = runs(mode)["metrics"]
         assert metrics == ref_metrics and metrics["maxq/dense_fraction"] == 0.0
+
+
+def test_hf_conv1d_sharded_on_its_inputs_is_refused_when_training_begins(runs):
+    """accelerate's FSDP2 shards every weight on dim 0, a Conv1D's inputs: refused before the first step, with
+    what to do instead."""
+    message = runs("hf")["conv1d_refused"]
+    assert "Shard(1)" in message and "c_attn" in message and "shard it yourself before creating the Trainer" in message

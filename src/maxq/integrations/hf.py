@@ -54,6 +54,7 @@ from ._lifecycle import (
     callback_calibration,
     callback_config,
     check_ramp_fits,
+    check_sharding,
     epoch_steps,
     finish,
     ramp_metrics,
@@ -63,6 +64,13 @@ from ._lifecycle import (
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
 log = logging.getLogger(__name__)
+
+_SHARDING_HINT = (
+    "With the Trainer's FSDP2 (accelerate), every weight is sharded on dim 0 and the placement cannot be chosen: "
+    "for a model with HF Conv1D layers (GPT-2), shard it yourself before creating the Trainer, "
+    "fully_shard(block, shard_placement_fn=...) per block and then the model (accelerate keeps a model that "
+    "fully_shard already wrapped), or sparsify only nn.Linear layers (filter_fn)"
+)
 
 #: the file the callback adds to each of the Trainer's checkpoint folders
 STATE_FILE = "maxq_sparsifier.pt"
@@ -171,6 +179,7 @@ class MaxQCallback(TrainerCallback):
         if self._save_folded is not None:  # training again: checkpoints hold the sparsified weights, for resuming
             self._save_folded.remove()
             self._save_folded = None
+        check_sharding(sp, _SHARDING_HINT)  # accelerate's FSDP2 prepared the model before this event
         steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
         plan = f"max_steps={args.max_steps}" if args.max_steps > 0 else f"num_train_epochs={args.num_train_epochs:g}"

@@ -57,11 +57,21 @@ from ..core.layers import FilterFn
 from ..core.sharding import gathered
 from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, check_ramp_fits, epoch_steps, finish, ramp_metrics
+from ._lifecycle import (
+    adopt_or_sparsify,
+    callback_config,
+    check_ramp_fits,
+    check_sharding,
+    epoch_steps,
+    finish,
+    ramp_metrics,
+)
 
 __all__ = ["MaxQCallback"]
 
 log = logging.getLogger(__name__)
+
+_SHARDING_HINT = "With ModelParallelStrategy, pass that shard_placement_fn to fully_shard in configure_model"
 
 
 class MaxQCallback(pl.Callback):
@@ -191,6 +201,7 @@ class MaxQCallback(pl.Callback):
                 f"MaxQCallback supports exactly one optimizer, configure_optimizers gave {len(optimizers)}; "
                 "put every parameter group into one optimizer"
             )
+        check_sharding(sp, _SHARDING_HINT)  # configure_model sharded the module before this event
         steps = self.steps_per_epoch or self._count_steps(trainer)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
         check_ramp_fits(self._driver, *self._planned_steps(trainer, steps), fold=self.fold, force=self.fold_force)
