@@ -403,14 +403,18 @@ def run_part(name: str, result: Path, device: str, dry_run: bool) -> None:
     result.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the stage's JSON")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--dry-run", action="store_true", help="on the CPU: what can run there, the rest marked skipped")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # inside torchrun
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.dry_run:
         args.device = "cpu"
     if args.part:
