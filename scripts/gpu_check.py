@@ -460,7 +460,7 @@ def _render_fsdp(data: dict[str, Any]) -> list[str]:
                 status = f"failed: {run['error'].strip().splitlines()[-1]}"
             lines.append(
                 f"| {part} | {name or '–'} | {_cell(status[:200])} | {nm_cell} | {_fmt(whole)} | {resumed_cell} | "
-                f"{_fmt(run.get('seconds', entry.get('wall_s')), '.1f')} |"
+                f"{_fmt(run.get('seconds', entry.get('wall_s') if run is entry else None), '.1f')} |"
             )
         for problem in entry.get("problems", []):
             lines.append(f"| {part} | problem | {_cell(problem[:300])} | | | | |")

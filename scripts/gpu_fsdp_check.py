@@ -133,7 +133,7 @@ def lightning(out: Path, device: str, dry_run: bool) -> dict[str, Any]:
         saver = ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         trainer = pl.Trainer(accelerator=device, devices=1, strategy=ModelParallelStrategy(), max_epochs=2,
                              callbacks=[callback, saver], logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=str(out), deterministic=True)  # fmt: skip
+                             enable_model_summary=False, default_root_dir=str(out))  # fmt: skip
         module = Net()
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
         return callback, module

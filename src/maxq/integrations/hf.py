@@ -24,7 +24,8 @@ What the callback does at each moment of the Trainer's loop (the rules are
 * ``on_step_end``: masks from the updated weights, unless the AMP scaler skipped the step.
 * ``on_epoch_end``: ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged through
   ``Trainer.log`` (every reporting integration, ``state.log_history``).
-* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder.
+* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder (gathered whole under FSDP2, so
+  one file, written by the saving process, resumes at any world size).
 * ``on_train_end``: the per-layer report (``callback.report``); fold and check N:M (``fold=True``, the default;
   ``callback.result``).
 """
