@@ -5,7 +5,8 @@ training steps (forward, backward, ``regularize_()``, optimizer step, ``sparsifi
 memory (``ru_maxrss``) is the figure. The minimum over ``--repeats`` fresh processes is kept (allocator noise
 only ever adds). A method's cost is ``(peak - dense peak) / weight bytes`` (``x``), beside the same over the
 sparsified layers' weight bytes only. With CUDA (``--device cuda``) the figure is
-``torch.cuda.max_memory_allocated`` of the training steps instead (deterministic: one process each).
+``torch.cuda.max_memory_allocated`` of the training steps instead (deterministic: one process each; or, with
+``--in-process``, every cell in one process, the peak reset per cell and what earlier cells left not counted).
 
 Two allocator settings (``--allocators``), because glibc's ``malloc`` is part of what RSS measures on the CPU:
 
@@ -22,6 +23,7 @@ Models: ``linear8`` (8 x (Linear(2048, 2048) + LayerNorm), batch 8), ``resnet50`
     python benchmarks/memory.py --allocators default,mmap --out results/memory/after.json   # every cell
     python benchmarks/memory.py --models linear8 --dtypes fp32 --repeats 1                   # a quick look
     python benchmarks/memory.py --per-rank --out results/memory/per_rank.json    # mask bytes per rank, world 1 / 2
+    python benchmarks/memory.py --device cuda --in-process --optimizers sgd --out memory_cuda.json  # a GPU, one process
     python benchmarks/memory.py --report results/memory/before.json results/memory/after.json \
         results/memory/per_rank.json                                             # the block in docs/RESULTS.md
 
@@ -47,30 +49,35 @@ GOALS = {"oneshot": 0.10, "srste": 0.15, "maxq": 0.35}  # issue 24's bounds, in 
 
 
 # -- worker: one measurement in this process ---------------------------------------------------------------------
-def _build(name: str):
+def _build(name: str, tiny: bool = False):
+    """The model, a batch maker and its kind; ``tiny``: the same architectures at sizes for a rehearsal on the CPU
+    (``linear8`` 64 wide, ``resnet50`` on 2 images of 32x32, a 2-layer GPT-2 64 wide over 128 words)."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
     if name == "linear8":
+        width = 64 if tiny else 2048
         blocks = []
         for _ in range(8):
-            blocks += [nn.Linear(2048, 2048), nn.LayerNorm(2048)]
-        model = nn.Sequential(*blocks, nn.Linear(2048, 10))
-        return model, lambda: (torch.randn(8, 2048), torch.randint(0, 10, (8,))), None
+            blocks += [nn.Linear(width, width), nn.LayerNorm(width)]
+        model = nn.Sequential(*blocks, nn.Linear(width, 10))
+        return model, lambda: (torch.randn(8, width), torch.randint(0, 10, (8,))), None
     if name == "resnet50":
         import torchvision
 
+        batch, image = (2, 32) if tiny else (16, 96)
         model = torchvision.models.resnet50(num_classes=10)
-        return model, lambda: (torch.randn(16, 3, 96, 96), torch.randint(0, 10, (16,))), None
+        return model, lambda: (torch.randn(batch, 3, image, image), torch.randint(0, 10, (batch,))), None
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config())
-        vocab = model.config.vocab_size
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=128) if tiny else GPT2Config()
+        model = GPT2LMHeadModel(config)
+        vocab, tokens = model.config.vocab_size, 16 if tiny else 64
 
         def batch():
-            ids = torch.randint(0, vocab, (2, 64))
+            ids = torch.randint(0, vocab, (2, tokens))
             return ids, ids
 
         return model, batch, "lm"
@@ -93,7 +100,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads", 2)))
     device = torch.device(spec.get("device", "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    model, make_batch, kind = _build(spec["model"])
+    # CUDA: the figure is the peak of what this cell allocated (0 before it in a fresh process; in-process, what
+    # earlier cells left behind is not counted)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    model, make_batch, kind = _build(spec["model"], bool(spec.get("tiny")))
     model = model.to(device=device, dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sparsifier = None
@@ -148,7 +158,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "loss": float(loss.detach()),
     }
     if device.type == "cuda":
-        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        out["cuda_before_mib"] = base / 2**20
     if sparsifier is not None and hasattr(sparsifier, "mask_bytes"):
         out["mask_bytes"] = sum(sparsifier.mask_bytes().values())
     return out
@@ -292,6 +303,22 @@ def report(before_path: Path, after_path: Path, per_rank_path: Path | None) -> s
 ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 
+def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
+    """One cell in this process (``--in-process``): on CUDA ``max_memory_allocated`` from a reset peak, what earlier
+    cells left freed first. On the CPU the peak RSS of this process so far: a rehearsal of the code, not a
+    measurement (RSS only grows)."""
+    import gc
+
+    import torch
+
+    gc.collect()  # a sparsified model holds reference cycles (parametrizations, hooks): free the last cell's
+    if spec.get("device", "cpu").startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return worker(spec)
+
+
 def _measure(spec: dict[str, Any], allocator: str = "default") -> dict[str, Any]:
     env = dict(os.environ, MAXQ_QUIET="1", **ALLOCATORS[allocator])
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
@@ -317,6 +344,7 @@ def _cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "steps": args.steps,
                             "threads": args.threads,
                             "device": args.device,
+                            **({"tiny": True} if args.tiny else {}),
                         }
                     )
     return cells
@@ -366,32 +394,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
-    parser.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "adamw"])
-    parser.add_argument("--nm", default="2:4")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per cell (the minimum is kept)")
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    ap.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    ap.add_argument("--optimizers", type=lambda s: s.split(","), default=["sgd", "adamw"])
+    ap.add_argument("--nm", default="2:4")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per cell (the minimum is kept)")
+    ap.add_argument(
         "--allocators",
         type=lambda s: s.split(","),
         default=["default"],
         help="glibc settings to measure under: default, mmap (see the module docstring); mmap runs once per cell",
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--label", default="", help="a name for this run (e.g. before/after), kept in the JSON")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (after every cell)")
-    parser.add_argument("--resume", action="store_true", help="keep the cells --out already holds; measure the rest")
-    parser.add_argument("--per-rank", action="store_true", help="mask bytes per rank at world size 1 and 2 (FSDP2)")
-    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu: peak RSS; cuda: torch.cuda.max_memory_allocated")
+    ap.add_argument("--in-process", action="store_true",
+                        help="every cell in this process (CUDA: the peak is reset per cell; no fresh processes "
+                        "needed); on the CPU a rehearsal only (RSS only grows)")  # fmt: skip
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes of the same models (a CPU rehearsal)")
+    ap.add_argument("--label", default="", help="a name for this run (e.g. before/after), kept in the JSON")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file to write (after every cell)")
+    ap.add_argument("--resume", action="store_true", help="keep the cells --out already holds; measure the rest")
+    ap.add_argument("--per-rank", action="store_true", help="mask bytes per rank at world size 1 and 2 (FSDP2)")
+    ap.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                         help="BEFORE AFTER [PER_RANK]: write the table into docs/RESULTS.md and print it")  # fmt: skip
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--per-rank-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--per-rank-worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
@@ -417,18 +454,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.methods = ["dense", *args.methods]
     unknown = sorted(set(args.allocators) - set(ALLOCATORS))
     if unknown:
-        parser.error(f"unknown allocator setting(s) {unknown}; choose from {sorted(ALLOCATORS)}")
+        ap.error(f"unknown allocator setting(s) {unknown}; choose from {sorted(ALLOCATORS)}")
+    if args.in_process and args.allocators != ["default"]:
+        ap.error("--in-process measures under this process's allocator: leave --allocators at default")
+    if args.in_process:
+        _unshadow()
     records: list[dict[str, Any]] = []
     if args.resume and args.out is not None and args.out.is_file():  # keep the cells measured so far
-        records = json.loads(args.out.read_text())["records"]
+        stored = json.loads(args.out.read_text())
+        if stored.get("figure", _figure_name(args)) != _figure_name(args) or stored.get("tiny", False) != args.tiny:
+            ap.error(
+                f"--resume: {args.out} holds {stored.get('figure')!r}{' (tiny)' if stored.get('tiny') else ''}, "
+                f"this run measures {_figure_name(args)!r}{' (tiny)' if args.tiny else ''}: pass another --out"
+            )
+        records = stored["records"]
     done = {_key(r) for r in records}
     cells = [(cell, allocator) for cell in _cells(args) for allocator in args.allocators]
     for index, (cell, allocator) in enumerate(cells, 1):
         if _key({**cell, "allocator": allocator}) in done:
             continue
         # The mmap setting measures memory in use (deterministic up to a few pages): one process is enough.
-        repeats = 1 if args.device.startswith("cuda") or allocator == "mmap" else args.repeats
-        runs = [_measure(cell, allocator) for _ in range(repeats)]
+        repeats = 1 if args.device.startswith("cuda") or allocator == "mmap" or args.in_process else args.repeats
+        if args.in_process:
+            runs = [_measure_here(cell)]
+        else:
+            runs = [_measure(cell, allocator) for _ in range(repeats)]
         best = min(runs, key=_figure)
         record = {
             **best,
@@ -449,6 +499,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _figure_name(args: argparse.Namespace) -> str:
+    if args.device.startswith("cuda"):
+        return "cuda max_memory_allocated" + (" (in-process, peak reset per cell)" if args.in_process else "")
+    if args.in_process:
+        return "peak RSS of one process across cells (a rehearsal: not a measurement)"
+    return "peak RSS (min of repeats)"
+
+
 def _key(record: dict[str, Any]) -> tuple:
     return tuple(record.get(k, "default") for k in ("model", "dtype", "optimizer", "method", "nm", "allocator"))
 
@@ -467,7 +525,8 @@ def _write(args: argparse.Namespace, argv: list[str] | None, records: list[dict[
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
-        "figure": "cuda max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (min of repeats)",
+        "figure": _figure_name(args),
+        "tiny": args.tiny,
         "records": records,
         "rows": rows,
     }

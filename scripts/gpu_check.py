@@ -33,6 +33,8 @@ STAGES = {
     "train_cost": "2. Training cost",
     "accelerate": "3. 2:4 acceleration",
     "study": "4. Accuracy study",
+    "fsdp": "5. Callbacks under FSDP2",
+    "memory": "6. Training memory",
 }
 PACKAGES = {  # import name -> distribution name
     "torch": "torch",
@@ -48,6 +50,9 @@ PACKAGES = {  # import name -> distribution name
     "onnx": "onnx",
     "onnxruntime": "onnxruntime",
     "triton": "triton",
+    "lightning": "lightning",
+    "transformers": "transformers",
+    "accelerate": "accelerate",
 }
 FMNIST_FILES = [
     f"{stem}-ubyte.gz" for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
@@ -426,11 +431,66 @@ def _render_study(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _render_fsdp(data: dict[str, Any]) -> list[str]:
+    """One row per run of scripts/gpu_fsdp_check.py: N:M after the fold, the checkpoint state, the resume."""
+    lines = [
+        "| part | run | status | N:M after fold | checkpoint state whole | resumed = uninterrupted (max diff) | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for part, entry in data.get("parts", {}).items():
+        runs = {"": entry} if "full_state_dict_nm" in entry else {}
+        runs.update({k: v for k, v in entry.items() if k in ("llama", "gpt2")})
+        if "rehearsal" in entry:
+            runs["gpt2, hooks by hand (rehearsal)"] = entry["rehearsal"].get("gpt2_hooks_by_hand", {})
+        if not runs:
+            runs = {"": entry}
+        for name, run in runs.items():
+            nm = run.get("full_state_dict_nm", {})
+            saved = run.get("saved_model_nm")
+            nm_cell = _fmt(nm.get("ok")) + (f", saved {saved['ok']}" if saved else "")
+            whole = run.get("checkpoint_state_whole", run.get("state_file_whole"))
+            resumed = run.get("resumed_vs_uninterrupted")
+            resumed_cell = (
+                f"{resumed['same_zeros'] and resumed['same_keys']} ({_fmt(resumed['max_abs_diff'], '.2g')})"
+                if resumed
+                else "–"
+            )
+            status = run.get("status", entry.get("status", "?"))
+            if status == "failed" and run.get("error"):
+                status = f"failed: {run['error'].strip().splitlines()[-1]}"
+            lines.append(
+                f"| {part} | {name or '–'} | {_cell(status[:200])} | {nm_cell} | {_fmt(whole)} | {resumed_cell} | "
+                f"{_fmt(run.get('seconds', entry.get('wall_s') if run is entry else None), '.1f')} |"
+            )
+        for problem in entry.get("problems", []):
+            lines.append(f"| {part} | problem | {_cell(problem[:300])} | | | | |")
+    return lines
+
+
+def _render_memory(data: dict[str, Any]) -> list[str]:
+    lines = [f"Figure: {data.get('figure', '?')}{' (tiny sizes)' if data.get('tiny') else ''}.", ""]
+    lines += [
+        "| model | dtype | optimizer | method | peak MiB | extra MiB | x weights | x sparsified | masks x |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data.get("rows", []):
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['optimizer']} | {r['method']} | {_fmt(r.get('peak_mib'), '.0f')} | "
+            f"{_fmt(r.get('extra_mib'), '.1f')} | {_fmt(r.get('x_weights'), '.3f')} | "
+            f"{_fmt(r.get('x_sparsified'), '.3f')} | {_fmt(r.get('mask_x'), '.4f')} |"
+        )
+    if len(lines) == 4:
+        lines.append("| (nothing measured) | | | | | | | | |")
+    return lines
+
+
 RENDER = {
     "correctness": _render_correctness,
     "train_cost": _render_train_cost,
     "accelerate": _render_accelerate,
     "study": _render_study,
+    "fsdp": _render_fsdp,
+    "memory": _render_memory,
 }
 
 

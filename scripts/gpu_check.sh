@@ -6,18 +6,24 @@
 # Stages, each under its own timeout (budgets in seconds), each writing JSON into OUT_DIR (and its output to
 # OUT_DIR/<stage>.log); a failed, skipped or timed-out stage does not stop the next one:
 #   0 env           15  card, driver, torch / CUDA / cuDNN versions, optional packages, data         env.json
-#   1 correctness   90  pytest -m gpu tests/gpu (without pytest: the same checks via scripts/gpu_check.py): CUDA
+#   1 correctness   80  pytest -m gpu tests/gpu (without pytest: the same checks via scripts/gpu_check.py): CUDA
 #                       masks = CPU masks on every distinct ResNet-50 layer shape (maxq mid-ramp and after, srste,
 #                       oneshot), bf16 + channels_last training, compiled = eager (one graph), no host sync in a
 #                       training step, accelerate_                                              correctness.json
-#   2 train_cost   150  benchmarks/train_cost.py: ResNet-50 224x224 batch 128, CIFAR ResNet-18 32x32 batch 256;
+#   2 train_cost   125  benchmarks/train_cost.py: ResNet-50 224x224 batch 128, CIFAR ResNet-18 32x32 batch 256;
 #                       dense, srste, maxq after the ramp and mid-ramp, eager; torch.compile for dense and maxq only
 #                       (the sparse variants share one compiled graph; a ResNet-50 compile may take a minute); a
 #                       compile that would overrun the budget is skipped and says so            train_cost.json
 #   3 accelerate    40  benchmarks/accelerate.py: 2:4 semi-structured kernels, ViT-B/16 and ResNet-50  accelerate.json
-#   4 study        220  benchmarks/study.py --config configs/study_gpu.yaml: resnet18_cifar on Fashion-MNIST 32x32,
+#   4 study        150  benchmarks/study.py --config configs/study_gpu.yaml: resnet18_cifar on Fashion-MNIST 32x32,
 #                       srste vs maxq, 1:16 then 2:4, two seeds, 4 trainings sharing the GPU; no run starts that
-#                       would not end by second 185                study.json, results/gpu/*.json (the records)
+#                       would not end by second 115                study.json, results/gpu/*.json (the records)
+#   5 fsdp          60  scripts/gpu_fsdp_check.py (torchrun, 1 GPU): Lightning ModelParallelStrategy (FSDP2) and the
+#                       HF Trainer with accelerate's FSDP2 (a tiny Llama; a tiny GPT-2 sharded Shard(1) by hand),
+#                       each with maxq's callback: folded full state dict exactly N:M, saved, a checkpoint resumed
+#                       to the same weights                                                        fsdp.json
+#   6 memory        45  benchmarks/memory.py --device cuda --in-process: torch.cuda.max_memory_allocated per method
+#                       (dense, oneshot, srste, maxq) on linear8, ResNet-50, GPT-2 at fp32 and bf16   memory.json
 # Total of the budgets: 515 s, plus about 10 s of bookkeeping (a stage that ignores SIGTERM is killed 5 s after
 # its budget). OUT_DIR/summary.md (the card, versions, a table per stage) is rewritten after every stage, so a run
 # cut short still has one. Exit status 0 only if every stage passed (or was skipped for a missing package).
@@ -32,8 +38,8 @@
 # With the device tool: carry ["data/fashion-mnist"] and the command   bash scripts/gpu_check.sh "$OUT/gpu_check"
 # Afterwards copy OUT_DIR/results/gpu/*.json into results/gpu/ and the tables into docs/RESULTS.md section 4.
 #
-# --dry-run: every stage on the CPU with tiny sizes (small models, a step or two, one tiny study run), about two
-# minutes; tests/test_gpu_check.py runs it in `make test`, so that on the GPU only the hardware is new.
+# --dry-run: every stage on the CPU with tiny sizes (small models, a step or two, one tiny study run; fsdp runs
+# Lightning's strategy on gloo and marks the HF Trainer runs "skipped: needs CUDA"), about two minutes; tests/test_gpu_check.py runs it in `make test`, so that on the GPU only the hardware is new.
 set -u
 
 usage() {
@@ -86,23 +92,23 @@ fi
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
-    B_ENV=20 B_CORRECTNESS=60 B_TRAIN_COST=50 B_ACCELERATE=40 B_STUDY=60 # caps for a loaded machine
+    B_ENV=20 B_CORRECTNESS=60 B_TRAIN_COST=50 B_ACCELERATE=40 B_STUDY=60 B_FSDP=60 B_MEMORY=40 # caps, loaded CPU
 else
     DEVICE=cuda
-    B_ENV=15 B_CORRECTNESS=90 B_TRAIN_COST=150 B_ACCELERATE=40 B_STUDY=220
+    B_ENV=15 B_CORRECTNESS=80 B_TRAIN_COST=125 B_ACCELERATE=40 B_STUDY=150 B_FSDP=60 B_MEMORY=45
 fi
 
-rm -f "$OUT/stages.tsv" "$OUT/correctness.jsonl" "$OUT"/{env,correctness,train_cost,accelerate,study}.json
+rm -f "$OUT/stages.tsv" "$OUT/correctness.jsonl" "$OUT"/{env,correctness,train_cost,accelerate,study,fsdp,memory}.json
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 "$PY" -c '
 import json, sys
 out, dry, started, command, commit, python, data, budgets = sys.argv[1:9]
-names = ["env", "correctness", "train_cost", "accelerate", "study"]
+names = ["env", "correctness", "train_cost", "accelerate", "study", "fsdp", "memory"]
 record = {"dry_run": dry == "1", "started": started, "command": command, "commit": commit, "python": python,
           "data_dir": data, "budgets": dict(zip(names, map(int, budgets.split())))}
 json.dump(record, open(out, "w"), indent=1)
 ' "$OUT/run.json" "$DRY" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "bash scripts/gpu_check.sh $ORIGINAL_ARGS" "$COMMIT" \
-    "$PY" "$DATA" "$B_ENV $B_CORRECTNESS $B_TRAIN_COST $B_ACCELERATE $B_STUDY"
+    "$PY" "$DATA" "$B_ENV $B_CORRECTNESS $B_TRAIN_COST $B_ACCELERATE $B_STUDY $B_FSDP $B_MEMORY"
 
 # finalize [--final]: stage JSON and summary.md. Exit 0: every stage passed or was skipped; 4: some did not.
 finalize() {
@@ -213,6 +219,23 @@ elif skip_unless study "$B_STUDY" torch torchvision yaml tqdm numpy ${NEEDS_CUDA
         stage study "$B_STUDY" "$PY" benchmarks/study.py --config configs/study_gpu.yaml --device cuda \
             --jobs 4 --threads 3 --data-dir "$DATA" --results "$OUT/results/gpu" --docs "$OUT/results/gpu" \
             --runs-dir "$RUNS_DIR" --deadline $((B_STUDY - 35))
+    fi
+fi
+
+# 5. The framework callbacks under the frameworks' FSDP2 (torchrun, one process per part)
+if skip_unless fsdp "$B_FSDP" torch lightning transformers accelerate ${NEEDS_CUDA[@]+"${NEEDS_CUDA[@]}"}; then
+    stage fsdp "$B_FSDP" "$PY" scripts/gpu_fsdp_check.py "$OUT/fsdp.json" --device "$DEVICE" \
+        ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
+fi
+
+# 6. Training memory on CUDA: every cell in one process, the peak reset per cell (the CPU rehearses it, tiny)
+if skip_unless memory "$B_MEMORY" torch torchvision transformers ${NEEDS_CUDA[@]+"${NEEDS_CUDA[@]}"}; then
+    if [ "$DRY" = 1 ]; then
+        stage memory "$B_MEMORY" "$PY" benchmarks/memory.py --device cpu --in-process --tiny --dtypes fp32,bf16 \
+            --optimizers sgd --methods dense,maxq --steps 1 --threads 1 --out "$OUT/memory.json"
+    else
+        stage memory "$B_MEMORY" "$PY" benchmarks/memory.py --device cuda --in-process --models linear8,resnet50,gpt2 \
+            --dtypes fp32,bf16 --optimizers sgd --steps 2 --threads 4 --out "$OUT/memory.json"
     fi
 fi
 

@@ -62,7 +62,7 @@ def test_dry_run_passes_every_stage_and_writes_a_complete_summary(dry_run):
         assert f"| {title} | passed | 0 |" in summary
         assert f"## {title}" in summary or name == "env"
     budgets = json.loads((out / "run.json").read_text())["budgets"]
-    assert sum(budgets.values()) <= 230 and wall < 260  # the stage budgets bound the dry run
+    assert sum(budgets.values()) <= 330 and wall < 300  # the stage budgets bound the dry run
 
 
 @pytest.mark.slow
@@ -105,6 +105,28 @@ def test_dry_run_stage_json_holds_the_measurements(dry_run):
     )
     assert study["status"]["planned"] == ["main_maxq_1-16_s0"] and study["status"]["device"] == "cpu"
     assert (out / "results" / "gpu" / "main_maxq_1-16_s0.json").exists()  # the record, where it travels back
+
+    fsdp = json.loads((out / "fsdp.json").read_text())
+    assert fsdp["ok"] and fsdp["dry_run"] and set(fsdp["parts"]) == {"lightning", "hf"}
+    lightning = fsdp["parts"]["lightning"]  # ModelParallelStrategy runs on the CPU (gloo): all of it rehearsed
+    assert lightning["status"] == "passed" and lightning["problems"] == [], lightning
+    assert lightning["weights_sharded"] == "DTensor" and lightning["full_state_dict_nm"]["ok"]
+    assert lightning["callback_check_ok"] and lightning["checkpoint_state_whole"] and not lightning["unfolded_keys"]
+    assert lightning["checkpoint_layout"]["layers"] == lightning["layers"] == ["net.0", "net.3"]
+    assert lightning["resumed_vs_uninterrupted"] == {"same_keys": True, "same_zeros": True, "max_abs_diff": 0.0}
+    hf = fsdp["parts"]["hf"]
+    assert hf["llama"] == hf["gpt2"] == {"status": "skipped: needs CUDA"}  # the Trainer's FSDP2 needs CUDA
+    by_hand = hf["rehearsal"]["gpt2_hooks_by_hand"]
+    assert by_hand["weights_sharded"] == "DTensor" and by_hand["callback_check_ok"]
+    assert by_hand["full_state_dict_nm"]["ok"] and by_hand["full_state_dict_nm"]["layers"] == 8
+    assert hf["rehearsal"]["arguments"]["fsdp_config"]["version"] == 2
+
+    memory = json.loads((out / "memory.json").read_text())
+    assert memory["tiny"] and memory["figure"].startswith("peak RSS of one process")
+    cells = {(r["model"], r["dtype"], r["method"]) for r in memory["rows"]}
+    assert cells == {(m, d, k) for m in ("linear8", "resnet50", "gpt2") for d in ("fp32", "bf16")
+                     for k in ("dense", "maxq")}  # fmt: skip
+    assert all(r["mask_bytes"] > 0 for r in memory["records"] if r["method"] == "maxq")
 
 
 # -- the summary logic, on made-up stage results (no torch, fast) ---------------------------------------------------
@@ -234,13 +256,13 @@ def test_gpu_run_commands_are_accepted_by_the_scripts_they_call(tmp_path):
     )
     assert "## Stages" in proc.stdout, proc.stdout + proc.stderr
     budgets = json.loads((out / "run.json").read_text())["budgets"]
-    assert sum(budgets.values()) <= 520  # 9 minutes with the bookkeeping and the kill grace
+    assert sum(budgets.values()) <= 520 and set(budgets) == set(gpu_check.STAGES)  # 9 minutes, bookkeeping included
     commands = {}
     for line in calls.read_text().splitlines():
         argv = json.loads(line)
         key = "pytest" if argv[:2] == ["-m", "pytest"] else Path(argv[0]).stem
         commands[key] = argv[2:] if key == "pytest" else argv[1:]
-    assert set(commands) == {"pytest", "train_cost", "accelerate", "study"}, commands
+    assert set(commands) == {"pytest", "train_cost", "accelerate", "study", "gpu_fsdp_check", "memory"}, commands
 
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", *commands["pytest"]],  # the command's -q: node ids
@@ -266,3 +288,13 @@ def test_gpu_run_commands_are_accepted_by_the_scripts_they_call(tmp_path):
     assert float(study_args[study_args.index("--deadline") + 1]) < budgets["study"]
     study = _load("study")
     assert study.main([*study_args, "--list"]) == 0  # the flags parse and the GPU grid plans
+    fsdp_spec = importlib.util.spec_from_file_location("gpu_fsdp_check", ROOT / "scripts" / "gpu_fsdp_check.py")
+    fsdp = importlib.util.module_from_spec(fsdp_spec)
+    fsdp_spec.loader.exec_module(fsdp)
+    fsdp_args = fsdp.parser().parse_args(commands["gpu_fsdp_check"])
+    assert fsdp_args.device == "cuda" and not fsdp_args.dry_run and fsdp_args.parts == ["lightning", "hf"]
+    assert fsdp_args.out == out / "fsdp.json"
+    memory = _load("memory").parser().parse_args(commands["memory"])
+    assert memory.device == "cuda" and memory.in_process and not memory.tiny
+    assert memory.models == ["linear8", "resnet50", "gpt2"] and memory.dtypes == ["fp32", "bf16"]
+    assert memory.methods == ["dense", "oneshot", "srste", "maxq"] and memory.out == out / "memory.json"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RowSharding", "Span", "global_kth", "is_dtensor", "row_sharding"]
+__all__ = ["RowSharding", "Span", "gathered", "global_kth", "is_dtensor", "row_sharding"]
 
 _INT64_MIN = -(2**63)
 
@@ -42,6 +42,19 @@ def is_dtensor(t: Any) -> bool:
             return False
         _DTENSOR.append(DTensor)
     return isinstance(t, _DTENSOR[0])
+
+
+def gathered(obj: Any) -> Any:
+    """``obj`` (a state: nested dicts, lists and tuples) with every DTensor replaced by its whole tensor, for a file
+    that one process writes (a framework's checkpoint metadata) and any world size reads. A collective per
+    DTensor: every rank of their meshes must call it, in the same order. Anything else is returned as is."""
+    if is_dtensor(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: gathered(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gathered(v) for v in obj)
+    return obj
 
 
 @dataclass(frozen=True)

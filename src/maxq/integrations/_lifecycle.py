@@ -23,6 +23,7 @@ __all__ = [
     "callback_calibration",
     "callback_config",
     "check_ramp_fits",
+    "check_sharding",
     "epoch_steps",
     "finish",
     "has_ramp",
@@ -126,6 +127,20 @@ def save_folded(sparsifier: Sparsifier) -> Any:
 
     register = getattr(model, "register_state_dict_post_hook", None)  # public from torch 2.5
     return (register or model._register_state_dict_hook)(folded_names)
+
+
+def check_sharding(sparsifier: Sparsifier, hint: str) -> None:
+    """At the start of training, once the framework sharded the model (FSDP2): every sparsified weight is sharded
+    on its outputs only, so each rank holds whole N:M groups; the mask state follows the sharding now.
+
+    Raises:
+        ValueError: a placement that splits N:M groups (an HF ``Conv1D`` sharded on dim 0, FSDP2's default), before
+            the first step rather than at it; the message ends with ``hint`` (what to do in this framework).
+    """
+    try:
+        sparsifier._follow_sharding()
+    except ValueError as exc:
+        raise ValueError(f"{exc}. {hint}") from None
 
 
 def check_ramp_fits(driver: OptimizerSteps, total_steps: float | None, plan: str, *, fold: bool, force: bool) -> None:

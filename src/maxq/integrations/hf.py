@@ -24,7 +24,8 @@ What the callback does at each moment of the Trainer's loop (the rules are
 * ``on_step_end``: masks from the updated weights, unless the AMP scaler skipped the step.
 * ``on_epoch_end``: ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale`` logged through
   ``Trainer.log`` (every reporting integration, ``state.log_history``).
-* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder.
+* ``on_save``: the sparsifier's state (masks, step, progress) into the checkpoint folder (gathered whole under FSDP2, so
+  one file, written by the saving process, resumes at any world size).
 * ``on_train_end``: the per-layer report (``callback.report``); fold and check N:M (``fold=True``, the default;
   ``callback.result``).
 """
@@ -46,6 +47,7 @@ from ..calibrate import CalibrationConfig, CalibrationReport, calibrate_
 from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.layers import FilterFn
+from ..core.sharding import gathered
 from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
 from ._lifecycle import (
@@ -53,6 +55,7 @@ from ._lifecycle import (
     callback_calibration,
     callback_config,
     check_ramp_fits,
+    check_sharding,
     epoch_steps,
     finish,
     ramp_metrics,
@@ -62,6 +65,13 @@ from ._lifecycle import (
 __all__ = ["STATE_FILE", "MaxQCallback"]
 
 log = logging.getLogger(__name__)
+
+_SHARDING_HINT = (
+    "With the Trainer's FSDP2 (accelerate), every weight is sharded on dim 0 and the placement cannot be chosen: "
+    "for a model with HF Conv1D layers (GPT-2), shard it yourself before creating the Trainer, "
+    "fully_shard(block, shard_placement_fn=...) per block and then the model (accelerate keeps a model that "
+    "fully_shard already wrapped), or sparsify only nn.Linear layers (filter_fn)"
+)
 
 #: the file the callback adds to each of the Trainer's checkpoint folders
 STATE_FILE = "maxq_sparsifier.pt"
@@ -170,6 +180,7 @@ class MaxQCallback(TrainerCallback):
         if self._save_folded is not None:  # training again: checkpoints hold the sparsified weights, for resuming
             self._save_folded.remove()
             self._save_folded = None
+        check_sharding(sp, _SHARDING_HINT)  # accelerate's FSDP2 prepared the model before this event
         steps = self._steps_per_epoch(args, kwargs.get("train_dataloader"), sp)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
         plan = f"max_steps={args.max_steps}" if args.max_steps > 0 else f"num_train_epochs={args.num_train_epochs:g}"
@@ -239,7 +250,13 @@ class MaxQCallback(TrainerCallback):
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):
-        if not args.should_save or self._driver is None:
+        if self._driver is None:
+            return
+        # Under FSDP2 the mask state is sharded (DTensors, each rank its rows): gathered whole on every rank (a
+        # collective; the Trainer calls on_save on every process), then written by the process that saves, so the
+        # file holds the whole state and resumes at any world size.
+        saved = {"global_step": state.global_step, "sparsifier": gathered(self._driver.state_dict())}
+        if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._trainer is not None and hasattr(self._trainer, "_get_output_dir"):
@@ -249,7 +266,7 @@ class MaxQCallback(TrainerCallback):
         if not os.path.isdir(folder):
             log.warning("maxq: checkpoint folder %s not found; the sparsifier's state is not saved with it", folder)
             return
-        torch.save({"global_step": state.global_step, "sparsifier": self._driver.state_dict()}, _state_path(folder))
+        torch.save(saved, _state_path(folder))
 
     def _restore(self, args, state, folder: str | None) -> None:
         if not isinstance(folder, str):

@@ -30,6 +30,8 @@ owner of those rules); this callback only tells it when, with Lightning's own co
   weights of a step that really happened (a step the AMP scaler skipped recomputes nothing).
 * ``on_train_epoch_end``: log ``maxq/dense_fraction``, ``maxq/dense_blocks``, ``maxq/mean_soft_scale``.
 * ``on_save_checkpoint``: the layout record (``checkpoint["maxq_layout"]``), so ``maxq verify`` reads the file.
+* ``state_dict`` / ``load_state_dict``: the sparsifier's state in the checkpoint's ``callbacks`` entry (whole tensors
+  under FSDP2: see `state_dict`).
 * ``on_train_end``: fold, check N:M, the per-layer report (after the last checkpoint of the run; a
   ``trainer.save_checkpoint`` afterwards holds the folded model).
 
@@ -52,13 +54,24 @@ from ..core.check import NMCheck
 from ..core.config import NMConfig
 from ..core.fold import nm_layout
 from ..core.layers import FilterFn
+from ..core.sharding import gathered
 from ..core.sparsifier import Report, Sparsifier, sparsifier_of
 from ..core.stepping import OptimizerSteps
-from ._lifecycle import adopt_or_sparsify, callback_config, check_ramp_fits, epoch_steps, finish, ramp_metrics
+from ._lifecycle import (
+    adopt_or_sparsify,
+    callback_config,
+    check_ramp_fits,
+    check_sharding,
+    epoch_steps,
+    finish,
+    ramp_metrics,
+)
 
 __all__ = ["MaxQCallback"]
 
 log = logging.getLogger(__name__)
+
+_SHARDING_HINT = "With ModelParallelStrategy, pass that shard_placement_fn to fully_shard in configure_model"
 
 
 class MaxQCallback(pl.Callback):
@@ -188,6 +201,7 @@ class MaxQCallback(pl.Callback):
                 f"MaxQCallback supports exactly one optimizer, configure_optimizers gave {len(optimizers)}; "
                 "put every parameter group into one optimizer"
             )
+        check_sharding(sp, _SHARDING_HINT)  # configure_model sharded the module before this event
         steps = self.steps_per_epoch or self._count_steps(trainer)
         self._driver = OptimizerSteps(sp, steps_per_epoch=steps)
         check_ramp_fits(self._driver, *self._planned_steps(trainer, steps), fold=self.fold, force=self.fold_force)
@@ -268,11 +282,17 @@ class MaxQCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state (masks, step count, progress) for Lightning's checkpoint; empty before setup and
-        after folding (the folded model needs none)."""
+        after folding (the folded model needs none).
+
+        A model sharded with FSDP2 (``ModelParallelStrategy``) holds its mask state as DTensors, each rank its rows;
+        they are gathered whole here (a collective: Lightning asks every rank), because Lightning writes the
+        callbacks' state with ``torch.save`` from rank 0 alone (beside the DCP files of the weights), where a
+        DTensor would keep only rank 0's rows. The state is the mask state's size (1/32 of the sparsified weights'
+        fp32 bytes per bit plane), and whole it resumes at any world size."""
         sp = self._sparsifier
         if sp is None or sp.folded:
             return {}
-        return sp.state_dict()
+        return gathered(sp.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore [`state_dict`][maxq.integrations.lightning.MaxQCallback.state_dict] (Lightning calls it after
