@@ -24,6 +24,31 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` for pytest >= 9.2: send the tests of one ``xdist_group`` to one worker.
+
+    pytest-xdist (3.8) names a test's group by appending ``@group`` to ``item._nodeid``, which pytest 9.2 no longer
+    reads (a node's id is ``item._id``): the groups were silently ignored, so two-process torchrun tests ran beside
+    each other and a group's module fixtures were made once per worker. Where xdist's suffix did not take, set it
+    here, the same way its scheduler parses it.
+    """
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers under --dist loadgroup
+        return
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        if not names or item.nodeid.rfind("@") > item.nodeid.rfind("]"):
+            continue
+        nodeid = f"{item.nodeid}@{'_'.join(sorted(names))}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(nodeid)
+        else:
+            item._nodeid = nodeid
+
+
 def fused_params() -> list:
     """Run a test with the eager path and, where they build, the fused CPU kernels."""
     from maxq._engine.kernels import cpu_kernels

@@ -183,20 +183,18 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
 @pytest.mark.xdist_group("fsdp")
 @pytest.mark.parametrize("page", ["sharded.md"])
 def test_torchrun_blocks_run_in_two_processes(page, tmp_path):
-    import shutil
+    from . import torchrun
 
     scripts = torchrun_blocks((DOCS / page).read_text())
     assert scripts, f"{page} has no torchrun block"
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     for i, code in enumerate(scripts):
+        work = tmp_path / f"block{i + 1}"
+        work.mkdir()
         script = tmp_path / f"block{i + 1}.py"
         script.write_text(code)
-        cmd = [torchrun, "--standalone", "--nproc-per-node=2", str(script)]
-        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        run = torchrun.run([str(script)], env=env, cwd=work, timeout=300, clean=[work])
         assert run.returncode == 0, f"docs/{page} torchrun block {i + 1}:\n" + run.stderr[-4000:]
 
 

@@ -232,9 +232,12 @@ fi
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    # Under a name of its own: benchmarks/accelerate.py as sys.modules["accelerate"] hid Hugging Face's accelerate
+    # from every later test in the process.
+    module_name = f"maxq_benchmark_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
+    sys.modules[module_name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -6,7 +6,6 @@ resumes in fresh processes exactly, and loads at world size 1."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 import maxq
 
+from .. import torchrun
 from . import fsdp_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fsdp")]
@@ -29,22 +29,22 @@ def _torchrun(modes: str, out: Path, processes: int = 2) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
     if processes == 1:
         cmd = [sys.executable, str(WORKER), modes, str(out)]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        if torchrun is None:
-            pytest.skip("torchrun not installed")
-        cmd = [torchrun, "--standalone", f"--nproc-per-node={processes}", str(WORKER), modes, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    else:  # each mode is a function of what the earlier ones left: a retry writes the same files again
+        proc = torchrun.run([str(WORKER), modes, str(out)], env=env, processes=processes)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("fsdp")
-    _torchrun("compare,conv1d,save", out)
-    _torchrun("resume", out)  # fresh processes
-    _torchrun("load1", out, processes=1)  # world size 1, no FSDP
+
+    def make(out: Path) -> None:
+        _torchrun("compare,conv1d,save", out)
+        _torchrun("resume", out)  # fresh processes
+        _torchrun("load1", out, processes=1)  # world size 1, no FSDP
+
+    out = torchrun.once(tmp_path_factory, "fsdp", make)
 
     def load(name: str, rank: int = 0):
         return torch.load(out / f"{name}_rank{rank}.pt", weights_only=False)

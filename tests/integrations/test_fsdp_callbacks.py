@@ -7,15 +7,14 @@ ordinary full state dict that is exactly N:M, and the report matches."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import maxq
+
+from .. import torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fsdp")]
 
@@ -27,15 +26,14 @@ MODES = ("lightning", "hf")
 def runs(tmp_path_factory):
     pytest.importorskip("lightning.pytorch")
     pytest.importorskip("transformers")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
-    out = tmp_path_factory.mktemp("fsdp_callbacks")
+
+    def make(out: Path) -> None:
+        proc = torchrun.run([str(WORKER), ",".join(MODES), str(out)], env=env, clean=[out])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
     env = dict(os.environ, OMP_NUM_THREADS="1", MAXQ_QUIET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2] / "src"), env.get("PYTHONPATH", "")])
-    cmd = [torchrun, "--standalone", "--nproc-per-node=2", str(WORKER), ",".join(MODES), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = torchrun.once(tmp_path_factory, "fsdp_callbacks", make)
 
     def load(mode: str, rank: int = 0) -> dict:
         return torch.load(out / f"{mode}_rank{rank}.pt", weights_only=False)

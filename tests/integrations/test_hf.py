@@ -21,6 +21,7 @@ from transformers import TrainerControl, TrainerState
 import maxq
 from maxq.integrations.hf import STATE_FILE, MaxQCallback
 
+from .. import torchrun
 from .hf_setup import Recorder, WordsDataset, make_trainer, tiny_bert, training_args, weights
 
 HERE = Path(__file__).resolve().parent
@@ -409,9 +410,6 @@ def test_adopts_a_presparsified_model(tmp_path):
 # -- distributed: torchrun, 2 CPU processes (gloo) ------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed next to the interpreter")
     src = str(ROOT / "src")
     env = {
         **os.environ,
@@ -420,10 +418,8 @@ def test_torchrun_two_processes_identical_masks_and_weights(tmp_path):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(HERE / "hf_setup.py")]
-    run = subprocess.run(
-        [*cmd, str(tmp_path / "out"), str(tmp_path / "rank")], capture_output=True, text=True, env=env, timeout=600
-    )
+    out = tmp_path / "out"
+    run = torchrun.run([str(HERE / "hf_setup.py"), str(out), str(tmp_path / "rank")], env=env, clean=[out])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}", weights_only=True) for i in (0, 1))
     assert r0["steps"] == r1["steps"] == 2 * 8  # 64 samples, 4 per process and step, 2 processes: 8 steps/epoch

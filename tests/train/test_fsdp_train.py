@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from maxq.train.checkpoint import CheckpointError, load_checkpoint, load_folded
 from maxq.train.loop import train
 from maxq.train.recipe import TrainConfig
 
+from .. import torchrun
 from .test_trainer import _wait_for_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fsdp")]
@@ -33,15 +32,22 @@ ARGS += ["--ramp", "0", "0.5", "--update-every", "7", "--no-progress", "--thread
 TIMES = ("epoch_time_s", "elapsed_s", "train_time_s", "files")
 
 
-def _torchrun(*args: str) -> subprocess.Popen:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
+def _env() -> dict[str, str]:
     src = str(Path(maxq.__file__).parents[1])  # the maxq under test, in the workers too
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    cmd = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "maxq", "train", *ARGS, *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return env
+
+
+def _torchrun(*args: str) -> subprocess.Popen:
+    cmd = torchrun.command(["-m", "maxq", "train", *ARGS, *args])
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _train(out: Path, *args: str) -> None:
+    """A whole run into ``out`` (run once more, from scratch, if gloo's teardown crashes)."""
+    proc = torchrun.run(["-m", "maxq", "train", *ARGS, "--out", str(out), *args], env=_env(), clean=[out])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -65,19 +71,23 @@ def _rank(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp-train")
-    _finish(_torchrun("--out", str(root / "ddp")))
-    _finish(_torchrun("--out", str(root / "fsdp"), "--fsdp"))
-    killed = root / "killed"
-    proc = _torchrun("--out", str(killed), "--fsdp")
-    _wait_for_checkpoint(proc, killed)
-    rank0 = next(p for p in _workers(proc.pid) if _rank(p) == 0)  # the one that writes the checkpoint's index
-    os.kill(rank0, signal.SIGKILL)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, output[-3000:]
-    done = load_checkpoint(killed / "checkpoint.pt", kind="maxq.checkpoint-sharded/1")["epoch"]
-    resumed = _finish(_torchrun("--out", str(killed), "--resume"))  # the resume command, under torchrun
-    return root, done, resumed
+    def make(root: Path) -> None:
+        _train(root / "ddp")
+        _train(root / "fsdp", "--fsdp")
+        killed = root / "killed"
+        proc = _torchrun("--out", str(killed), "--fsdp")
+        _wait_for_checkpoint(proc, killed)
+        rank0 = next(p for p in _workers(proc.pid) if _rank(p) == 0)  # the one that writes the checkpoint's index
+        os.kill(rank0, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, output[-3000:]
+        done = load_checkpoint(killed / "checkpoint.pt", kind="maxq.checkpoint-sharded/1")["epoch"]
+        resumed = _finish(_torchrun("--out", str(killed), "--resume"))  # the resume command, under torchrun
+        (root / "killed.json").write_text(json.dumps({"done": done, "resumed": resumed}))
+
+    root = torchrun.once(tmp_path_factory, "fsdp-train", make)
+    killed = json.loads((root / "killed.json").read_text())
+    return root, killed["done"], killed["resumed"]
 
 
 def _records(run: Path) -> list[dict]:

@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import maxq
 from maxq.train.checkpoint import CheckpointError, load_folded
 from maxq.train.loop import RunExists, TrainingInterrupted, lr_factor, resume_command, train
 from maxq.train.recipe import TrainConfig
+
+from .. import torchrun
 
 FILES = {"config.yaml", "metrics.jsonl", "checkpoint.pt", "report.json", "curves.png", "model_folded.pt"}
 
@@ -172,18 +173,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("ddp_worker.py")
-    # --standalone: torchrun's rendezvous binds a free port itself (no fixed port to collide on).
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(out), str(dump)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = torchrun.run([str(worker), str(out), str(dump)], env=env, clean=[out, dump])
     assert result.returncode == 0, result.stdout + result.stderr
     for epoch in (1, 2):
         r0 = torch.load(dump / f"rank0_epoch{epoch}.pt")
