@@ -474,10 +474,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if _key({**cell, "allocator": allocator}) in done:
             continue
         # The mmap setting measures memory in use (deterministic up to a few pages): one process is enough.
-        repeats = 1 if args.device.startswith("cuda") or allocator == "mmap" or args.in_process else args.repeats
         if args.in_process:
             runs = [_measure_here(cell)]
         else:
+            repeats = 1 if args.device.startswith("cuda") or allocator == "mmap" else args.repeats
             runs = [_measure(cell, allocator) for _ in range(repeats)]
         best = min(runs, key=_figure)
         record = {

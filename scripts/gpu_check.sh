@@ -39,7 +39,8 @@
 # Afterwards copy OUT_DIR/results/gpu/*.json into results/gpu/ and the tables into docs/RESULTS.md section 4.
 #
 # --dry-run: every stage on the CPU with tiny sizes (small models, a step or two, one tiny study run; fsdp runs
-# Lightning's strategy on gloo and marks the HF Trainer runs "skipped: needs CUDA"), about two minutes; tests/test_gpu_check.py runs it in `make test`, so that on the GPU only the hardware is new.
+# Lightning's strategy on gloo and marks the HF Trainer runs "skipped: needs CUDA"), about two minutes;
+# tests/test_gpu_check.py runs it in `make test`, so that on the GPU only the hardware is new.
 set -u
 
 usage() {

@@ -318,7 +318,7 @@ def compute_state_(
         k = w[0, 0].numel() if w.dim() == 4 else 1
         # Row by row in chunks (every statistic below but the kernel query's is a row's own): the float32
         # magnitudes and the selections' indices of one chunk at a time, not of the whole layer.
-        chunks = [(r, min(r + _chunk_rows(w), o)) for r in range(0, o, _chunk_rows(w))]
+        chunks = _row_chunks(w)
         dense = None
         if count > 0:
             span = sharding.span(per_row) if sharding else None
@@ -349,9 +349,15 @@ def compute_state_(
 
 def _chunk_rows(w: Tensor) -> int:
     """Rows of ``w`` per chunk of the row-wise paths: about 2^18 weights on the CPU (a few MiB of temporaries),
-    2^22 elsewhere (fewer kernel launches); at least one row. The values do not depend on it."""
+    2^22 elsewhere (fewer kernel launches); at least one row. The values computed do not depend on it."""
     entries = 1 << 18 if w.device.type == "cpu" else 1 << 22
     return max(1, entries // max(1, w[0].numel())) if w.shape[0] else 1
+
+
+def _row_chunks(w: Tensor) -> list[tuple[int, int]]:
+    """``(first, end)`` row ranges of `_chunk_rows` rows (the last may be shorter) covering ``w``'s rows."""
+    o, step = w.shape[0], _chunk_rows(w)
+    return [(r, min(r + step, o)) for r in range(0, o, step)]
 
 
 def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:
@@ -444,8 +450,7 @@ def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Ten
         # Elsewhere (another dtype or device) row chunks of about a million weights: the same values, with the
         # float32 mask of one chunk at a time instead of the whole layer's.
         o, length, out_oi = oi.shape[0], oi[0].numel(), oi_view(out, spec.input_axis)
-        for r0 in range(0, o, _chunk_rows(oi)):
-            r1 = min(r0 + _chunk_rows(oi), o)
+        for r0, r1 in _row_chunks(oi):
             rows = oi[r0:r1]
             if not spec.soft:
                 keep = unpack_rows(planes[0, r0:r1], length).view(rows.shape)
