@@ -461,3 +461,30 @@ def test_the_advice_for_an_explicit_per_step_ramp_does_not_suggest_per_step():
     assert left == 0.5 and "end it by epoch 2: e.g. --ramp 0 1" in fix and "--per-step" not in fix
     left, fix = ramp_left(TrainConfig(epochs=2, ramp=(0, 2)))
     assert left == 0.5 and "end it by epoch 1, or add --per-step" in fix
+
+
+@pytest.mark.parametrize("launcher", [None, "TORCHELASTIC_RUN_ID"])
+def test_a_distributed_worker_skips_the_teardown_and_keeps_its_exit_code_and_output(launcher, trained_run):
+    # PyTorch's gloo teardown can abort a finished torchrun worker at interpreter exit: `python -m maxq` skips the
+    # teardown in distributed workers. What it must keep: the exit code and every line of output.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, runpy, sys; import torch.distributed; atexit.register(print, 'teardown ran'); "
+        "sys.argv = ['maxq', *sys.argv[1:]]; runpy.run_module('maxq', run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE")}
+    if launcher is not None:
+        env[launcher] = "1"
+    ok = subprocess.run([sys.executable, "-c", code, "verify", str(trained_run / "checkpoint.pt"), "--json"],
+                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    if launcher is not None:
+        bad = subprocess.run([sys.executable, "-c", code, "verify", str(trained_run / "missing.pt")],
+                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        assert bad.returncode == 2 and "missing.pt does not exist" in bad.stderr, bad.stderr
+    assert ok.stdout.endswith("}\n") or ok.stdout.endswith("teardown ran\n")
+    json.loads(ok.stdout.removesuffix("teardown ran\n"))
+    assert ("teardown ran" in ok.stdout) == (launcher is None)

@@ -178,7 +178,7 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.data import DATASETS
     from .train.loop import train
-    from .train.models import model_names
+    from .train.models import MODELS, model_names
     from .train.recipe import TrainConfig, load_yaml
 
     given = {k for k in vars(args) if k not in ("func", "command")}
@@ -188,7 +188,8 @@ def _run_train(args: argparse.Namespace) -> int:
         options["extra"] = {**options.get("extra", {}), "variant": options.pop("variant")}
     if options.get("dataset", "fashion-mnist") not in DATASETS:
         raise ValueError(f"unknown dataset {options['dataset']!r}; choose one of {sorted(DATASETS)}")
-    if options.get("model", "cnn_small") not in model_names():
+    model = options.get("model", "cnn_small")
+    if model not in MODELS and model not in model_names():  # torchvision's names: import it only when asked
         raise ValueError(f"unknown model {options['model']!r}; choose one of: {', '.join(model_names()[:12])}, ...")
     cfg = TrainConfig.from_dict(options)
     if not cfg.resume:  # a resumed run's options are the checkpoint's (checked there)

@@ -98,14 +98,41 @@ def test_a_second_checkout_loads_the_real_build_without_rebuilding(tmp_path):
     shutil.copytree(Path(kernels.__file__).parents[1], copy / "maxq")
     code = (
         "import logging, time; logging.basicConfig(level=logging.DEBUG, format='%(message)s'); "
-        "from maxq._engine import kernels; t = time.time(); module = kernels.cpu_kernels(); "
-        "print(module.__file__, kernels.__file__, round(time.time() - t, 1))"
+        "import sys; from maxq._engine import kernels; t = time.time(); module = kernels.cpu_kernels(); "
+        "print(module.__file__, kernels.__file__, round(time.time() - t, 1)); "
+        "print(sorted(m for m in ('torch.utils.cpp_extension', 'setuptools') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(copy)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    loaded, source, seconds = run.stdout.split()
+    found, imported = run.stdout.splitlines()
+    loaded, source, seconds = found.split()
+    # Found where torch keeps it without importing torch's build tools (setuptools: megabytes in every process).
+    assert imported == "[]", imported
     assert Path(source).is_relative_to(copy) and Path(loaded) == library
     assert library.stat().st_mtime_ns == before, "the other checkout rebuilt the module"
     assert "loading the fused CPU kernels built before" in run.stderr and "building the" not in run.stderr
     assert float(seconds) < 20
+
+
+@pytest.mark.parametrize("extensions_dir", [True, False], ids=["TORCH_EXTENSIONS_DIR", "default"])
+def test_the_expected_folder_is_the_one_torch_builds_in(extensions_dir, tmp_path, monkeypatch):
+    # The fast path's guess of the build folder (no import of torch.utils.cpp_extension) agrees with torch's own.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if extensions_dir:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    else:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    name = kernels._build_name(*kernels._isa_flags())
+    expected = kernels._expected_build_dir(name)
+    assert expected is not None and not expected.exists()  # a guess makes no folder
+    assert expected == kernels._build_dir(name) and expected.is_relative_to(tmp_path)
+
+
+def test_a_wrong_guess_falls_back_to_torchs_folder(fake_build, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "_SOURCE", _checkout(tmp_path / "a"))
+    monkeypatch.setattr(kernels, "_expected_build_dir", lambda name: tmp_path / "elsewhere" / name)
+    kernels._load_or_build()
+    kernels._load_or_build()  # built in torch's folder, found there though the guess points elsewhere
+    (build,) = fake_build["load"]
+    assert fake_build["import"] == [kernels._library(Path(build["build_directory"]), build["name"])]

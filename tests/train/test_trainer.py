@@ -153,17 +153,42 @@ def _cli(*args, **kw):
     )
 
 
+# `maxq train` that waits before writing its second checkpoint (up to 5 minutes): a test that stops it once the first
+# exists stops it mid-run, with exactly one epoch done, however late it gets to (a loaded machine once let a whole
+# run finish before the signal was sent).
+_HOLD = """
+import runpy, sys, time
+import maxq.train.loop as loop
+save, saved = loop.atomic_save, []
+def held(obj, path):
+    if str(path).endswith("checkpoint.pt"):
+        if saved:
+            time.sleep(300)
+        saved.append(path)
+    save(obj, path)
+loop.atomic_save = held
+sys.argv = ["maxq", *sys.argv[1:]]
+runpy.run_module("maxq", run_name="__main__")
+"""
+
+
+def _held_cli(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _HOLD, "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "r"
-    epochs = 15  # short epochs (8 steps), many of them: the kill lands mid-run even on a fast, idle machine
+    epochs = 3
     args = ["--dataset", "synthetic", "--epochs", str(epochs), "--subset", "256", "--batch-size", "32"]
     args += ["--out", str(out), "--no-progress", "--threads", "1"]
-    proc = _cli(*args)
+    proc = _held_cli(*args)
     _wait_for_checkpoint(proc, out)
-    proc.send_signal(signal.SIGKILL)  # the first checkpoint exists; most epochs are still to go
+    proc.send_signal(signal.SIGKILL)  # the first checkpoint exists, the second is held back
     proc.wait()
     done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
-    assert 1 <= done < epochs
+    assert done == 1
     proc = _cli(*args, "--resume")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
@@ -192,18 +217,16 @@ def test_torchrun_two_processes(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_run_says_how_to_resume_and_resumes(sig, tmp_path):
     out = tmp_path / "run dir"  # a space: the printed command must quote it
-    # Enough epochs that the signal (sent as soon as the first checkpoint exists) arrives mid-run even on a fast,
-    # idle machine where an epoch of this tiny run takes a fraction of a second.
-    epochs = 15
+    epochs = 3
     args = ["--dataset", "synthetic", "--epochs", str(epochs), "--subset", "256", "--batch-size", "32"]
     args += ["--out", str(out), "--no-progress", "--threads", "1"]
-    proc = _cli(*args)
+    proc = _held_cli(*args)  # held before its second checkpoint: the signal lands mid-run
     _wait_for_checkpoint(proc, out)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
-    assert 1 <= done < epochs
+    assert done == 1
     command = resume_command(out)
     assert command == f"maxq train --out '{out}' --resume"
     assert f"The last checkpoint is {out / 'checkpoint.pt'} (after epoch {done})" in output

@@ -109,10 +109,31 @@ def _build_name(tag: str, flags: list[str]) -> str:
 
 
 def _build_dir(name: str) -> Path:
-    """torch's extension cache folder for ``name`` (``TORCH_EXTENSIONS_DIR``, else a per-user folder)."""
+    """torch's extension cache folder for ``name`` (``TORCH_EXTENSIONS_DIR``, else a per-user folder); made if
+    missing."""
     from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory(name, verbose=False))
+
+
+def _expected_build_dir(name: str) -> Path | None:
+    """Where `_build_dir` puts ``name``, worked out without importing ``torch.utils.cpp_extension``: that import
+    pulls in setuptools and distutils (about 100 modules, 4-6 MiB resident), a fixed cost every training process
+    would pay only to find a library built before. ``None`` where this torch's layout is unknown; a wrong guess
+    only sends the caller to the full path (`_build_dir`), never to a wrong library."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root) / name
+    try:  # torch's own rule (cpp_extension.get_default_build_root and _get_build_directory), torch 2.4 to 2.14
+        from torch import _appdirs
+
+        base = os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions"))
+    except Exception:
+        return None
+    hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
+    accelerator = f"rocm{hip.replace('.', '')}" if hip else f"cu{cuda.replace('.', '')}" if cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(base) / f"{python}_{accelerator}" / name
 
 
 def _library(build_dir: Path, name: str) -> Path:
@@ -165,6 +186,10 @@ def _load_or_build() -> ModuleType:
     """The kernel module from the cache, built first if this machine has no build of this source yet."""
     tag, flags = _isa_flags()
     name = _build_name(tag, flags)
+    expected = _expected_build_dir(name)
+    if expected is not None and (expected / BUILT_STAMP).is_file() and _library(expected, name).is_file():
+        log.debug("maxq: loading the fused CPU kernels built before (%s)", expected)
+        return _import_built(name, _library(expected, name))
     build_dir = _build_dir(name)
     library, stamp = _library(build_dir, name), build_dir / BUILT_STAMP
     if library.is_file() and stamp.is_file():  # the stamp comes after the build: never a half-written library

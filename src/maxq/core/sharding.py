@@ -19,6 +19,7 @@ index), so the masks equal a single process's bit for bit, with no host synchron
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +35,13 @@ _DTENSOR: list[type] = []
 
 
 def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing distributed where it is absent)."""
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``. Imports nothing: a DTensor exists only once its module
+    is imported, and importing it (half a second, a few MiB) in every process that never shards would be waste."""
     if not _DTENSOR:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - builds without distributed
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if dtensor is None:  # not imported (or not yet whole): no tensor is a DTensor
             return False
-        _DTENSOR.append(DTensor)
+        _DTENSOR.append(dtensor)
     return isinstance(t, _DTENSOR[0])
 
 
