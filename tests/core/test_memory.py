@@ -318,3 +318,51 @@ def test_row_chunks_give_the_whole_layer_state_and_masked_weight(
         for a, b in zip(whole, chunked):
             assert a.dtype == b.dtype and torch.equal(a, b), rows
     assert whole[2].ne(0).sum() < weight.ne(0).sum()  # something was pruned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["oneshot", "srste"])
+def test_row_chunks_give_the_whole_layer_gradient(monkeypatch, method, dtype):
+    """The eager paths that mask a gradient (one-shot) or add SR-STE's decay to it walk the layer in row chunks:
+    chunks of one and of three rows give the gradients of the whole layer, bit for bit, and those are the
+    formula's (one-shot: ``grad * kept``; SR-STE: ``grad + lambda * W * [not kept]``)."""
+    from maxq.core import masks, parametrization, sparsifier
+
+    # The eager path on every dtype (the fused CPU kernels take fp32 otherwise).
+    monkeypatch.setattr(parametrization, "fused_available", lambda t: False)
+    monkeypatch.setattr(sparsifier, "fused_available", lambda t: False)
+
+    def grads() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 12), nn.Linear(12, 3))
+        model[0].to(memory_format=torch.channels_last)
+        model = model.to(dtype)
+        sp = maxq.sparsify_(model, _config(method, 2, 4))
+        model(torch.randn(2, 4, 6, 6, dtype=dtype)).float().square().sum().backward()
+        out = {}
+        for name in sp.layers:  # the gradient before the decay
+            out[name + ".before"] = model.get_submodule(name).parametrizations.weight.original.grad.clone()
+        sp.regularize_()
+        for name in sp.layers:
+            param = model.get_submodule(name).parametrizations.weight
+            out[name] = param.original.grad.clone()
+            out[name + ".kept"] = param[0].kept()
+            out[name + ".w"] = param.original.detach().clone()
+        return out
+
+    whole = grads()
+    for rows in (1, 3):
+        monkeypatch.setattr(masks, "_chunk_rows", lambda w, rows=rows: rows)
+        chunked = grads()
+        assert whole.keys() == chunked.keys()
+        for key in whole:
+            assert torch.equal(whole[key], chunked[key]), (rows, key)
+    lam = _config(method, 2, 4).decay
+    for name in [k for k in whole if "." not in k]:
+        grad, before, kept, w = (whole[name + s] for s in ("", ".before", ".kept", ".w"))
+        assert kept.shape == grad.shape and not kept.all() and kept.any()
+        if method == "oneshot":  # masked in backward; no decay
+            assert lam == 0 and torch.equal(grad, before) and grad[kept].ne(0).any()
+            assert torch.equal(grad[~kept], torch.zeros_like(grad[~kept]))
+        else:
+            assert lam > 0 and torch.equal(grad, torch.add(before, w * (~kept).to(dtype), alpha=lam))

@@ -21,6 +21,7 @@ optimizer step -- so a soft mask updated less often keeps its values (`maxq.core
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "dense_count",
     "hard_mask",
     "kept_mean",
+    "kept_row_chunks",
     "masked_weight",
     "materialize_mask",
     "maxq_mask",
@@ -358,6 +360,15 @@ def _row_chunks(w: Tensor) -> list[tuple[int, int]]:
     """``(first, end)`` row ranges of `_chunk_rows` rows (the last may be shorter) covering ``w``'s rows."""
     o, step = w.shape[0], _chunk_rows(w)
     return [(r, min(r + step, o)) for r in range(0, o, step)]
+
+
+def kept_row_chunks(w: Tensor, planes: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+    """``(first, end, kept)`` over the row chunks of the ``[O, I(, kh, kw)]`` view ``w``: ``kept`` is bool, shaped
+    like ``w[first:end]``, from plane 0 of ``planes``. The eager paths that mask a weight-sized tensor (the one-shot
+    gradient, SR-STE's decay) walk these, so their temporaries are a chunk's, not the layer's."""
+    length = w[0].numel() if w.shape[0] else 0
+    for first, end in _row_chunks(w):
+        yield first, end, unpack_rows(planes[0, first:end], length).view(w[first:end].shape)
 
 
 def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:

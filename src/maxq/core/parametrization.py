@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._engine.fused import fused_available
 from .bits import unpack_rows
-from .masks import MaskSpec, masked_weight, materialize_mask, state_shapes
+from .masks import MaskSpec, kept_row_chunks, masked_weight, materialize_mask, state_shapes
 from .nm import _check_layout, oi_view
 from .saving import mark
 from .sharding import is_dtensor
@@ -84,8 +84,12 @@ def mask_grad(grad: Tensor, planes: Tensor, input_axis: int) -> Tensor:
             oi = oi_view(grad, input_axis)
         torch.ops.maxq.mask_grad_(oi, planes)
         return grad
-    keep = oi_view(unpack_rows(planes[0], oi[0].numel()).view(oi.shape), input_axis)
-    return grad.mul_(keep) if in_place else grad * keep
+    if not in_place:
+        grad = grad.clone()
+        oi = oi_view(grad, input_axis)
+    for first, end, kept in kept_row_chunks(oi, planes):  # row chunks: a chunk's bool mask at a time
+        oi[first:end].mul_(kept)
+    return grad
 
 
 class _Frozen(torch.autograd.Function):

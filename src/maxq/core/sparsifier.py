@@ -17,7 +17,7 @@ from .bits import pack_rows
 from .config import CONFIGS, NMConfig
 from .layers import FilterFn, LayerChoice, input_axis, select_layers
 from .layout import NMLayout
-from .masks import MaskSpec, compute_state_, kept_mean, masked_weight, materialize_mask
+from .masks import MaskSpec, compute_state_, kept_mean, kept_row_chunks, masked_weight, materialize_mask
 from .nm import oi_view, to_blocks
 from .parametrization import NMMask
 from .schedules import check_progress
@@ -403,9 +403,11 @@ class Sparsifier:
                     torch.ops.maxq.decay_bits_(
                         oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis), planes, lam
                     )
-                else:
-                    keep = oi_view(param.kept(), param.input_axis)
-                    grad.add_(weight.masked_fill(keep, 0.0), alpha=lam)
+                else:  # row chunks: a chunk's bool mask and masked copy at a time, not the layer's
+                    planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
+                    g, w = oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis)
+                    for first, end, kept in kept_row_chunks(w, planes):
+                        g[first:end].add_(w[first:end].masked_fill(kept, 0.0), alpha=lam)
 
     def hook_optimizer(self, optimizer: Any, steps_per_epoch: int | None = None) -> list[Any]:
         """Automatic mode: [`regularize_`][maxq.Sparsifier.regularize_] before and [`step`][maxq.Sparsifier.step] after
