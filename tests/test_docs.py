@@ -23,6 +23,7 @@ import pytest
 import maxq
 from maxq.cli import build_parser
 from tests.conftest import one_thread
+from tests.torchrun import once
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -58,18 +59,20 @@ def test_block_convention():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    env["NO_MKDOCS_2_WARNING"] = "1"
-    run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    warnings = [line for line in run.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
-    assert run.returncode == 0 and not warnings, "\n".join(warnings) or run.stderr[-3000:]
-    return out
+    def build(out: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        env["NO_MKDOCS_2_WARNING"] = "1"
+        run = subprocess.run(
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        warnings = [line for line in run.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+        assert run.returncode == 0 and not warnings, "\n".join(warnings) or run.stderr[-3000:]
+
+    return once(tmp_path_factory, "site", build)  # built once however xdist tears module fixtures down
 
 
+@pytest.mark.xdist_group("docs_site")  # one worker builds the site once
 def test_site_builds_strictly_and_offline(site):
     pages = {p.relative_to(site).with_suffix("").as_posix() for p in site.rglob("*.html")}
     assert {"index", "library", "cli", "tutorials/deployment", "reference/maxq", "METHOD", "RESULTS"} <= pages
@@ -77,6 +80,7 @@ def test_site_builds_strictly_and_offline(site):
     assert "fonts.googleapis" not in index and "fonts.gstatic" not in index  # nothing fetched when read offline
 
 
+@pytest.mark.xdist_group("docs_site")  # one worker builds the site once
 def test_the_site_works_opened_from_the_disk(site):
     # Issue 27: over file://, every navigation link opened a directory listing, and search did not work.
     for page in site.rglob("*.html"):
@@ -134,6 +138,7 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.xdist_group("docs_site")  # one worker builds the site once
 def test_cli_page_lists_every_command_and_flag(site):
     html = (site / "cli.html").read_text()
     options = _options(build_parser())
@@ -144,6 +149,7 @@ def test_cli_page_lists_every_command_and_flag(site):
         assert not missing, f"maxq {command}: {missing}"
 
 
+@pytest.mark.xdist_group("docs_site")  # one worker builds the site once
 def test_reference_covers_the_public_api(site):
     page = (DOCS / "reference" / "maxq.md").read_text()
     documented = set(re.findall(r"^::: maxq\.(\w+)$", page, re.M))
