@@ -23,6 +23,8 @@ Models: ``linear8`` (8 x (Linear(2048, 2048) + LayerNorm), batch 8), ``resnet50`
     python benchmarks/memory.py --allocators default,mmap --out results/memory/after.json   # every cell
     python benchmarks/memory.py --models linear8 --dtypes fp32 --repeats 1                   # a quick look
     python benchmarks/memory.py --per-rank --out results/memory/per_rank.json    # mask bytes per rank, world 1 / 2
+    python benchmarks/memory.py --where --models resnet50 --dtypes fp32 --optimizers sgd \
+        --out results/memory/where_resnet50.json                  # the phase and layer at each method's peak
     python benchmarks/memory.py --device cuda --in-process --optimizers sgd --out memory_cuda.json  # a GPU, one process
     python benchmarks/memory.py --report results/memory/before.json results/memory/after.json \
         results/memory/per_rank.json                                             # the block in docs/RESULTS.md
@@ -92,6 +94,52 @@ def _unshadow() -> None:
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != here]
 
 
+class _Where:
+    """Where the peak is (``--where``): a thread samples the resident memory (anonymous and file-backed, from
+    ``/proc/self/status``; Linux) every 0.2 ms while hooks name what runs: the phase of the step and, in forward and
+    backward, the weight layer (a forward pre-hook; a hook on its output's gradient for backward)."""
+
+    def __init__(self, model: Any) -> None:
+        import threading
+
+        import torch
+
+        self.label, self.samples, self.running = "setup", [], True
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) or type(module).__name__ == "Conv1D":
+                module.register_forward_pre_hook(lambda m, i, name=name: self.phase(f"forward {name}"))
+                module.register_forward_hook(self._backward_label(name))
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def phase(self, label: str) -> None:
+        self.label = label
+
+    def _backward_label(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if getattr(output, "requires_grad", False):
+                output.register_hook(lambda grad: self.phase(f"backward {name}"))
+
+        return hook
+
+    def _sample(self) -> None:
+        while self.running:
+            sizes = {}
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(("RssAnon:", "RssFile:")):
+                        sizes[line.split(":")[0]] = int(line.split()[1]) / 1024
+            anon, file = sizes.get("RssAnon", 0.0), sizes.get("RssFile", 0.0)
+            self.samples.append((anon + file, anon, file, self.label))
+            time.sleep(0.0002)
+
+    def stop(self) -> dict[str, Any]:
+        self.running = False
+        self.thread.join()
+        total, anon, file, label = max(self.samples)
+        return {"where_mib": total, "where_anon_mib": anon, "where_file_mib": file, "where": label}
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     _unshadow()
     import torch
@@ -131,6 +179,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    where = _Where(model) if spec.get("where") else None
+    phase = where.phase if where is not None else lambda label: None
     start = time.perf_counter()
     for _ in range(int(spec["steps"])):
         x, y = make_batch()
@@ -142,10 +192,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             loss = model(input_ids=x, labels=y).loss
         else:
             loss = nn.functional.cross_entropy(model(x).float(), y)
+        phase("backward")
         loss.backward()
+        phase("regularize_")
         if sparsifier is not None:
             sparsifier.regularize_()
+        phase("optimizer step")
         opt.step()
+        phase("sparsifier step")
         if sparsifier is not None:
             sparsifier.step()
     if device.type == "cuda":
@@ -159,6 +213,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "loss": float(loss.detach()),
     }
+    if where is not None:
+        out.update(where.stop())
     if device.type == "cuda":
         out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         out["cuda_before_mib"] = base / 2**20
@@ -421,6 +477,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write (after every cell)")
     ap.add_argument("--resume", action="store_true", help="keep the cells --out already holds; measure the rest")
     ap.add_argument("--per-rank", action="store_true", help="mask bytes per rank at world size 1 and 2 (FSDP2)")
+    ap.add_argument("--where", action="store_true",
+                        help="where each cell peaks: the step's phase and layer at the peak, and the resident "
+                        "memory then (anonymous / file-backed); a fresh process per cell, mmap setting")  # fmt: skip
     ap.add_argument("--report", nargs="+", type=Path, metavar="JSON",
                         help="BEFORE AFTER [PER_RANK]: write the table into docs/RESULTS.md and print it")  # fmt: skip
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -445,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _replace_block(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md", "memory", comment + block)
         print(block)
         return {}
+    if args.where:
+        return where(args)
     if args.per_rank:
         result = per_rank(args)
         if args.out is not None:
@@ -498,6 +559,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _write(args, argv, records)  # after every cell: an interrupted run resumes with --resume
     result = _write(args, argv, records)
     print(table(result["rows"]))
+    return result
+
+
+def where(args: argparse.Namespace) -> dict[str, Any]:
+    """``--where``: each cell once, in a fresh process (mmap setting), with the phase and layer at its peak."""
+    if "dense" not in args.methods:
+        args.methods = ["dense", *args.methods]
+    records = [_measure({**cell, "where": True}, "mmap") for cell in _cells(args)]
+    dense = {_key(r)[:3]: r for r in records if r["method"] == "dense"}
+    lines = ["| model | dtype | optimizer | method | peak MiB | anon MiB | file MiB | extra anon MiB | "
+             "extra file MiB | masks MiB | at |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        base = dense[_key(r)[:3]]
+        anon, file = r["where_anon_mib"] - base["where_anon_mib"], r["where_file_mib"] - base["where_file_mib"]
+        extra = f"{anon:.1f} | {file:.1f}" if r["method"] != "dense" else " | "
+        masks = f"{r['mask_bytes'] / 2**20:.1f}" if "mask_bytes" in r else ""
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['optimizer']} | {r['method']} | {r['where_mib']:.1f} | "
+                     f"{r['where_anon_mib']:.1f} | {r['where_file_mib']:.1f} | {extra} | {masks} | "
+                     f"{r['where']} |")  # fmt: skip
+    print("\n".join(lines))
+    result = {"command": " ".join(sys.argv), "records": records}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
