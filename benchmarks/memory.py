@@ -104,7 +104,8 @@ class _Where:
 
         import torch
 
-        self.label, self.samples, self.running = "setup", [], True
+        # the highest sample so far only: a list of every sample would grow in the process it measures
+        self.label, self.peak, self.running = "setup", (0.0, 0.0, 0.0, "setup"), True
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) or type(module).__name__ == "Conv1D":
                 module.register_forward_pre_hook(lambda m, i, name=name: self.phase(f"forward {name}"))
@@ -130,13 +131,14 @@ class _Where:
                     if line.startswith(("RssAnon:", "RssFile:")):
                         sizes[line.split(":")[0]] = int(line.split()[1]) / 1024
             anon, file = sizes.get("RssAnon", 0.0), sizes.get("RssFile", 0.0)
-            self.samples.append((anon + file, anon, file, self.label))
+            if anon + file > self.peak[0]:
+                self.peak = (anon + file, anon, file, self.label)
             time.sleep(0.0002)
 
     def stop(self) -> dict[str, Any]:
         self.running = False
         self.thread.join()
-        total, anon, file, label = max(self.samples)
+        total, anon, file, label = self.peak
         return {"where_mib": total, "where_anon_mib": anon, "where_file_mib": file, "where": label}
 
 

@@ -13,7 +13,7 @@ def _exit(code: int) -> None:
     (``terminate called without an active exception``, exit -6) after a run that finished and wrote everything,
     which torchrun then reports as a failed run. By then every file is written and closed, and the process group
     destroyed: only the streams are left to flush."""
-    if "torch.distributed" in sys.modules and ("TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ):
+    if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

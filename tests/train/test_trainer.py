@@ -141,18 +141,6 @@ def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300
         time.sleep(0.02)
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "maxq", "train", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
 # `maxq train` that waits before writing its second checkpoint (up to 5 minutes): a test that stops it once the first
 # exists stops it mid-run, with exactly one epoch done, however late it gets to (a loaded machine once let a whole
 # run finish before the signal was sent).
@@ -172,10 +160,18 @@ runpy.run_module("maxq", run_name="__main__")
 """
 
 
-def _held_cli(*args):
+def _cli(*args, hold: bool = False, **kw):
+    """``maxq train ARGS`` in a subprocess; ``hold``: the `_HOLD` one, held before its second checkpoint."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", _HOLD, "train", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    launch = ["-c", _HOLD] if hold else ["-m", "maxq"]
+    return subprocess.Popen(
+        [sys.executable, *launch, "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -183,7 +179,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     epochs = 3
     args = ["--dataset", "synthetic", "--epochs", str(epochs), "--subset", "256", "--batch-size", "32"]
     args += ["--out", str(out), "--no-progress", "--threads", "1"]
-    proc = _held_cli(*args)
+    proc = _cli(*args, hold=True)
     _wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGKILL)  # the first checkpoint exists, the second is held back
     proc.wait()
@@ -220,7 +216,7 @@ def test_interrupted_run_says_how_to_resume_and_resumes(sig, tmp_path):
     epochs = 3
     args = ["--dataset", "synthetic", "--epochs", str(epochs), "--subset", "256", "--batch-size", "32"]
     args += ["--out", str(out), "--no-progress", "--threads", "1"]
-    proc = _held_cli(*args)  # held before its second checkpoint: the signal lands mid-run
+    proc = _cli(*args, hold=True)  # held before its second checkpoint: the signal lands mid-run
     _wait_for_checkpoint(proc, out)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)

@@ -398,14 +398,11 @@ class Sparsifier:
                 grad = grad.to_local() if is_dtensor(grad) else grad  # sharded: this rank's rows, like the state
                 weight = layer.local_weight
                 # Kept weights have Mask >= 1 and pruned ones 0, so 1 - clamp(Mask, 0, 1) = [not kept].
+                planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
+                g, w = oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis)
                 if _fusable(grad) and _fusable(weight) and fused_available(weight):
-                    planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
-                    torch.ops.maxq.decay_bits_(
-                        oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis), planes, lam
-                    )
+                    torch.ops.maxq.decay_bits_(g, w, planes, lam)
                 else:  # row chunks: a chunk's bool mask and masked copy at a time, not the layer's
-                    planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
-                    g, w = oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis)
                     for first, end, kept in kept_row_chunks(w, planes):
                         g[first:end].add_(w[first:end].masked_fill(kept, 0.0), alpha=lam)
 
