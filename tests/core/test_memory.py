@@ -313,7 +313,7 @@ def test_row_chunks_give_the_whole_layer_state_and_masked_weight(
 
     whole = run()
     for rows in (1, 3):
-        monkeypatch.setattr(masks, "_chunk_rows", lambda w, rows=rows: rows)
+        monkeypatch.setattr(masks, "_chunk_rows", lambda w, entries=None, rows=rows: rows)
         chunked = run()
         for a, b in zip(whole, chunked):
             assert a.dtype == b.dtype and torch.equal(a, b), rows
@@ -352,7 +352,7 @@ def test_row_chunks_give_the_whole_layer_gradient(monkeypatch, method, dtype):
 
     whole = grads()
     for rows in (1, 3):
-        monkeypatch.setattr(masks, "_chunk_rows", lambda w, rows=rows: rows)
+        monkeypatch.setattr(masks, "_chunk_rows", lambda w, entries=None, rows=rows: rows)
         chunked = grads()
         assert whole.keys() == chunked.keys()
         for key in whole:
@@ -366,3 +366,106 @@ def test_row_chunks_give_the_whole_layer_gradient(monkeypatch, method, dtype):
             assert torch.equal(grad[~kept], torch.zeros_like(grad[~kept]))
         else:
             assert lam > 0 and torch.equal(grad, torch.add(before, w * (~kept).to(dtype), alpha=lam))
+
+
+# -- a hard mask's weight masked in place for its backward node (no W * mask copy) --------------------------------
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits (so -0.0 and 0.0 differ, as they would in a hash of the weights)."""
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_split_masks_in_place_and_join_puts_the_weight_back(monkeypatch, fused, layout, n, m):
+    from maxq.core import masks
+
+    if not fused:
+        monkeypatch.setattr(masks, "fused_available", lambda *a, **k: False)
+    torch.manual_seed(0)
+    if layout == "transposed":  # HF Conv1D: [I, O] stored, its [O, I] view transposed
+        w = torch.randn(4 * m, 6).t()
+    else:
+        w = torch.randn(6, 2 * m, 3, 3)
+        if layout == "channels_last":
+            w = w.contiguous(memory_format=torch.channels_last)
+    w[0].zero_()  # exact zeros and -0.0 among the pruned values too
+    w[1, :1].neg_().zero_()
+    planes = torch.zeros(state_shapes_for(w), dtype=torch.uint8)
+    masks.compute_state_(planes, None, w, n, m, soft=False)
+    kept = torch.cat([k for _, _, k in masks.kept_row_chunks(w, planes)])
+    before = w.clone()
+    stash = masks.split_pruned_(w, planes, n, m)
+    assert torch.equal(_bits(w), _bits(before * kept))  # W * mask, bit for bit
+    assert stash.numel() <= w.numel() * (m - n) // m + w.shape[0]  # the pruned share, one spare slot per row
+    masks.join_pruned_(w, planes, stash)
+    assert torch.equal(_bits(w), _bits(before))
+
+
+def state_shapes_for(w: torch.Tensor) -> tuple[int, ...]:
+    from maxq.core.bits import packed_width
+
+    return (1, w.shape[0], packed_width(w[0].numel()))
+
+
+def _train_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    model(x).float().square().mean().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 16)])
+def test_backward_masks_the_weight_in_place_with_the_rebuilds_gradients(monkeypatch, dtype, n, m):
+    torch.manual_seed(0)
+    base = _Net().to(dtype)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    runs = []
+    calls = []
+    split = NMMask._split
+    monkeypatch.setattr(NMMask, "_split", lambda self, w: calls.append(1) or split(self, w))
+    for in_place in (True, False):
+        model = _Net().to(dtype)
+        model.load_state_dict(base.state_dict())
+        sp = maxq.sparsify_(model, _config("srste", n, m))
+        if not in_place:
+            monkeypatch.setattr(NMMask, "_split", lambda self, w: None)
+        weights = {k: p.detach().clone() for k, p in model.named_parameters()}
+        grads = _train_grads(model, x)
+        for k, p in model.named_parameters():  # every weight is back, bit for bit
+            assert torch.equal(_bits(p.detach()), _bits(weights[k])), k
+        assert all(mod._held is None for mod in model.modules() if isinstance(mod, NMMask))
+        runs.append(grads)
+    # Every sparsified layer whose input needs a gradient (all but the stem) took the in-place path.
+    assert len(calls) == len(sp.layers) - ("stem" in sp.layers) > 0
+    for k in runs[0]:
+        assert torch.equal(_bits(runs[0][k]), _bits(runs[1][k])), k
+
+
+def test_input_gradient_alone_puts_the_weight_back():
+    """``autograd.grad`` w.r.t. the input only: the weight's node runs, the weight's gradient never does."""
+    torch.manual_seed(0)
+    model = _Net()
+    maxq.sparsify_(model, _config("srste", 2, 4))
+    weights = {k: p.detach().clone() for k, p in model.named_parameters()}
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).sum(), [x])
+    assert gx.abs().sum() > 0
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[k]), k
+
+
+def test_a_failed_backward_node_leaves_a_weight_the_next_call_puts_back(monkeypatch):
+    torch.manual_seed(0)
+    model = _Net()
+    sp = maxq.sparsify_(model, _config("srste", 2, 4))
+    original = model.fc2.parametrizations.weight.original
+    before = original.detach().clone()
+    out = model(torch.randn(2, 3, 8, 8)).sum()
+    # A failure as fc2's backward node returns, before its weight is put back.
+    monkeypatch.setattr(NMMask, "_release", lambda self: (_ for _ in ()).throw(RuntimeError("planted")))
+    with pytest.raises(RuntimeError, match="planted"):
+        out.backward()
+    mod = model.fc2.parametrizations.weight[0]
+    assert mod._held is not None and not torch.equal(original.detach(), before)
+    sp.regularize_()
+    assert mod._held is None and torch.equal(original.detach(), before)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .._engine.fused import FusedState, fused_apply_, fused_available, fused_state_
+from .._engine.kernels import cpu_kernels
 from .bits import pack_rows, packed_width, unpack_rows
 from .nm import _check_layout, block_major, nm_keep, oi_view, topk_mask, validate_nm
 from .queries import axis_soft, axis_threshold
@@ -44,10 +45,12 @@ __all__ = [
     "dense_count",
     "hard_mask",
     "kept_mean",
+    "join_pruned_",
     "kept_row_chunks",
     "masked_weight",
     "materialize_mask",
     "maxq_mask",
+    "split_pruned_",
     "state_shapes",
 ]
 
@@ -349,26 +352,74 @@ def compute_state_(
         return False
 
 
-def _chunk_rows(w: Tensor) -> int:
-    """Rows of ``w`` per chunk of the row-wise paths: about 2^18 weights on the CPU (a few MiB of temporaries),
-    2^22 elsewhere (fewer kernel launches); at least one row. The values computed do not depend on it."""
-    entries = 1 << 18 if w.device.type == "cpu" else 1 << 22
+def _chunk_rows(w: Tensor, entries: int | None = None) -> int:
+    """Rows of ``w`` per chunk of the row-wise paths: about ``entries`` weights, by default 2^18 on the CPU (a few
+    MiB of temporaries) and 2^22 elsewhere (fewer kernel launches); at least one row. The values computed do not
+    depend on it."""
+    if entries is None:
+        entries = 1 << 18 if w.device.type == "cpu" else 1 << 22
     return max(1, entries // max(1, w[0].numel())) if w.shape[0] else 1
 
 
-def _row_chunks(w: Tensor) -> list[tuple[int, int]]:
+def _row_chunks(w: Tensor, entries: int | None = None) -> list[tuple[int, int]]:
     """``(first, end)`` row ranges of `_chunk_rows` rows (the last may be shorter) covering ``w``'s rows."""
-    o, step = w.shape[0], _chunk_rows(w)
+    o, step = w.shape[0], _chunk_rows(w, entries)
     return [(r, min(r + step, o)) for r in range(0, o, step)]
 
 
-def kept_row_chunks(w: Tensor, planes: Tensor) -> Iterator[tuple[int, int, Tensor]]:
-    """``(first, end, kept)`` over the row chunks of the ``[O, I(, kh, kw)]`` view ``w``: ``kept`` is bool, shaped
-    like ``w[first:end]``, from plane 0 of ``planes``. The eager paths that mask a weight-sized tensor (the one-shot
-    gradient, SR-STE's decay) walk these, so their temporaries are a chunk's, not the layer's."""
+def kept_row_chunks(w: Tensor, planes: Tensor, entries: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """``(first, end, kept)`` over the row chunks of the ``[O, I(, kh, kw)]`` view ``w`` (about ``entries`` weights
+    each, see `_chunk_rows`): ``kept`` is bool, shaped like ``w[first:end]``, from plane 0 of ``planes``. The eager
+    paths that mask a weight-sized tensor (the one-shot gradient, SR-STE's decay) walk these, so their temporaries
+    are a chunk's, not the layer's."""
     length = w[0].numel() if w.shape[0] else 0
-    for first, end in _row_chunks(w):
+    for first, end in _row_chunks(w, entries):
         yield first, end, unpack_rows(planes[0, first:end], length).view(w[first:end].shape)
+
+
+def _slots(w: Tensor, planes: Tensor, spare: int) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """``(first, rows, kept, slot)`` per row chunk of ``w``: ``slot`` (int64 ``[r, L]``) is each pruned weight's
+    place among its row's pruned ones, and ``spare`` for kept weights."""
+    length = w[0].numel() if w.shape[0] else 0
+    # The int64 slots cost 8 bytes a weight: chunks of at most a sixteenth of the layer keep them well under the
+    # copy of W * mask that the stash replaces.
+    entries = max(1, min(_chunk_rows(w) * max(1, length), w.numel() // 16))
+    for first, end, kept in kept_row_chunks(w, planes, entries):
+        pruned = ~kept.reshape(end - first, length)
+        yield first, w[first:end], kept, torch.where(pruned, pruned.cumsum(1) - 1, spare)
+
+
+def split_pruned_(w: Tensor, planes: Tensor, n: int, m: int) -> Tensor:
+    """Mask the ``[O, I(, kh, kw)]`` view ``w`` in place, ``w *= kept`` (a hard mask's ``W * mask``, bit for bit),
+    after copying its pruned values out; returns that stash (``[O, S]``, ``w``'s dtype: a row's pruned values in row
+    order, ``S = L - n * (L // m) + 1``: the most a row can prune and a spare slot), for `join_pruned_` to put
+    them back.
+
+    This is how backward gets ``W * mask`` without a second weight-sized tensor: the stash holds the pruned share
+    ``(m - n) / m`` of the weights."""
+    o, length = w.shape[0], w[0].numel() if w.shape[0] else 0
+    slots = length - n * (length // m)
+    # The spare slot takes the kept weights' values on the eager path (scatter_ needs a place for every element).
+    stash = w.new_empty((o, slots + 1))
+    with torch.no_grad():
+        if fused_available(w) and planes.device.type == "cpu":
+            cpu_kernels().split_(w, planes, stash)
+            return stash
+        for first, rows, kept, slot in _slots(w, planes, slots):
+            stash[first : first + rows.shape[0]].scatter_(1, slot, rows.reshape(rows.shape[0], -1))
+            rows.mul_(kept)
+    return stash
+
+
+def join_pruned_(w: Tensor, planes: Tensor, stash: Tensor) -> None:
+    """Undo `split_pruned_`: the pruned values of ``w`` back from ``stash``, in place."""
+    with torch.no_grad():
+        if fused_available(w) and planes.device.type == "cpu":
+            cpu_kernels().join_(w, planes, stash)
+            return
+        for first, rows, kept, slot in _slots(w, planes, stash.shape[1] - 1):
+            back = stash[first : first + rows.shape[0]].gather(1, slot).view(rows.shape)
+            rows.copy_(torch.where(kept, rows, back))
 
 
 def _gather_row_thresholds(thresholds: Tensor, sharding: RowSharding) -> None:

@@ -24,13 +24,22 @@ loaded from an older checkpoint, until its next update.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .._engine.fused import fused_available
 from .bits import unpack_rows
-from .masks import MaskSpec, kept_row_chunks, masked_weight, materialize_mask, state_shapes
+from .masks import (
+    MaskSpec,
+    join_pruned_,
+    kept_row_chunks,
+    masked_weight,
+    materialize_mask,
+    split_pruned_,
+    state_shapes,
+)
 from .nm import _check_layout, oi_view
 from .saving import mark
 from .sharding import is_dtensor
@@ -154,6 +163,8 @@ class NMMask(nn.Module):
         self.register_buffer("thresholds", torch.zeros(count).view(torch.int32), persistent=False)
         self.register_buffer("scale", torch.ones(2).view(torch.int32), persistent=False)
         self.register_buffer("mask", torch.zeros(0), persistent=False)
+        # [weight storage, stash, users] while backward holds the weight masked in place (`_split`), else None
+        self._held: list | None = None
 
     @property
     def thresholds_f32(self) -> Tensor:
@@ -180,6 +191,8 @@ class NMMask(nn.Module):
         return t.to_local() if is_dtensor(t) else t
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self._held is not None:
+            self.restore_()
         if self.materialized:
             mask = self._full(self.mask)
             if not self.straight_through:
@@ -190,10 +203,43 @@ class NMMask(nn.Module):
         if self.frozen:
             return _Frozen.apply(weight, self._full(self.planes), self.input_axis)
         w_eff = self._from_state(weight)
-        # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow).
+        # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow); a hard
+        # mask on a plain weight parameter masks the weight itself in place there instead (no second copy).
         versions = (weight, self._local(self.planes), self.thresholds, self.scale)
-        mark(w_eff, lambda: self._from_state(weight), versions)
+        in_place = None
+        if not self.spec.soft and weight.is_leaf and _dense(weight) and not is_dtensor(self.planes):
+            in_place = lambda: self._split(weight)  # noqa: E731
+        mark(w_eff, lambda: self._from_state(weight), versions, in_place)
         return w_eff
+
+    def _split(self, weight: Tensor) -> tuple[Tensor, Callable[[], None]] | None:
+        """``weight`` masked in place (``W * mask``, bit for bit) with its pruned values stashed, for one backward
+        node; returns its storage and the release that restores it when the last such node is done."""
+        held = self._held
+        if held is None:
+            storage = weight.data  # its own version counter: autograd's check of the weight is not disturbed
+            stash = split_pruned_(oi_view(storage, self.input_axis), self.planes, self.n, self.m)
+            held = self._held = [storage, stash, 0]
+        elif held[0].data_ptr() != weight.data_ptr() or held[0].shape != weight.shape:
+            return None  # another tensor's split is live (not seen in practice): rebuild instead
+        held[2] += 1
+        return held[0], self._release
+
+    def _release(self) -> None:
+        held = self._held
+        if held is None:  # already put back by restore_()
+            return
+        held[2] -= 1
+        if held[2] == 0:
+            self.restore_()
+
+    def restore_(self) -> None:
+        """Put back the pruned values of a weight that backward holds masked in place (a no-op when none is): a
+        backward node that failed leaves it so, and the next forward, ``Sparsifier.step()`` or ``regularize_()``
+        calls this before reading the weight."""
+        held, self._held = self._held, None
+        if held is not None:
+            join_pruned_(oi_view(held[0], self.input_axis), self.planes, held[1])
 
     def _from_state(self, weight: Tensor) -> Tensor:
         return _FromState.apply(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)

@@ -8,6 +8,12 @@ of it) by a small token, and rebuild it from ``W`` and the mask state when backw
 since the mask state and the weight have not changed in between (checked with their version counters, as autograd
 checks what it saves).
 
+Rebuilt, ``W_eff`` still costs one layer's weight bytes while that layer's backward runs. A hard 0/1 mask needs
+less: the weight itself becomes ``W_eff`` for the moment the op's backward node runs -- its pruned values copied
+out (the pruned share of the weight, e.g. half for 2:4), zeroed in place, and written back by a hook that runs as
+the node returns (`maxq.core.masks.split_pruned_`). Nothing else runs in between: the window is the one node. (If
+the node fails, the weight is put back by the layer's next forward or the sparsifier's next call.)
+
 The hooks are pushed by forward pre-hooks on the sparsified model and on each sparsified layer (so a layer called on
 its own is covered too) and popped by their forward hooks (``always_call``), once per outermost call. They stand
 aside when:
@@ -34,15 +40,22 @@ _ATTR = "_maxq_recompute"
 _local = threading.local()
 
 
+#: ``in_place()`` of `mark`: the weight's storage holding ``W_eff`` (or None: rebuild instead) and the call that
+#: puts the weight back as the backward node that uses it returns.
+InPlace = Callable[[], "tuple[Tensor, Callable[[], None]] | None"]
+
+
 class _Recompute:
-    """How to rebuild one ``W_eff``: the function and the tensors whose version counters must not have moved."""
+    """How to rebuild one ``W_eff``: the function, the tensors whose version counters must not have moved, and
+    (hard masks) how to mask the weight in place instead."""
 
-    __slots__ = ("fn", "tensors", "versions")
+    __slots__ = ("fn", "in_place", "tensors", "versions")
 
-    def __init__(self, fn: Callable[[], Tensor], tensors: tuple[Tensor, ...]) -> None:
+    def __init__(self, fn: Callable[[], Tensor], tensors: tuple[Tensor, ...], in_place: InPlace | None) -> None:
         self.fn = fn
         self.tensors = tensors
         self.versions = tuple(t._version for t in tensors)
+        self.in_place = in_place
 
 
 class _Token:
@@ -57,12 +70,16 @@ class _Token:
         self.offset = t.storage_offset()
 
 
-def mark(w_eff: Tensor, fn: Callable[[], Tensor], tensors: tuple[Tensor, ...]) -> None:
+def mark(w_eff: Tensor, fn: Callable[[], Tensor], tensors: tuple[Tensor, ...], in_place: InPlace | None = None) -> None:
     """Declare that ``w_eff`` (fresh, offset 0) is ``fn()``, a pure function of ``tensors`` (weight, mask state):
-    a saved reference to it (or to a view of it) may be dropped and rebuilt with ``fn`` in backward."""
+    a saved reference to it (or to a view of it) may be dropped and rebuilt with ``fn`` in backward.
+
+    ``in_place``, where given, may instead turn the weight itself into ``W_eff`` for the op's backward node: it
+    returns the weight's storage (holding ``W_eff`` bit for bit, in ``w_eff``'s layout) and a ``release`` that
+    restores the weight, which runs as that node returns (a post hook of the node), before any other node runs."""
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return
-    setattr(w_eff, _ATTR, _Recompute(fn, tensors))
+    setattr(w_eff, _ATTR, _Recompute(fn, tensors, in_place))
 
 
 def _pack(t: Tensor) -> Any:
@@ -83,7 +100,22 @@ def _unpack(saved: Any) -> Tensor:
             "step, sparsifier.step() or an in-place edit ran before backward()), so W * mask cannot be rebuilt for "
             "the gradient; call backward() before changing the weights or masks"
         )
-    return recompute.fn().as_strided(saved.size, saved.stride, saved.offset)
+    # Masked in place only inside a backward node that builds no graph of its own (create_graph=False: grad mode
+    # is off), and put back by a hook that runs as that node returns: a graph, or a caller outside backward,
+    # would keep the masked weight for longer.
+    node = torch._C._current_autograd_node() if recompute.in_place is not None else None
+    held = recompute.in_place() if node is not None and not torch.is_grad_enabled() else None
+    if held is None:
+        return recompute.fn().as_strided(saved.size, saved.stride, saved.offset)
+    storage, release = held
+    handle = None
+
+    def done(grad_inputs: Any, grad_outputs: Any) -> None:
+        handle.remove()
+        release()
+
+    handle = node.register_hook(done)
+    return storage.as_strided(saved.size, saved.stride, storage.storage_offset() + saved.offset)
 
 
 def _stack() -> list[bool]:

@@ -228,10 +228,17 @@ class Sparsifier:
         return sharding
 
     # -- mask updates (explicit, outside the forward) -----------------------------------------------------------
+    def _restore(self) -> None:
+        """Weights a failed backward left masked in place get their pruned values back
+        ([`NMMask.restore_`][maxq.core.parametrization.NMMask.restore_]) before anything reads them."""
+        for layer in self._layers.values():
+            layer.param.restore_()
+
     def update_masks(self) -> None:
         """Recompute every layer's mask state from its current weight now (no gradient, autocast off). On a sharded
         model every rank must call it (the layer-wide statistics are collectives)."""
         self._check_attached()
+        self._restore()
         cfg = self.config
         strength = cfg.soft_strength(self._fraction)
         for name, layer in self._layers.items():
@@ -385,6 +392,7 @@ class Sparsifier:
         methods without decay; parameters without a gradient are left alone.
         """
         check_manual_call(self, "regularize_")
+        self._restore()
         lam = self.config.decay
         if lam == 0.0:
             return
