@@ -390,8 +390,8 @@ def test_split_masks_in_place_and_join_puts_the_weight_back(monkeypatch, fused, 
         if layout == "channels_last":
             w = w.contiguous(memory_format=torch.channels_last)
     w[0].zero_()  # exact zeros and -0.0 among the pruned values too
-    w[1, :1].neg_().zero_()
-    planes = torch.zeros(state_shapes_for(w), dtype=torch.uint8)
+    w[1, :1].fill_(-0.0)
+    planes = torch.zeros(_planes_shape(w), dtype=torch.uint8)
     masks.compute_state_(planes, None, w, n, m, soft=False)
     kept = torch.cat([k for _, _, k in masks.kept_row_chunks(w, planes)])
     before = w.clone()
@@ -402,7 +402,7 @@ def test_split_masks_in_place_and_join_puts_the_weight_back(monkeypatch, fused, 
     assert torch.equal(_bits(w), _bits(before))
 
 
-def state_shapes_for(w: torch.Tensor) -> tuple[int, ...]:
+def _planes_shape(w: torch.Tensor) -> tuple[int, ...]:
     from maxq.core.bits import packed_width
 
     return (1, w.shape[0], packed_width(w[0].numel()))
