@@ -206,15 +206,17 @@ class NMMask(nn.Module):
         # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow); a hard
         # mask on a plain weight parameter masks the weight itself in place there instead (no second copy).
         versions = (weight, self._local(self.planes), self.thresholds, self.scale)
-        in_place = None
-        if not self.spec.soft and weight.is_leaf and _dense(weight) and not is_dtensor(self.planes):
-            in_place = lambda: self._split(weight)  # noqa: E731
+        in_place = None if self.spec.soft else lambda: self._split(weight)
         mark(w_eff, lambda: self._from_state(weight), versions, in_place)
         return w_eff
 
     def _split(self, weight: Tensor) -> tuple[Tensor, Callable[[], None]] | None:
         """``weight`` masked in place (``W * mask``, bit for bit) with its pruned values stashed, for one backward
-        node; returns its storage and the release that restores it when the last such node is done."""
+        node; returns its storage and the release that restores it when the last such node is done. None (rebuild
+        instead) unless the weight is a plain parameter in a layout the kernels walk (decided here, in backward,
+        not on every forward)."""
+        if not weight.is_leaf or not _dense(weight) or is_dtensor(self.planes):
+            return None
         held = self._held
         if held is None:
             storage = weight.data  # its own version counter: autograd's check of the weight is not disturbed

@@ -1063,8 +1063,8 @@ void mask_grad_(torch::Tensor grad, torch::Tensor planes) {
 // The pruned weights out of w and back: backward's W * mask without a weight-sized copy. split_ writes row o's
 // pruned values, in row order, to stash[o, :count] and then masks the row in place, w = w * kept bits (the very
 // product apply_ computes for a hard mask); join_ writes them back. stash: float32 [O, S], S >= every row's pruned
-// count (checked before anything is written). w: a float32 [O, I(, kh, kw)] view in any layout, as apply_'s.
-void split_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) {
+// count (split_ checks it before anything is written). w: a float32 [O, I(, kh, kw)] view in any layout, as apply_'s.
+void move_pruned(torch::Tensor w, torch::Tensor planes, torch::Tensor stash, bool split) {
   TORCH_CHECK(w.dim() == 2 || w.dim() == 4, "weight must be [O, I] or [O, I, kh, kw]");
   check_view(w, w, "weight");
   const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K, Lb = (L + 7) / 8;
@@ -1074,14 +1074,16 @@ void split_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) {
               "stash must be a contiguous float32 CPU tensor of [O, S]");
   const int64_t S = stash.size(1);
   const uint8_t* pb = planes.data_ptr<uint8_t>();
-  int64_t most = 0;
-  for (int64_t o = 0; o < O; ++o) {
-    const uint8_t* bits = pb + o * Lb;
-    int64_t kept = popcount_row(bits, L / 8);
-    for (int64_t j = L / 8 * 8; j < L; ++j) kept += (bits[j >> 3] >> (j & 7)) & 1;
-    most = std::max(most, L - kept);
+  if (split) {
+    int64_t most = 0;
+    for (int64_t o = 0; o < O; ++o) {
+      const uint8_t* bits = pb + o * Lb;
+      int64_t kept = popcount_row(bits, L / 8);
+      for (int64_t j = L / 8 * 8; j < L; ++j) kept += (bits[j >> 3] >> (j & 7)) & 1;
+      most = std::max(most, L - kept);
+    }
+    TORCH_CHECK(most <= S, "stash has ", S, " slots per row, a row prunes ", most);
   }
-  TORCH_CHECK(most <= S, "stash has ", S, " slots per row, a row prunes ", most);
   const RowView view(w, O, I, K);
   float* pw = w.data_ptr<float>();
   float* ps = stash.data_ptr<float>();
@@ -1093,43 +1095,24 @@ void split_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) {
       unpack_floats(pb + o * Lb, L, B.data());
       float* srow = ps + o * S;
       int64_t c = 0;
-      for (int64_t j = 0; j < L && c < S; ++j) {
-        if (B[j] == 0.0f) srow[c++] = row[j];
+      if (split) {
+        for (int64_t j = 0; j < L && c < S; ++j) {
+          if (B[j] == 0.0f) srow[c++] = row[j];
+        }
+        for (int64_t j = 0; j < L; ++j) row[j] = row[j] * B[j];
+      } else {
+        for (int64_t j = 0; j < L && c < S; ++j) {
+          if (B[j] == 0.0f) row[j] = srow[c++];
+        }
       }
-      for (int64_t j = 0; j < L; ++j) row[j] = row[j] * B[j];
       if (!view.contiguous) view.scatter(row, o, pw);
     }
   });
 }
 
-void join_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) {
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 4, "weight must be [O, I] or [O, I, kh, kw]");
-  check_view(w, w, "weight");
-  const int64_t O = w.size(0), I = w.size(1), K = w.numel() / (O * I), L = I * K, Lb = (L + 7) / 8;
-  check_planes(planes, O * Lb);
-  TORCH_CHECK(stash.device().is_cpu() && stash.scalar_type() == torch::kFloat && stash.is_contiguous() &&
-                  stash.dim() == 2 && stash.size(0) == O,
-              "stash must be a contiguous float32 CPU tensor of [O, S]");
-  const int64_t S = stash.size(1);
-  const RowView view(w, O, I, K);
-  float* pw = w.data_ptr<float>();
-  const float* ps = stash.data_ptr<float>();
-  const uint8_t* pb = planes.data_ptr<uint8_t>();
-  at::parallel_for(0, O, row_grain(L), [&](int64_t o0, int64_t o1) {
-    std::vector<float> wbuf(view.contiguous ? 0 : L), B(L);
-    for (int64_t o = o0; o < o1; ++o) {
-      float* row = view.contiguous ? pw + o * L : wbuf.data();
-      if (!view.contiguous) view.gather(pw, o, wbuf.data());
-      unpack_floats(pb + o * Lb, L, B.data());
-      const float* srow = ps + o * S;
-      int64_t c = 0;
-      for (int64_t j = 0; j < L && c < S; ++j) {
-        if (B[j] == 0.0f) row[j] = srow[c++];
-      }
-      if (!view.contiguous) view.scatter(row, o, pw);
-    }
-  });
-}
+void split_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) { move_pruned(w, planes, stash, true); }
+
+void join_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) { move_pruned(w, planes, stash, false); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("mask_", &mask_, "MaxQ mask of one layer in two passes (see the file header)");
