@@ -5,13 +5,17 @@ The file was recorded with the float-mask implementation (a weight-sized fp32 ma
 ``test_frozen_runs.py`` proves the lean storage changed no bit of the math: same masks at every step, same losses,
 same folded weights, for every method and variant, on the fused CPU kernels and on the device-agnostic path.
 
-Record (only ever against the old implementation): ``python -m tests.core.frozen_runs --record``.
+The bits are a platform's (``environment``): the file holds one recording per platform it was made on. Record one for
+a new platform, only ever with the old implementation:
+``PYTHONPATH=<checkout of b711a14>/src python -m tests.core.frozen_runs --record``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import importlib.util
 import json
 import platform
 from collections.abc import Callable
@@ -28,16 +32,46 @@ STEPS = 6
 
 
 def environment() -> dict[str, Any]:
-    """What the recorded bits depend on besides maxq: the frozen values are compared only where these match."""
+    """What the recorded bits depend on besides maxq: the frozen values are compared only where these match.
+
+    Two x86-64 CPUs of one capability level (``AVX512``) can still give other float bits (oneDNN and MKL pick
+    kernels by the exact instruction set and caches), so ``probe`` fingerprints the platform by its results: the
+    digest of the same short runs on the dense models, no maxq involved."""
     return {
         "torch": torch.__version__.split("+")[0],
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "probe": probe(),
     }
+
+
+@functools.cache
+def probe() -> str:
+    """Digest of dense training (no maxq) of every model and optimizer the runs use, on one thread."""
+    dense = [{"model": k, "method": "dense", "fused": False} for k in ("cnn", "cnn_cl", "mlp")]
+    dense += [{"model": "mlp", "method": "dense", "fused": False, "optimizer": "adamw"}]
+    dense += [{"model": "mlp", "method": "dense", "fused": False, "dtype": "bfloat16"}]
+    if importlib.util.find_spec("transformers") is not None:
+        dense.append({"model": "lm", "method": "dense", "fused": False})
+    return hashlib.sha256(json.dumps([run(spec) for spec in dense]).encode()).hexdigest()[:24]
 
 
 def _load() -> dict[str, Any]:
     return json.loads(PATH.read_text())
+
+
+def recording() -> dict[str, Any] | None:
+    """The recording made on a platform like this one (``environment``), or None.
+
+    The first recording (maxq 0.2.0's machine) predates the probe: it is used where no recording's probe matches and
+    the rest of the environment does (the platform it was made on is not known more closely than that)."""
+    here = environment()
+    recordings = _load()["recordings"]
+    for rec in recordings:
+        if rec["environment"] == here:
+            return rec
+    coarse = {k: v for k, v in here.items() if k != "probe"}
+    return next((rec for rec in recordings if rec["environment"] == coarse), None)
 
 
 def _digest(tensors: list[torch.Tensor]) -> str:
@@ -143,19 +177,20 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "cnn_cl":
         x = x.to(memory_format=torch.channels_last)
     options = dict(spec.get("options", {}))
-    config = maxq.make_config(spec["method"], **options)
-    sp = maxq.sparsify_(model, config)
-    sp.fused = spec["fused"]
-    sp.update_masks()  # the masks of the path under test (sparsify_ computed them with the default one)
+    config = maxq.make_config(spec["method"], **options) if spec["method"] != "dense" else None
+    sp = maxq.sparsify_(model, config) if config is not None else None
+    if sp is not None:
+        sp.fused = spec["fused"]
+        sp.update_masks()  # the masks of the path under test (sparsify_ computed them with the default one)
     if spec.get("optimizer") == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    hooked = spec.get("hooked", False)
-    if hooked:
+    hooked = spec.get("hooked", False) or sp is None  # dense: no maxq call in the loop
+    if hooked and sp is not None:
         sp.hook_optimizer(opt, steps_per_epoch=STEPS // 2)
     model.train()
-    losses, masks = [], [_masks_digest(sp)]
+    losses, masks = [], [_masks_digest(sp) if sp is not None else ""]
     for step in range(STEPS):
         if not hooked:
             sp.set_progress(step / (STEPS // 2))
@@ -168,12 +203,13 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         if not hooked:
             sp.step()
         losses.append(float(loss.detach()).hex())
-        masks.append(_masks_digest(sp))
+        masks.append(_masks_digest(sp) if sp is not None else "")
     model.eval()
     with torch.no_grad():
         evaluated = _digest([model(x)])
-    sp.set_progress(STEPS)
-    maxq.fold_(model, force=True)
+    if sp is not None:
+        sp.set_progress(STEPS)
+        maxq.fold_(model, force=True)
     folded = _digest(list(model.state_dict().values()))
     return {"losses": losses, "masks": masks, "eval": evaluated, "folded": folded}
 
@@ -228,10 +264,16 @@ def _jsonable(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def record(path: Path = PATH, select: Callable[[str], bool] = lambda name: True) -> None:
+    """Add (or replace) this platform's recording in ``path``; the other platforms' recordings stay."""
     results = {name: {"spec": _jsonable(spec), **run(spec)} for name, spec in specs().items() if select(name)}
+    here = environment()
+    recordings = json.loads(path.read_text())["recordings"] if path.exists() else []
+    recordings = [rec for rec in recordings if rec["environment"] != here]
+    recordings.append({"environment": here, "maxq": maxq.__version__, "runs": results})
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), "maxq": maxq.__version__, "runs": results}
-    path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"recordings": recordings}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
@@ -240,4 +282,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.record:
         record()
-        print(f"wrote {PATH}")
+        print(f"added this platform's recording to {PATH}")

@@ -10,28 +10,37 @@ import pytest
 
 from . import frozen_runs
 
-_DATA = json.loads(frozen_runs.PATH.read_text())
-_NEEDS_HF = {name for name, spec in _DATA["runs"].items() if spec["spec"]["model"] == "lm"}
+_RECORDING = frozen_runs.recording()
+_NAMES = sorted(frozen_runs._load()["recordings"][0]["runs"])
 
 
 def _skip_reason() -> str:
-    here = frozen_runs.environment()
-    if here != _DATA["environment"]:
-        return f"recorded on {_DATA['environment']}, this machine is {here}: float results differ by platform"
+    if _RECORDING is None:
+        recorded = [rec["environment"] for rec in frozen_runs._load()["recordings"]]
+        here = frozen_runs.environment()
+        return f"recorded on {recorded}, this machine is {here}: float results differ by platform"
     return ""
 
 
+def test_every_recording_holds_every_run_and_the_probe_tells_platforms_apart():
+    recordings = frozen_runs._load()["recordings"]
+    assert all(sorted(rec["runs"]) == _NAMES for rec in recordings)
+    probes = [rec["environment"].get("probe") for rec in recordings]
+    assert len(set(probes)) == len(probes)  # one recording per platform
+    assert frozen_runs.probe() == frozen_runs.probe()  # deterministic here (else it would match nothing)
+
+
 @pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "-")
-@pytest.mark.parametrize("name", sorted(_DATA["runs"]))
+@pytest.mark.parametrize("name", _NAMES)
 def test_run_is_bit_identical_to_the_float_mask_implementation(name):
-    if name in _NEEDS_HF:
+    if frozen_runs.specs()[name]["model"] == "lm":
         pytest.importorskip("transformers")
     if "fused" in name or name.startswith(("mlp_adamw", "mlp_bf16", "srste_hooked", "maxq_hooked")):
         from maxq._engine.kernels import cpu_kernels
 
         if frozen_runs.specs()[name]["fused"] and cpu_kernels() is None:
             pytest.skip("fused CPU kernels unavailable")
-    recorded = _DATA["runs"][name]
+    recorded = _RECORDING["runs"][name]
     spec = frozen_runs.specs()[name]
     assert json.loads(json.dumps(spec)) == recorded["spec"]
     got = frozen_runs.run(spec)
