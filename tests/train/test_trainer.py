@@ -143,9 +143,12 @@ def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 300
 
 # `maxq train` that waits before writing its second checkpoint (up to 5 minutes): a test that stops it once the first
 # exists stops it mid-run, with exactly one epoch done, however late it gets to (a loaded machine once let a whole
-# run finish before the signal was sent).
+# run finish before the signal was sent). Ctrl-C raises KeyboardInterrupt in it as in a terminal, whatever this test
+# process did to SIGINT: a child inherits an ignored SIGINT, and Lightning (run in this process by other tests) sets
+# it to ignored while it tears down (a run that ignored the signal once slept out its hold and failed this test).
 _HOLD = """
-import runpy, sys, time
+import runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import maxq.train.loop as loop
 save, saved = loop.atomic_save, []
 def held(obj, path):
@@ -219,7 +222,10 @@ def test_interrupted_run_says_how_to_resume_and_resumes(sig, tmp_path):
     proc = _cli(*args, hold=True)  # held before its second checkpoint: the signal lands mid-run
     _wait_for_checkpoint(proc, out)
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # not left sleeping out its hold if the signal did not stop it
     assert proc.returncode == 130, output
     done = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
     assert done == 1
