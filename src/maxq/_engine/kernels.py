@@ -216,73 +216,42 @@ def _load_or_build() -> ModuleType:
     return module
 
 
+# The schemas the kernels are registered under; ``(a!)``: an argument the op writes.
+_SCHEMAS = {
+    "mask_": "mask_(Tensor w, Tensor(a!)? mask, Tensor(b!) state, SymInt n, SymInt m, bool soft, float tau, "
+    "SymInt dense_count, SymInt order, Tensor? priority, Tensor(c!)? planes, Tensor(d!)? thr) -> Tensor",
+    "apply_": "apply_(Tensor w, Tensor planes, Tensor? thr, bool soft, float tau, SymInt weighted, Tensor(a!) out, "
+    "SymInt n, SymInt m) -> ()",
+    "decay_": "decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()",
+    "decay_bits_": "decay_bits_(Tensor(a!) grad, Tensor w, Tensor planes, float lam) -> ()",
+    "mask_grad_": "mask_grad_(Tensor(a!) grad, Tensor planes) -> ()",
+}
+_LIBRARY: list[torch.library.Library] = []  # the ops live as long as their Library object
+
+
 def _register_ops(ext: ModuleType) -> None:
-    """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels)."""
+    """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels).
+
+    Defined with ``torch.library.Library`` rather than the ``torch.library.custom_op`` decorator: that one wraps each
+    implementation so its first call imports ``torch._dynamo`` (about 1 s of every process that trains, compiled or
+    not). The dispatcher still bumps the version of every ``(a!)`` argument, and ``torch.compile`` sees each op, with
+    its fake kernel, as one node."""
     if hasattr(torch.ops.maxq, "mask_grad_"):
         return  # already registered in this process
+    lib = torch.library.Library("maxq", "FRAGMENT")
+    for name, schema in _SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, getattr(ext, name), "CPU")
 
-    @torch.library.custom_op("maxq::mask_", mutates_args=("mask", "state", "planes", "thr"), device_types="cpu")
-    def mask_(
-        w: Tensor,
-        mask: Tensor | None,
-        state: Tensor,
-        n: int,
-        m: int,
-        soft: bool,
-        tau: float,
-        dense_count: int,
-        order: int,
-        priority: Tensor | None,
-        planes: Tensor | None,
-        thr: Tensor | None,
-    ) -> Tensor:
-        return ext.mask_(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr)
-
-    @mask_.register_fake
-    def _(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr):
+    def mask_fake(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr):
         return w.new_empty(3, dtype=torch.int64)
 
-    @torch.library.custom_op("maxq::apply_", mutates_args=("out",), device_types="cpu")
-    def apply(
-        w: Tensor,
-        planes: Tensor,
-        thr: Tensor | None,
-        soft: bool,
-        tau: float,
-        weighted: int,
-        out: Tensor,
-        n: int,
-        m: int,
-    ) -> None:
-        ext.apply_(w, planes, thr, soft, tau, weighted, out, n, m)
-
-    @apply.register_fake
-    def _(w, planes, thr, soft, tau, weighted, out, n, m):
+    def no_output(*args):
         return None
 
-    @torch.library.custom_op("maxq::decay_", mutates_args=("grad",), device_types="cpu")
-    def decay(grad: Tensor, w: Tensor, mask: Tensor, lam: float) -> None:
-        ext.decay_(grad, w, mask, lam)
-
-    @decay.register_fake
-    def _(grad, w, mask, lam):
-        return None
-
-    @torch.library.custom_op("maxq::decay_bits_", mutates_args=("grad",), device_types="cpu")
-    def decay_bits(grad: Tensor, w: Tensor, planes: Tensor, lam: float) -> None:
-        ext.decay_bits_(grad, w, planes, lam)
-
-    @decay_bits.register_fake
-    def _(grad, w, planes, lam):
-        return None
-
-    @torch.library.custom_op("maxq::mask_grad_", mutates_args=("grad",), device_types="cpu")
-    def mask_grad(grad: Tensor, planes: Tensor) -> None:
-        ext.mask_grad_(grad, planes)
-
-    @mask_grad.register_fake
-    def _(grad, planes):
-        return None
+    for name in _SCHEMAS:
+        torch.library.register_fake(f"maxq::{name}", mask_fake if name == "mask_" else no_output, lib=lib)
+    _LIBRARY.append(lib)
 
 
 def _fusable(t: Tensor) -> bool:
