@@ -141,6 +141,20 @@ def test_ops_trace_under_compile():
     _check(mask, w, 2, 4)
 
 
+def test_ops_bump_the_version_of_what_they_write_and_only_that():
+    """Autograd's saved-tensor checks (a mask changed between forward and backward) rely on these bumps."""
+    w, grad, mask = torch.randn(8, 16), torch.randn(8, 16), torch.ones(8, 16)
+    planes = torch.zeros(1, 8, 2, dtype=torch.uint8)
+    before = (grad._version, w._version, mask._version, planes._version)
+    torch.ops.maxq.decay_(grad, w, mask, 0.1)
+    torch.ops.maxq.mask_grad_(grad, planes)
+    assert (grad._version, w._version, mask._version, planes._version) == (before[0] + 2, *before[1:])
+    out = torch.empty(8, 16)
+    versions = (w._version, out._version)
+    torch.ops.maxq.apply_(w, torch.full((1, 8, 2), 255, dtype=torch.uint8), None, False, 0.01, 0, out, 2, 4)
+    assert (w._version, out._version) == (versions[0], versions[1] + 1)
+
+
 def test_rejects_wrong_inputs():
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.maxq.decay_(torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), 0.1)

@@ -24,12 +24,14 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = ["cpu_kernels", "decay_", "kernels_enabled"]
 
@@ -229,19 +231,37 @@ _SCHEMAS = {
 _LIBRARY: list[torch.library.Library] = []  # the ops live as long as their Library object
 
 
+def _bumping(kernel: Callable[..., Any], writes: tuple[int, ...]) -> Callable[..., Any]:
+    """``kernel``, then a version bump of each argument it writes (at ``writes``), as PyTorch's own in-place ops
+    do: autograd then sees a weight, mask or state changed after a forward saved it."""
+
+    def impl(*args: Any) -> Any:
+        result = kernel(*args)
+        for i in writes:
+            t = args[i]
+            if t is not None and not t.is_inference():
+                increment_version(t)
+        return result
+
+    return impl
+
+
 def _register_ops(ext: ModuleType) -> None:
     """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels).
 
     Defined with ``torch.library.Library`` rather than the ``torch.library.custom_op`` decorator: that one wraps each
-    implementation so its first call imports ``torch._dynamo`` (about 1 s of every process that trains, compiled or
-    not). The dispatcher still bumps the version of every ``(a!)`` argument, and ``torch.compile`` sees each op, with
-    its fake kernel, as one node."""
+    implementation so its first call imports ``torch._dynamo`` (about 1 s in a process that folds, evaluates or
+    exports: ``torch.optim`` imports it anyway), and each call costs about 3 times as much. The CPU kernel bumps the
+    version of every ``(a!)`` argument (`_bumping`), and ``torch.compile`` sees each op, with its fake kernel, as one
+    node."""
     if hasattr(torch.ops.maxq, "mask_grad_"):
         return  # already registered in this process
     lib = torch.library.Library("maxq", "FRAGMENT")
     for name, schema in _SCHEMAS.items():
         lib.define(schema)
-        lib.impl(name, getattr(ext, name), "CPU")
+        arguments = getattr(torch.ops.maxq, name).default._schema.arguments
+        writes = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
+        lib.impl(name, _bumping(getattr(ext, name), writes), "CPU")
 
     def mask_fake(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr):
         return w.new_empty(3, dtype=torch.int64)
