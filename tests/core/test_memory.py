@@ -18,6 +18,12 @@ from maxq.core.parametrization import NMMask
 
 from ..conftest import PATTERNS
 
+# Where PyTorch cannot tell whether other saved-tensor hooks are active (2.4), maxq's stand aside and the op keeps
+# W * mask as it would without maxq: the tests of dropping that copy do not apply.
+needs_hooks = pytest.mark.skipif(
+    saving._TOP_HOOKS is None, reason="this PyTorch cannot tell whether other saved-tensor hooks are active"
+)
+
 GOALS = {"oneshot": 0.10, "srste": 0.15, "maxq": 0.35}
 
 
@@ -141,6 +147,7 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor, sparse: bool) -> tuple[int, 
     return sum(seen.values()), tokens
 
 
+@needs_hooks
 @pytest.mark.parametrize("method", list(GOALS))
 def test_backward_keeps_no_masked_copy(method):
     torch.manual_seed(0)
@@ -179,6 +186,7 @@ def test_one_shot_gradient_shared_with_another_input_is_not_masked_in_place():
     torch.testing.assert_close(layer.parametrizations.weight.original.grad, expected * kept)
 
 
+@needs_hooks
 @pytest.mark.parametrize("method", ["srste", "maxq"])
 def test_changing_the_weight_between_forward_and_backward_is_refused(method):
     model = _Net()
@@ -413,6 +421,7 @@ def _train_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+@needs_hooks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 16)])
 def test_backward_masks_the_weight_in_place_with_the_rebuilds_gradients(monkeypatch, dtype, n, m):
@@ -460,6 +469,7 @@ def test_input_gradient_alone_puts_the_weight_back():
         assert torch.equal(p.detach(), weights[k]), k
 
 
+@needs_hooks
 def test_a_failed_backward_node_leaves_a_weight_the_next_call_puts_back(monkeypatch):
     torch.manual_seed(0)
     model = _Net()

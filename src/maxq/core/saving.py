@@ -22,7 +22,9 @@ aside when:
   recompute and it usually does);
 * gradients are off (nothing is saved);
 * someone else's saved-tensor hooks are active (activation checkpointing, offloading): only the innermost hooks
-  run, so pushing ours would hide every other saved tensor from theirs. Their recomputation covers ``W_eff`` too.
+  run, so pushing ours would hide every other saved tensor from theirs. Their recomputation covers ``W_eff`` too;
+* PyTorch cannot say whether someone else's are active (no ``torch._C._autograd._top_saved_tensors_default_hooks``:
+  2.4 has none): the op then keeps ``W_eff`` as it would without maxq.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ __all__ = ["install", "mark"]
 
 _ATTR = "_maxq_recompute"
 _local = threading.local()
+# What returns the innermost saved-tensor hooks; None where this PyTorch has no such query (ours then stand aside)
+_TOP_HOOKS: Callable[..., Any] | None = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _no_other_hooks() -> bool:
+    """Whether no saved-tensor hooks are active; False where PyTorch cannot say."""
+    if _TOP_HOOKS is None:
+        return False
+    try:
+        return _TOP_HOOKS(False) is None  # (ignore_is_tracing)
+    except TypeError:  # versions whose query takes no argument
+        return _TOP_HOOKS() is None
 
 
 #: ``in_place()`` of `mark`: the weight's storage holding ``W_eff`` (or None: rebuild instead) and the call that
@@ -134,7 +148,7 @@ def _enter(module: nn.Module, args: Any) -> None:
         not any(stack)
         and torch.is_grad_enabled()
         and torch._C._autograd._saved_tensors_hooks_is_enabled()
-        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        and _no_other_hooks()
     )
     if pushed:
         torch._C._autograd._push_saved_tensors_default_hooks(_pack, _unpack)
