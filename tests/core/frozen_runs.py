@@ -154,8 +154,9 @@ def _data(kind: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, 
     return torch.randn(8, 32, generator=g).to(dtype), torch.randint(0, 10, (8,), generator=g)
 
 
-def _masks_digest(sp: maxq.Sparsifier) -> str:
-    return _digest([mask for _, mask in sp.named_masks()])
+def _masks_digest(sp: maxq.Sparsifier | None) -> str:
+    """The digest of the masks (empty for a dense run: no sparsifier)."""
+    return _digest([mask for _, mask in sp.named_masks()]) if sp is not None else ""
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -177,8 +178,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "cnn_cl":
         x = x.to(memory_format=torch.channels_last)
     options = dict(spec.get("options", {}))
-    config = maxq.make_config(spec["method"], **options) if spec["method"] != "dense" else None
-    sp = maxq.sparsify_(model, config) if config is not None else None
+    sp = None if spec["method"] == "dense" else maxq.sparsify_(model, maxq.make_config(spec["method"], **options))
     if sp is not None:
         sp.fused = spec["fused"]
         sp.update_masks()  # the masks of the path under test (sparsify_ computed them with the default one)
@@ -190,7 +190,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     if hooked and sp is not None:
         sp.hook_optimizer(opt, steps_per_epoch=STEPS // 2)
     model.train()
-    losses, masks = [], [_masks_digest(sp) if sp is not None else ""]
+    losses, masks = [], [_masks_digest(sp)]
     for step in range(STEPS):
         if not hooked:
             sp.set_progress(step / (STEPS // 2))
@@ -203,7 +203,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         if not hooked:
             sp.step()
         losses.append(float(loss.detach()).hex())
-        masks.append(_masks_digest(sp) if sp is not None else "")
+        masks.append(_masks_digest(sp))
     model.eval()
     with torch.no_grad():
         evaluated = _digest([model(x)])
