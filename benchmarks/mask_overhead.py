@@ -12,12 +12,14 @@ computation, applying the mask (the extra forward + backward time) and the decay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,6 +43,19 @@ def _naive(sparsifier: maxq.Sparsifier) -> None:
     sparsifier.update_masks = update_masks
 
 
+@contextlib.contextmanager
+def _without_codes() -> Iterator[None]:
+    """Sparsify with every mask held as bit planes (the choice is made once, when a layer is sparsified)."""
+    from maxq.core import parametrization
+
+    uses_code = parametrization.uses_code
+    parametrization.uses_code = lambda *args: False
+    try:
+        yield
+    finally:
+        parametrization.uses_code = uses_code
+
+
 def build_variants(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module, maxq.Sparsifier | None]]:
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10)
@@ -51,6 +66,7 @@ def build_variants(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module,
         "maxq": (ramp, 2.0),
         "maxq_ramp": (ramp, 1.0),
         "srste": (maxq.SRSTEConfig(n=n, m=m), 0.0),
+        "srste_planes": (maxq.SRSTEConfig(n=n, m=m), 0.0),
         "maxq_keep": (maxq.MaxQConfig(n=n, m=m, ramp=(0, 2), keep_soft_mask=True), 2.0),
         "maxq_eager": (ramp, 2.0),
         "maxq_naive": (ramp, 2.0),
@@ -66,7 +82,11 @@ def build_variants(args: argparse.Namespace) -> dict[str, tuple[torch.nn.Module,
         model = copy.deepcopy(base)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        sparsifier = maxq.sparsify_(model, cfg)
+        if name == "srste_planes":  # the masks held as bit planes even where a kept-index code is smaller
+            with _without_codes():
+                sparsifier = maxq.sparsify_(model, cfg)
+        else:
+            sparsifier = maxq.sparsify_(model, cfg)
         sparsifier.set_progress(progress)
         if name == "maxq_naive":
             _naive(sparsifier)
@@ -178,7 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": {
             "maxq": "MaxQ after the ramp (p=0), masks recomputed every step, fused CPU kernels",
             "maxq_ramp": "MaxQ mid-ramp (p=0.5): adds choosing the dense blocks",
-            "srste": "hard N:M mask every step + SR-STE decay",
+            "srste": "hard N:M mask every step + SR-STE decay (a kept-index code where smaller than the bit plane)",
+            "srste_planes": "srste with its masks held as bit planes (the same masks; differs from srste only where "
+            "the pattern has a code: 1:4, 1:8, 2:8, 1:16, ...)",
             "maxq_keep": "MaxQ holding its float soft mask between updates (keep_soft_mask=True; same masks)",
             "maxq_eager": "MaxQ through the device-agnostic path (what CUDA runs; same masks)",
             "maxq_naive": "MaxQ with the full-sort reference mask (maxq.core.reference)",

@@ -8,7 +8,8 @@
 * ``conv1d``: a GPT-2 model (HF ``Conv1D``) sharded on its outputs (``Shard(1)``) against DDP; and the refusal of
   FSDP2's default ``Shard(0)`` (its inputs).
 * ``save`` / ``resume``: DCP checkpoint after two steps, then two more steps (``save``); fresh processes load it
-  and take the same two steps (``resume``). ``load1`` (one process, no FSDP) loads it at world size 1.
+  and take the same two steps (``resume``). ``load1`` (one process, no FSDP) loads it at world size 1. Each for
+  every method of ``CHECKPOINTED``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ METHODS = {
     "srste": ("srste", {}),
     "oneshot": ("oneshot", {}),
     "maxq_noq": ("maxq", {"ramp": (0.0, 1.0), "per_step": True, "queries": False, "order": "random"}),
+    "srste_1_8": ("srste", {"n": 1, "m": 8}),  # held as kept-index codes (maxq.core.codes)
 }
+#: the methods the DCP checkpoint is saved, resumed and loaded with: bit planes, and codes
+CHECKPOINTED = ("maxq", "srste_1_8")
 STEPS = 4
 
 
@@ -115,6 +119,7 @@ def compare(rank: int, world: int) -> dict:
                     }
                 )
             report = sp.report()
+            coded = sorted(name for name, layer in sp._layers.items() if layer.param.coded)
             bytes_ = sp.mask_bytes()
             ref_bytes = ref_sp.mask_bytes()
             maxq.fold_(model, force=True)
@@ -126,6 +131,7 @@ def compare(rank: int, world: int) -> dict:
                 "mask_bytes": bytes_,
                 "single_mask_bytes": ref_bytes,
                 "report_layers": [r.name for r in report.sparsified],
+                "coded": coded,
                 "folded": {k: v.clone() for k, v in folded.items()},
             }
     return out
@@ -234,15 +240,19 @@ def _restore(model, sp, opt, ckpt: Path) -> None:
 
 
 def save_or_resume(mode: str, rank: int, world: int, out_dir: Path) -> dict:
+    return {name: _save_or_resume(name, mode, rank, world, out_dir) for name in CHECKPOINTED}
+
+
+def _save_or_resume(name: str, mode: str, rank: int, world: int, out_dir: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
-    method, options = METHODS["maxq"]
+    method, options = METHODS[name]
     model = net()
     sp = maxq.sparsify_(model, maxq.make_config(method, **options))
     if world > 1:
         shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ckpt = out_dir / "dcp"
+    ckpt = out_dir / f"dcp-{name}"
     data = list(batches(world, rank))
     losses, masks = [], []
     start = 0

@@ -62,6 +62,7 @@ def test_sharded_training_equals_ddp(runs, method, order):
             assert step["param_diff"] <= 1e-6, (rank, step)
             assert step["loss"][0] == pytest.approx(step["loss"][1], abs=1e-6)
         assert result["report_layers"] == ["2", "5", "9"]
+        assert result["coded"] == (["2", "5", "9"] if method == "srste_1_8" else [])  # 1:8: kept-index codes
 
 
 @pytest.mark.parametrize("method", list(fsdp_worker.METHODS))
@@ -78,7 +79,8 @@ def test_each_rank_holds_its_rows_of_the_mask_state(runs, method):
 def test_folded_full_state_dict_is_exactly_nm_and_loads_into_the_plain_model(runs, method):
     folded = runs("compare")[f"{method}-before"]["folded"]
     assert not any(".parametrizations." in k for k in folded)
-    check = maxq.check_nm(folded, 2, 4, layers=["2", "5", "9"])
+    options = fsdp_worker.METHODS[method][1]
+    check = maxq.check_nm(folded, options.get("n", 2), options.get("m", 4), layers=["2", "5", "9"])
     assert check.ok, str(check)
     plain = fsdp_worker.net()
     plain.load_state_dict(folded, strict=True)
@@ -92,17 +94,19 @@ def test_conv1d_is_sharded_on_its_outputs_and_equals_ddp(runs):
         assert step["masks_equal"] and step["param_diff"] == 0.0, step
 
 
-def test_dcp_checkpoint_resumes_exactly_in_fresh_processes(runs):
+@pytest.mark.parametrize("method", fsdp_worker.CHECKPOINTED)
+def test_dcp_checkpoint_resumes_exactly_in_fresh_processes(runs, method):
     for rank in (0, 1):
-        saved, resumed = runs("save", rank), runs("resume", rank)
+        saved, resumed = runs("save", rank)[method], runs("resume", rank)[method]
         assert resumed["losses"] == saved["losses"][2:]
         for a, b in zip(saved["masks"][2:], resumed["masks"]):
             assert all(torch.equal(a[k], b[k]) for k in a)
         assert all(torch.equal(saved["params"][k], resumed["params"][k]) for k in saved["params"])
 
 
-def test_dcp_checkpoint_loads_at_world_size_one(runs):
-    saved, loaded = runs("save"), runs("load1")
+@pytest.mark.parametrize("method", fsdp_worker.CHECKPOINTED)
+def test_dcp_checkpoint_loads_at_world_size_one(runs, method):
+    saved, loaded = runs("save")[method], runs("load1")[method]
     assert all(torch.equal(saved["saved_masks"][k], loaded["masks"][k]) for k in loaded["masks"])
     assert all(torch.equal(saved["saved_params"][k], loaded["params"][k]) for k in saved["saved_params"])
     assert loaded["step"] == 2 and loaded["progress"] == pytest.approx(0.25)

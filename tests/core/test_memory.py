@@ -95,9 +95,15 @@ def test_mask_state_sizes_follow_the_layout():
     assert conv.thresholds.numel() == 2 * 64 + 2 * 9
     fc = model.fc1.parametrizations.weight[0]
     assert tuple(fc.planes.shape) == (2, 256, 128 // 8)  # no kernel query for a Linear
-    hard = maxq.sparsify_(_Net(), maxq.SRSTEConfig(n=1, m=16))
+    hard = maxq.sparsify_(_Net(), maxq.SRSTEConfig(n=2, m=4))
     param = hard.model.fc2.parametrizations.weight[0]
     assert tuple(param.planes.shape) == (1, 256, 256 // 8) and param.thresholds.numel() == 0
+    assert not param.coded  # 2:4: two 2-bit positions are as many bits as the plane
+    # 1:16: one 4-bit position a block of 16 (a kept-index code), a quarter of the plane; the conv's 9 positions too
+    coded = maxq.sparsify_(_Net(), maxq.SRSTEConfig(n=1, m=16)).model
+    assert tuple(coded.fc2.parametrizations.weight[0].planes.shape) == (1, 256, 256 // 16 * 4 // 8)
+    assert tuple(coded.conv.parametrizations.weight[0].planes.shape) == (1, 64, 64 // 16 * 9 * 4 // 8)
+    assert coded.conv.parametrizations.weight[0].bit_planes().shape == (1, 64, 64 * 9 // 8)
 
 
 def test_random_block_order_priorities_are_small_integers():

@@ -227,6 +227,10 @@ _SCHEMAS = {
     "decay_": "decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()",
     "decay_bits_": "decay_bits_(Tensor(a!) grad, Tensor w, Tensor planes, float lam) -> ()",
     "mask_grad_": "mask_grad_(Tensor(a!) grad, Tensor planes) -> ()",
+    "decode_kept_": "decode_kept_(Tensor code, Tensor(a!) planes, SymInt n, SymInt m, SymInt length, "
+    "SymInt kernel) -> ()",
+    "encode_kept_": "encode_kept_(Tensor planes, Tensor(a!) code, SymInt n, SymInt m, SymInt length, "
+    "SymInt kernel) -> ()",
 }
 _LIBRARY: list[torch.library.Library] = []  # the ops live as long as their Library object
 

@@ -97,6 +97,13 @@ class NMConfig:
         """Share of blocks kept dense at training progress ``progress`` (epochs): 0 without a schedule."""
         return 0.0
 
+    @property
+    def exact_n(self) -> bool:
+        """Every block keeps exactly ``n`` weights at every step (no block is ever kept dense), so a hard mask can be
+        held as the positions of its kept weights, in fewer bits than one per weight where ``n * ceil(log2 m) < m``
+        (1:4, 1:8, 2:8, 1:16; the memory section of the library guide)."""
+        return True
+
     def soft_strength(self, dense_fraction: float) -> float:
         """``a`` in ``Mask = a * soft + (1 - a) * B``: how much of the soft factor acts at dense fraction ``p``
         (1: all of it, the paper)."""
@@ -215,6 +222,10 @@ class MaxQConfig(SRSTEConfig):
     @property
     def soft(self) -> bool:
         return self.queries
+
+    @property
+    def exact_n(self) -> bool:
+        return False  # the ramp keeps blocks dense
 
     def soft_strength(self, dense_fraction: float) -> float:
         return 1.0 - dense_fraction if self.soft_warmup == "ramp" else 1.0

@@ -9,7 +9,10 @@ an explicit ``Sparsifier.step()``), so ``torch.compile`` traces it without graph
 
 **Masks cost bits, not copies.** The parametrization holds the mask's *state*, not the mask: bit planes (one bit
 per weight: kept or not; MaxQ's soft mask adds one bit per axis query) and the queries' thresholds (one float per
-filter and per kernel position) -- [`maxq.core.masks.compute_state_`][maxq.core.masks.compute_state_]. The forward
+filter and per kernel position) -- [`maxq.core.masks.compute_state_`][maxq.core.masks.compute_state_]. A hard mask
+that keeps exactly ``n`` of every block (SR-STE, one-shot) holds less still where it can: the positions of its kept
+weights, ``ceil(log2 m)`` bits each (a quarter of a bit per weight at 1:16; [`maxq.core.codes`][maxq.core.codes]),
+decoded one layer at a time when read. The forward
 rebuilds ``W * mask`` from the weight and that state ([`maxq.core.masks.masked_weight`][maxq.core.masks.masked_weight],
 bit for bit the product with the float mask), and the copy the layer's op saves for backward is dropped and
 rebuilt when backward needs it ([`maxq.core.saving`][maxq.core.saving]). A one-shot (frozen) mask needs even less:
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from .._engine.fused import fused_available
 from .bits import unpack_rows
+from .codes import code_width, decode_kept, encode_kept_, uses_code
 from .masks import (
     MaskSpec,
     join_pruned_,
@@ -103,18 +107,21 @@ def mask_grad(grad: Tensor, planes: Tensor, input_axis: int) -> Tensor:
 
 class _Frozen(torch.autograd.Function):
     """A frozen mask whose pruned weights are exactly zero: the weight itself forward (``W * mask == W``, no copy),
-    the masked gradient backward."""
+    the masked gradient backward. ``coding``: ``(n, m)`` where ``state`` is a kept-index code, else ``None``."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, planes: Tensor, input_axis: int) -> Tensor:
-        ctx.save_for_backward(planes)
-        ctx.input_axis = input_axis
+    def forward(ctx, weight: Tensor, state: Tensor, input_axis: int, coding: tuple[int, int] | None) -> Tensor:
+        ctx.save_for_backward(state)
+        ctx.input_axis, ctx.coding = input_axis, coding
         return weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (planes,) = ctx.saved_tensors
-        return mask_grad(grad, planes, ctx.input_axis), None, None
+        if ctx.coding is not None:  # decoded here, not in forward: held as the code until backward
+            oi = oi_view(grad, ctx.input_axis)
+            planes = decode_kept(planes, *ctx.coding, oi[0].numel(), oi[0, 0].numel())
+        return mask_grad(grad, planes, ctx.input_axis), None, None, None
 
 
 class NMMask(nn.Module):
@@ -129,11 +136,15 @@ class NMMask(nn.Module):
         soft: the mask carries MaxQ's axis queries (``1 + Q_f + Q_k`` on kept weights).
         tau: the queries' temperature.
         frozen: the mask never changes and the pruned weights are held at zero (one-shot).
+        exact: every block keeps exactly ``n`` weights, always (no dense blocks: SR-STE, one-shot); a hard mask
+            then holds a kept-index code where it is smaller than the bit plane ([`maxq.core.codes`][maxq.core.codes]).
 
     Buffers (not persistent: the model's ``state_dict`` holds weights only; the state travels in
-    ``Sparsifier.state_dict()``): ``planes`` (uint8 ``[P, O, ceil(I * kh * kw / 8)]``), ``thresholds`` (float32
-    ``[2*O + 2*K]``, soft masks), ``scale`` (float32 ``[strength, divisor]`` of the soft factor's warm-up), and
-    ``mask`` (a weight-sized mask, only in the two cases the module docstring names; else empty).
+    ``Sparsifier.state_dict()``): ``planes`` (uint8 ``[P, O, ceil(I * kh * kw / 8)]``, or where
+    [`coded`][maxq.core.parametrization.NMMask.coded] the code ``[1, O, code_width]``; read the bit planes through
+    [`bit_planes`][maxq.core.parametrization.NMMask.bit_planes]), ``thresholds`` (float32 ``[2*O + 2*K]``, soft
+    masks), ``scale`` (float32 ``[strength, divisor]`` of the soft factor's warm-up), and ``mask`` (a weight-sized
+    mask, only in the two cases the module docstring names; else empty).
     """
 
     def __init__(
@@ -147,6 +158,7 @@ class NMMask(nn.Module):
         soft: bool = False,
         tau: float = 0.01,
         frozen: bool = False,
+        exact: bool = False,
     ) -> None:
         super().__init__()
         _check_layout(tuple(oi_view(torch.empty(shape, device="meta"), input_axis).shape), m)
@@ -157,6 +169,13 @@ class NMMask(nn.Module):
         self.frozen = frozen
         self.spec = MaskSpec(n, m, soft, tau, input_axis)
         planes, count = state_shapes(tuple(shape), soft, input_axis)
+        self.planes_shape: tuple[int, ...] = planes
+        oi = self.oi_shape
+        self._length, self._kernel = math.prod(oi[1:]), math.prod(oi[2:])
+        #: the kept weights are held as a kept-index code, not a bit plane
+        self.coded = uses_code(n, m, soft, exact)
+        if self.coded:
+            planes = (1, planes[1], code_width(self._length, n, m))
         self.register_buffer("planes", torch.zeros(planes, dtype=torch.uint8), persistent=False)
         # float32 values held as their int32 bits: `model.to(torch.bfloat16)` casts floating buffers, and these must
         # keep their precision (thresholds, warm-up scale); read them through `thresholds_f32` / `scale_f32`.
@@ -175,6 +194,27 @@ class NMMask(nn.Module):
     def scale_f32(self) -> Tensor:
         """``[strength, divisor]`` of the soft factor's warm-up as float32 (a view of the ``scale`` buffer)."""
         return self.scale.view(torch.float32)
+
+    def bit_planes(self, whole: bool = False) -> Tensor:
+        """The mask's bit planes, uint8 ``[P, O, ceil(L / 8)]``: this rank's rows where the state is sharded, unless
+        ``whole`` (then gathered: a collective). Decoded from the kept-index code where one is held (a new tensor,
+        one layer's bits), else the state itself."""
+        state = self._full(self.planes) if whole else self._local(self.planes)
+        return decode_kept(state, self.n, self.m, self._length, self._kernel) if self.coded else state
+
+    def store_bits_(self, planes: Tensor) -> None:
+        """Write bit planes (uint8 ``[P, O, ceil(L / 8)]``, this rank's rows) into the state (encoded where it is a
+        code: every block must keep exactly ``n``)."""
+        state = self._local(self.planes)
+        if self.coded:
+            encode_kept_(state, planes.to(state.device), self.n, self.m, self._length, self._kernel)
+        else:
+            state.copy_(planes)
+
+    def new_bit_planes(self) -> Tensor:
+        """Uninitialised bit planes for this rank's rows (where a state update writes before `store_bits_`)."""
+        local = self._local(self.planes)
+        return local.new_empty((self.planes_shape[0], local.shape[1], self.planes_shape[2]))
 
     @property
     def materialized(self) -> bool:
@@ -201,7 +241,8 @@ class NMMask(nn.Module):
             mark(w_eff, lambda: _StraightThrough.apply(weight, self._full(self.mask)), (weight, self._local(self.mask)))
             return w_eff
         if self.frozen:
-            return _Frozen.apply(weight, self._full(self.planes), self.input_axis)
+            coding = (self.n, self.m) if self.coded else None
+            return _Frozen.apply(weight, self._full(self.planes), self.input_axis, coding)
         w_eff = self._from_state(weight)
         # Rebuilt in backward (with a graph under create_graph=True, so higher-order gradients still flow); a hard
         # mask on a plain weight parameter masks the weight itself in place there instead (no second copy).
@@ -220,8 +261,9 @@ class NMMask(nn.Module):
         held = self._held
         if held is None:
             storage = weight.data  # its own version counter: autograd's check of the weight is not disturbed
-            stash = split_pruned_(oi_view(storage, self.input_axis), self.planes, self.n, self.m)
-            held = self._held = [storage, stash, 0]
+            planes = self.bit_planes()  # kept (decoded once) until the weight is joined again
+            stash = split_pruned_(oi_view(storage, self.input_axis), planes, self.n, self.m)
+            held = self._held = [storage, stash, 0, planes]
         elif held[0].data_ptr() != weight.data_ptr() or held[0].shape != weight.shape:
             return None  # another tensor's split is live (not seen in practice): rebuild instead
         held[2] += 1
@@ -241,10 +283,10 @@ class NMMask(nn.Module):
         calls this before reading the weight."""
         held, self._held = self._held, None
         if held is not None:
-            join_pruned_(oi_view(held[0], self.input_axis), self.planes, held[1])
+            join_pruned_(oi_view(held[0], self.input_axis), held[3], held[1])
 
     def _from_state(self, weight: Tensor) -> Tensor:
-        return _FromState.apply(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)
+        return _FromState.apply(weight, self.bit_planes(whole=True), self.thresholds_f32, self.scale_f32, self.spec)
 
     def effective(self, weight: Tensor) -> Tensor:
         """``W * mask`` as the forward computes it (no gradient; a sharded weight is gathered: a collective)."""
@@ -254,7 +296,7 @@ class NMMask(nn.Module):
                 return weight * self._full(self.mask)
         if self.frozen:  # the pruned weights are zero: W * mask is W (a copy, for callers that keep it)
             return weight.clone()
-        return masked_weight(weight, self._full(self.planes), self.thresholds_f32, self.scale_f32, self.spec)
+        return masked_weight(weight, self.bit_planes(whole=True), self.thresholds_f32, self.scale_f32, self.spec)
 
     def effective_local(self, local: Tensor, offset: int) -> Tensor:
         """``W * mask`` of this rank's rows of a sharded weight (``local``: the rows from ``offset`` on, stored layout;
@@ -274,7 +316,7 @@ class NMMask(nn.Module):
                         thresholds[2 * rows :],
                     ]
                 )
-            return masked_weight(local, self._local(self.planes), thresholds, self.scale_f32, self.spec)
+            return masked_weight(local, self.bit_planes(), thresholds, self.scale_f32, self.spec)
 
     def mask_for(self, weight: Tensor) -> Tensor:
         """The mask the next forward multiplies ``weight`` by: stored shape and layout, the weight's dtype (a new
@@ -283,7 +325,7 @@ class NMMask(nn.Module):
             if self.materialized:
                 return self._full(self.mask).clone()
             weight = self._full(weight.detach())
-            planes = self._full(self.planes)
+            planes = self.bit_planes(whole=True)
             if not self.spec.soft:
                 oi = oi_view(weight, self.input_axis)
                 keep = unpack_rows(planes[0], oi[0].numel()).view(oi.shape)
@@ -299,7 +341,7 @@ class NMMask(nn.Module):
     def kept(self, whole: bool = False) -> Tensor:
         """Bool ``[O, I(, kh, kw)]``: the weights the mask keeps (a new tensor); of this rank's rows where the state
         is sharded, unless ``whole`` (then gathered: a collective)."""
-        planes = self._full(self.planes) if whole else self._local(self.planes)
+        planes = self.bit_planes(whole)
         shape = (planes.shape[1], *self.oi_shape[1:])
         return unpack_rows(planes[0], math.prod(shape[1:])).view(shape)
 
@@ -311,4 +353,5 @@ class NMMask(nn.Module):
     def extra_repr(self) -> str:
         axis = ", input_axis=0" if self.input_axis == 0 else ""
         kind = "frozen" if self.frozen else ("soft" if self.spec.soft else "hard")
-        return f"{self.n}:{self.m}, {kind}, straight_through={self.straight_through}{axis}"
+        code = ", kept-index code" if self.coded else ""
+        return f"{self.n}:{self.m}, {kind}, straight_through={self.straight_through}{axis}{code}"

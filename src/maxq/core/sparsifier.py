@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,6 +15,7 @@ from torch.nn.utils import parametrize
 from .._engine.fused import FusedState, fused_available
 from . import saving
 from .bits import pack_rows
+from .codes import exact_blocks
 from .config import CONFIGS, NMConfig
 from .layers import FilterFn, LayerChoice, input_axis, select_layers
 from .layout import NMLayout
@@ -180,6 +182,7 @@ class Sparsifier:
                 soft=cfg.soft,
                 tau=cfg.tau,
                 frozen=cfg.frozen,
+                exact=cfg.exact_n,
             )
             param.to(device=weight.device)  # the state keeps its own dtypes (bits, float32 thresholds)
             sharded = is_dtensor(weight)
@@ -247,8 +250,10 @@ class Sparsifier:
             weight = layer.oi_weight
             if layer.priority is not None and layer.priority.device != weight.device:
                 layer.priority = layer.priority.to(weight.device)
+            # a coded state: the bit planes written here, then encoded (one layer's bits at a time)
+            planes = param.new_bit_planes() if param.coded else param.planes
             compute_state_(  # on [O, I] views: an [in, out] (Conv1D) state is that of its transposed view
-                param.planes.to_local() if sharding is not None else param.planes,
+                planes.to_local() if is_dtensor(planes) else planes,
                 param.thresholds_f32,
                 weight,
                 cfg.n,
@@ -262,6 +267,8 @@ class Sparsifier:
                 fused=self.fused,
                 sharding=sharding,
             )
+            if param.coded:
+                param.store_bits_(planes)
             # The state is the same whichever path computed it; the soft values are rebuilt with the fused kernels'
             # operations wherever they run (as the float mask was written), else with the device-agnostic ones.
             self._finish_state(param, layer.weight, self.fused and fused_available(weight), strength)
@@ -288,7 +295,7 @@ class Sparsifier:
         if spec.strength:
             scale[0] = strength
         if spec.normalize:  # over the whole layer (gathered where sharded: the same sum as one process)
-            whole, planes = replace(spec, normalize=False), param._full(param.planes)
+            whole, planes = replace(spec, normalize=False), param.bit_planes(whole=True)
             warmed = materialize_mask(param._full(weight), planes, param.thresholds_f32, scale, whole)
             scale[1].copy_(kept_mean(warmed))
         if param.materialized:
@@ -406,7 +413,7 @@ class Sparsifier:
                 grad = grad.to_local() if is_dtensor(grad) else grad  # sharded: this rank's rows, like the state
                 weight = layer.local_weight
                 # Kept weights have Mask >= 1 and pruned ones 0, so 1 - clamp(Mask, 0, 1) = [not kept].
-                planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
+                planes = param.bit_planes()
                 g, w = oi_view(grad, param.input_axis), oi_view(weight.detach(), param.input_axis)
                 if _fusable(grad) and _fusable(weight) and fused_available(weight):
                     torch.ops.maxq.decay_bits_(g, w, planes, lam)
@@ -507,7 +514,7 @@ class Sparsifier:
         for name, layer in self._layers.items():
             param = layer.param
             entry: dict[str, Any] = {
-                "planes": param.planes.detach().clone(),
+                "planes": self._saved_planes(layer),
                 "thresholds": param.thresholds_f32.detach().clone(),
                 "scale": param.scale_f32.detach().clone(),
                 "fused": param.spec.fused,
@@ -565,7 +572,7 @@ class Sparsifier:
                 found, expected = tuple(entry["mask"].shape), param.shape
                 what = "mask"
             else:
-                found, expected = tuple(entry["planes"].shape), tuple(param.planes.shape)
+                found, expected = tuple(entry["planes"].shape), param.planes_shape
                 what = "mask state (bit planes)"
                 if found == expected and entry["thresholds"].numel() != param.thresholds.numel():
                     found, expected = (entry["thresholds"].numel(),), (param.thresholds.numel(),)
@@ -577,10 +584,13 @@ class Sparsifier:
             layer = self._layers[name]
             sharding = self._shard(name, layer)
             if legacy:
-                self._load_legacy_mask(layer, entry["mask"], sharding)
+                self._load_legacy_mask(name, layer, entry["mask"], sharding)
                 continue
             param = layer.param
-            _assign(param.planes, entry["planes"], 1, sharding)
+            if param.coded:
+                self._store_loaded_bits(name, layer, _local_rows(entry["planes"], 1, sharding))
+            else:
+                _assign(param.planes, entry["planes"], 1, sharding)
             param.thresholds_f32.copy_(_whole(entry["thresholds"]))
             fused = bool(entry["fused"]) and self.fused and fused_available(layer.oi_weight)
             self._finish_state(param, layer.weight, fused, strength)
@@ -602,7 +612,31 @@ class Sparsifier:
             # maxq 0.1 recomputed masks at the next training forward when its counter said so; do it now.
             self.update_masks()
 
-    def _load_legacy_mask(self, layer: _Layer, mask: Tensor, sharding: RowSharding | None) -> None:
+    def _saved_planes(self, layer: _Layer) -> Tensor:
+        """A layer's bit planes for its saved state: a copy of the state, or decoded from its code (sharded like the
+        state), so that a saved state is the same whichever way the mask was held."""
+        param = layer.param
+        if not param.coded:
+            return param.planes.detach().clone()
+        bits = param.bit_planes()
+        if layer.sharding is not None:
+            return layer.sharding.from_local(bits, 1, param.planes_shape)
+        return bits
+
+    @staticmethod
+    def _store_loaded_bits(name: str, layer: _Layer, bits: Tensor) -> None:
+        """Loaded bit planes (this rank's rows) into a coded state, after checking that they are an exact N:M mask."""
+        param = layer.param
+        oi = param.oi_shape
+        if not exact_blocks(bits, param.n, param.m, math.prod(oi[1:]), math.prod(oi[2:])):
+            raise ValueError(
+                f"sparsifier state: the mask of {name} keeps other than {param.n} of some block of {param.m}, which "
+                f"this method never does (was it saved by another method or pattern?); load it into a sparsifier with "
+                f"the config it was saved with"
+            )
+        param.store_bits_(bits)
+
+    def _load_legacy_mask(self, name: str, layer: _Layer, mask: Tensor, sharding: RowSharding | None) -> None:
         """A whole float mask (maxq 0.2 and earlier): its kept bits exactly, and for a soft mask the mask itself,
         held whole until the next update (which returns to the lean state)."""
         param = layer.param
@@ -610,8 +644,12 @@ class Sparsifier:
         keep = oi_view(mask, param.input_axis) != 0
         if sharding is not None:
             keep = keep.narrow(0, sharding.offset, sharding.local)
-        planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
-        planes[0].copy_(pack_rows(keep.reshape(keep.shape[0], -1)))
+        bits = pack_rows(keep.reshape(keep.shape[0], -1))
+        if param.coded:
+            self._store_loaded_bits(name, layer, bits.unsqueeze(0))
+        else:
+            planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
+            planes[0].copy_(bits)
         if param.spec.soft:
             mask = mask.detach().clone().to(layer.local_weight.dtype)
             param.mask = sharding.distribute(mask, sharding.row_dim) if sharding is not None else mask
@@ -677,6 +715,15 @@ def _priority(config: NMConfig, index: int, blocks: int) -> Tensor | None:
 def _whole(t: Tensor) -> Tensor:
     """A saved tensor whole (a DTensor is gathered: a collective)."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def _local_rows(src: Tensor, dim: int, sharding: RowSharding | None) -> Tensor:
+    """This rank's part (along ``dim``) of a saved state tensor, whatever the sharding it was saved with."""
+    if sharding is None:
+        return _whole(src)
+    if is_dtensor(src) and tuple(src.placements) == tuple(sharding.state_placements(dim)):
+        return src.to_local()
+    return _whole(src).narrow(dim, sharding.offset, sharding.local)
 
 
 def _assign(dst: Tensor, src: Tensor, dim: int, sharding: RowSharding | None) -> None:

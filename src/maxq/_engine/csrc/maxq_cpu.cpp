@@ -1114,6 +1114,100 @@ void split_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) { move_p
 
 void join_(torch::Tensor w, torch::Tensor planes, torch::Tensor stash) { move_pruned(w, planes, stash, false); }
 
+// ---- kept-index codes (maxq.core.codes): a hard N:M mask as the n kept positions of every block ----------------
+// Row o's G = L / m blocks in the order g = (i / m) * K + k; block g's kept positions x_0 < ... < x_{n-1} (weights
+// (g / K * m + x) * K + g % K of the row) are entries g * n + t of the row's code, b = ceil(log2 m) bits each, lowest
+// first in one bit stream; rows padded to whole bytes (Cb = ceil(G * n * b / 8)).
+
+inline int index_bits(int64_t m) {
+  int b = 1;
+  while ((int64_t(1) << b) < m) ++b;
+  return b;
+}
+
+struct CodeShape {
+  int64_t O, L, K, n, m, Lb, Cb;
+  int b;
+};
+
+CodeShape code_shape(const torch::Tensor& code, const torch::Tensor& planes, int64_t n, int64_t m, int64_t L,
+                     int64_t K) {
+  TORCH_CHECK(n >= 1 && n < m && K >= 1 && L % (m * K) == 0, "kept-index code: a row of ", L,
+              " entries is no whole number of ", m, "-blocks at ", K, " kernel positions");
+  CodeShape s{0, L, K, n, m, (L + 7) / 8, 0, index_bits(m)};
+  s.Cb = (L / m * n * s.b + 7) / 8;
+  TORCH_CHECK(code.device().is_cpu() && code.scalar_type() == torch::kUInt8 && code.is_contiguous() &&
+                  code.dim() >= 2 && code.size(-1) == s.Cb,
+              "code must be a contiguous uint8 CPU tensor of [..., O, ", s.Cb, "] bytes");
+  s.O = code.size(-2);
+  TORCH_CHECK(planes.device().is_cpu() && planes.scalar_type() == torch::kUInt8 && planes.is_contiguous() &&
+                  planes.numel() == s.O * s.Lb,
+              "planes must be a contiguous uint8 CPU tensor of [1, ", s.O, ", ", s.Lb, "] bytes");
+  return s;
+}
+
+// The bit plane of the kept weights from their code (every bit of `planes` written).
+void decode_kept_(torch::Tensor code, torch::Tensor planes, int64_t n, int64_t m, int64_t L, int64_t K) {
+  const CodeShape s = code_shape(code, planes, n, m, L, K);
+  const uint8_t* pc = code.data_ptr<uint8_t>();
+  uint8_t* pp = planes.data_ptr<uint8_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, s.O, row_grain(L), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint8_t* crow = pc + o * s.Cb;
+      uint8_t* prow = pp + o * s.Lb;
+      std::memset(prow, 0, s.Lb);
+      int64_t bit = 0;
+      for (int64_t g = 0; g < L / m; ++g) {
+        const int64_t first = g / K * m * K + g % K;
+        for (int64_t t = 0; t < n; ++t, bit += s.b) {
+          int64_t x = 0;
+          for (int c = 0; c < s.b; ++c) x |= static_cast<int64_t>(get_bit(crow, bit + c)) << c;
+          if (x >= m) {
+            bad.store(true, std::memory_order_relaxed);
+            continue;
+          }
+          set_bit(prow, first + x * K);
+        }
+      }
+    }
+  });
+  TORCH_CHECK(!bad.load(), "kept-index code holds a position >= m = ", m, ": the mask state is corrupt");
+}
+
+// The code of a bit plane of kept weights; every block must keep exactly n.
+void encode_kept_(torch::Tensor planes, torch::Tensor code, int64_t n, int64_t m, int64_t L, int64_t K) {
+  const CodeShape s = code_shape(code, planes, n, m, L, K);
+  const uint8_t* pp = planes.data_ptr<uint8_t>();
+  uint8_t* pc = code.data_ptr<uint8_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, s.O, row_grain(L), [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint8_t* prow = pp + o * s.Lb;
+      uint8_t* crow = pc + o * s.Cb;
+      std::memset(crow, 0, s.Cb);
+      int64_t bit = 0;
+      for (int64_t g = 0; g < L / m; ++g) {
+        const int64_t first = g / K * m * K + g % K;
+        int64_t kept = 0;
+        for (int64_t x = 0; x < m; ++x) {
+          if (!get_bit(prow, first + x * K)) continue;
+          if (kept < n) {
+            for (int c = 0; c < s.b; ++c) {
+              if ((x >> c) & 1) set_bit(crow, bit + kept * s.b + c);
+            }
+          }
+          ++kept;
+        }
+        if (kept != n) bad.store(true, std::memory_order_relaxed);
+        bit += n * s.b;
+      }
+    }
+  });
+  TORCH_CHECK(!bad.load(), "a block keeps other than n = ", n, " of its m = ", m,
+              " weights: a kept-index code holds exactly n a block");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("mask_", &mask_, "MaxQ mask of one layer in two passes (see the file header)");
   mod.def("decay_", &decay_, "SR-STE decay on pruned weights");
@@ -1122,4 +1216,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("mask_grad_", &mask_grad_, "grad *= kept bits, in place");
   mod.def("split_", &split_, "the pruned weights to a stash, then w *= kept bits, in place");
   mod.def("join_", &join_, "the pruned weights back from the stash, in place");
+  mod.def("decode_kept_", &decode_kept_, "the kept bit plane from its kept-index code");
+  mod.def("encode_kept_", &encode_kept_, "the kept-index code of a kept bit plane");
 }
