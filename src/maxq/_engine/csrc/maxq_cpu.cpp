@@ -1146,7 +1146,35 @@ CodeShape code_shape(const torch::Tensor& code, const torch::Tensor& planes, int
   return s;
 }
 
-// The bit plane of the kept weights from their code (every bit of `planes` written).
+// A row's code read entry by entry, b bits each, lowest first (a 64-bit buffer refilled a byte at a time; never
+// reads past the row).
+struct BitReader {
+  const uint8_t* p;
+  const uint8_t* end;
+  uint64_t buf = 0;
+  int have = 0;
+  BitReader(const uint8_t* row, int64_t bytes) : p(row), end(row + bytes) {}
+  inline int64_t next(int b) {
+    while (have < b) {
+      buf |= static_cast<uint64_t>(p < end ? *p++ : 0) << have;
+      have += 8;
+    }
+    const int64_t x = static_cast<int64_t>(buf & ((uint64_t(1) << b) - 1));
+    buf >>= b;
+    have -= b;
+    return x;
+  }
+};
+
+// OR x (b bits) into a zeroed row at bit `pos`.
+inline void write_bits(uint8_t* row, int64_t pos, int64_t x, int b) {
+  uint8_t* p = row + (pos >> 3);
+  const int shift = static_cast<int>(pos & 7), bytes = (shift + b + 7) / 8;
+  const uint64_t v = static_cast<uint64_t>(x) << shift;
+  for (int q = 0; q < bytes; ++q) p[q] = static_cast<uint8_t>(p[q] | (v >> (8 * q)));
+}
+
+// The bit plane of the kept weights from their code (every bit of `planes` written): one read a kept weight.
 void decode_kept_(torch::Tensor code, torch::Tensor planes, int64_t n, int64_t m, int64_t L, int64_t K) {
   const CodeShape s = code_shape(code, planes, n, m, L, K);
   const uint8_t* pc = code.data_ptr<uint8_t>();
@@ -1157,17 +1185,17 @@ void decode_kept_(torch::Tensor code, torch::Tensor planes, int64_t n, int64_t m
       const uint8_t* crow = pc + o * s.Cb;
       uint8_t* prow = pp + o * s.Lb;
       std::memset(prow, 0, s.Lb);
-      int64_t bit = 0;
-      for (int64_t g = 0; g < L / m; ++g) {
-        const int64_t first = g / K * m * K + g % K;
-        for (int64_t t = 0; t < n; ++t, bit += s.b) {
-          int64_t x = 0;
-          for (int c = 0; c < s.b; ++c) x |= static_cast<int64_t>(get_bit(crow, bit + c)) << c;
-          if (x >= m) {
-            bad.store(true, std::memory_order_relaxed);
-            continue;
+      BitReader reader(crow, s.Cb);
+      for (int64_t base_i = 0; base_i < L; base_i += m * K) {  // block (i / m, k) starts at entry base_i + k
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t x = reader.next(s.b);
+            if (x >= m) {
+              bad.store(true, std::memory_order_relaxed);
+              continue;
+            }
+            set_bit(prow, base_i + k + x * K);
           }
-          set_bit(prow, first + x * K);
         }
       }
     }
@@ -1175,33 +1203,39 @@ void decode_kept_(torch::Tensor code, torch::Tensor planes, int64_t n, int64_t m
   TORCH_CHECK(!bad.load(), "kept-index code holds a position >= m = ", m, ": the mask state is corrupt");
 }
 
-// The code of a bit plane of kept weights; every block must keep exactly n.
+// The code of a bit plane of kept weights; every block must keep exactly n. Walks the set bits only (ascending, so
+// a block's positions come in order): a word of 64 flags at a time.
 void encode_kept_(torch::Tensor planes, torch::Tensor code, int64_t n, int64_t m, int64_t L, int64_t K) {
   const CodeShape s = code_shape(code, planes, n, m, L, K);
   const uint8_t* pp = planes.data_ptr<uint8_t>();
   uint8_t* pc = code.data_ptr<uint8_t>();
+  const int64_t G = L / m;
   std::atomic<bool> bad{false};
   at::parallel_for(0, s.O, row_grain(L), [&](int64_t o0, int64_t o1) {
+    std::vector<int64_t> count(G);
     for (int64_t o = o0; o < o1; ++o) {
       const uint8_t* prow = pp + o * s.Lb;
       uint8_t* crow = pc + o * s.Cb;
       std::memset(crow, 0, s.Cb);
-      int64_t bit = 0;
-      for (int64_t g = 0; g < L / m; ++g) {
-        const int64_t first = g / K * m * K + g % K;
-        int64_t kept = 0;
-        for (int64_t x = 0; x < m; ++x) {
-          if (!get_bit(prow, first + x * K)) continue;
-          if (kept < n) {
-            for (int c = 0; c < s.b; ++c) {
-              if ((x >> c) & 1) set_bit(crow, bit + kept * s.b + c);
-            }
+      std::fill(count.begin(), count.end(), 0);
+      bool row_bad = false;
+      for (int64_t w0 = 0; w0 < s.Lb; w0 += 8) {
+        uint64_t word = 0;
+        std::memcpy(&word, prow + w0, static_cast<size_t>(std::min<int64_t>(8, s.Lb - w0)));
+        while (word) {
+          const int64_t j = w0 * 8 + __builtin_ctzll(word);
+          word &= word - 1;
+          if (j >= L) {  // a padding bit set: not a plane of this layer
+            row_bad = true;
+            continue;
           }
-          ++kept;
+          const int64_t i = j / K, k = j - i * K, block_i = i / m, x = i - block_i * m, g = block_i * K + k;
+          const int64_t t = count[g]++;
+          if (t < n) write_bits(crow, (g * n + t) * s.b, x, s.b);
         }
-        if (kept != n) bad.store(true, std::memory_order_relaxed);
-        bit += n * s.b;
       }
+      for (int64_t g = 0; g < G && !row_bad; ++g) row_bad = count[g] != n;
+      if (row_bad) bad.store(true, std::memory_order_relaxed);
     }
   });
   TORCH_CHECK(!bad.load(), "a block keeps other than n = ", n, " of its m = ", m,
