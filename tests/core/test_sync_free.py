@@ -9,6 +9,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import maxq
 from maxq._engine.syncs import host_syncs
+from maxq.core import codes
 
 
 def _bottleneck_resnet() -> nn.Module:
@@ -37,10 +38,22 @@ def _train_step(model, sparsifier, opt, x, y, progress=None):
         (maxq.MaxQConfig(n=1, m=16, ramp=(0, 4), order="random"), 2.0),
         (maxq.MaxQConfig(ramp=(0, 4), per_step=True, soft_warmup="ramp"), 1.5),  # the soft factor phased in
         (maxq.MaxQConfig(ramp=(0, 4), soft_warmup="normalize"), 4.0),  # kept values averaged to 1
+        (maxq.SRSTEConfig(n=1, m=16), None),  # kept-index codes, encoded and decoded on the device-agnostic path
+        (maxq.OneShotConfig(n=1, m=8), None),
     ],
-    ids=["maxq-mid-ramp", "maxq", "srste", "maxq-1:16-random", "maxq-soft-warmup-ramp", "maxq-soft-warmup-normalize"],
+    ids=[
+        "maxq-mid-ramp",
+        "maxq",
+        "srste",
+        "maxq-1:16-random",
+        "maxq-soft-warmup-ramp",
+        "maxq-soft-warmup-normalize",
+        "srste-1:16-codes",
+        "oneshot-1:8-codes",
+    ],
 )
-def test_training_step_on_a_bottleneck_resnet_makes_no_host_sync(config, progress):
+def test_training_step_on_a_bottleneck_resnet_makes_no_host_sync(monkeypatch, config, progress):
+    monkeypatch.setattr(codes, "_fused", lambda t: False)  # the codes' path CUDA tensors take
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     dense = _bottleneck_resnet()
@@ -62,3 +75,5 @@ def test_training_step_on_a_bottleneck_resnet_makes_no_host_sync(config, progres
     assert sparsifier.steps == 2
     assert (sparsifier.dense_fraction != p_before) == (getattr(config, "per_step", False) and progress is not None)
     assert sparse == baseline, f"host syncs beyond a dense step: {sorted(set(sparse) - set(baseline))}"
+    coded = any(layer.param.coded for layer in sparsifier._layers.values())
+    assert coded == codes.uses_code(config.n, config.m, config.soft, config.exact_n)  # the codes' path ran where due

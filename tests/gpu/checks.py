@@ -95,12 +95,14 @@ def _mask_cases() -> dict[str, tuple[maxq.NMConfig, float | None]]:
         "maxq 1:16 mid-ramp": (maxq.MaxQConfig(n=1, m=16, ramp=RAMP), 1.0),
         "srste 2:4": (maxq.SRSTEConfig(n=2, m=4), None),
         "oneshot 2:4": (maxq.OneShotConfig(n=2, m=4), None),
+        "srste 1:16 (kept-index codes)": (maxq.SRSTEConfig(n=1, m=16), None),
     }
 
 
 def check_masks_match_cpu(device: torch.device) -> Info:
     """ResNet-50 (fp32): the masks the Sparsifier computes on ``device`` equal those it computes on the CPU, for
-    MaxQ mid-ramp and after it, SR-STE and one-shot, as set and after a weight update and ``step()``; mid-ramp
+    MaxQ mid-ramp and after it, SR-STE (at 1:16 too: kept-index codes) and one-shot, as set and after a weight update
+    and ``step()``; mid-ramp
     exactly ``floor(p * G)`` blocks stay dense."""
     torch.manual_seed(0)
     base: nn.Module = torchvision.models.resnet50(num_classes=1000)
@@ -118,6 +120,8 @@ def check_masks_match_cpu(device: torch.device) -> Info:
         p = sp_dev.dense_fraction
         want_p = 0.5 if "mid-ramp" in case else 0.0
         assert p == want_p, f"{case}: dense fraction {p}, expected {want_p}"
+        coded = any(layer.param.coded for layer in sp_dev._layers.values())
+        assert coded == ("codes" in case), f"{case}: kept-index codes {'not ' if not coded else ''}held"
         for when in ("set", "after a step"):
             if when == "after a step":  # the same small update of every weight on both sides, then step()
                 gen = torch.Generator().manual_seed(1)
@@ -283,12 +287,19 @@ def check_training_step_has_no_host_sync(device: torch.device) -> Info:
     base = build_model("resnet20" if _full_size(device) else "cnn_small", 3, 10)
     shape = (32, 3, 32, 32) if _full_size(device) else (4, 3, 16, 16)
     info: Info = {}
-    for method in ("dense", "srste", "maxq"):
+    configs = {
+        "srste": maxq.SRSTEConfig(n=2, m=4),
+        "srste 1:8 (kept-index codes)": maxq.SRSTEConfig(n=1, m=8),
+        "maxq": maxq.MaxQConfig(n=2, m=4, ramp=RAMP),
+    }
+    for method in ("dense", *configs):
         model = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last).train()
         sp = None
         if method != "dense":
-            cfg = maxq.SRSTEConfig(n=2, m=4) if method == "srste" else maxq.MaxQConfig(n=2, m=4, ramp=RAMP)
+            cfg = configs[method]
             sp = maxq.sparsify_(model, cfg)
+            coded = any(layer.param.coded for layer in sp._layers.values())
+            assert coded == ("codes" in method), f"{method}: kept-index codes {'not ' if not coded else ''}held"
             sp.fused = False  # on the CPU: the device-agnostic path, the one CUDA tensors take
             sp.set_progress(1.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
