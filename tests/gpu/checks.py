@@ -102,8 +102,7 @@ def _mask_cases() -> dict[str, tuple[maxq.NMConfig, float | None]]:
 def check_masks_match_cpu(device: torch.device) -> Info:
     """ResNet-50 (fp32): the masks the Sparsifier computes on ``device`` equal those it computes on the CPU, for
     MaxQ mid-ramp and after it, SR-STE (at 1:16 too: kept-index codes) and one-shot, as set and after a weight update
-    and ``step()``; mid-ramp
-    exactly ``floor(p * G)`` blocks stay dense."""
+    and ``step()``; mid-ramp exactly ``floor(p * G)`` blocks stay dense."""
     torch.manual_seed(0)
     base: nn.Module = torchvision.models.resnet50(num_classes=1000)
     layers = _distinct_shapes(base)
