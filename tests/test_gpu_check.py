@@ -78,7 +78,9 @@ def test_dry_run_stage_json_holds_the_measurements(dry_run):
     assert all(outcomes[n] in ("passed", "skipped") for n in CHECK_NAMES), outcomes
     assert outcomes["masks_match_cpu"] == outcomes["bf16_channels_last_training"] == "passed"
     masks = next(t for t in correctness["tests"] if t["test"].endswith("test_masks_match_cpu"))
-    assert masks["properties"]["layer_masks_compared"] == 30  # 3 ResNet-50 layers x 5 cases x (set, stepped)
+    cases = masks["properties"]["cases"]
+    assert "srste 1:16 (kept-index codes)" in cases and len(cases) == 6
+    assert masks["properties"]["layer_masks_compared"] == 3 * len(cases) * 2  # 3 ResNet-50 layers x (set, stepped)
 
     cost = json.loads((out / "train_cost.json").read_text())
     assert set(cost["models"]) == {"cnn_small"}
