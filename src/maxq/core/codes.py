@@ -2,8 +2,8 @@
 
 A hard mask that keeps exactly ``n`` weights of every block of ``m`` (SR-STE and one-shot: no block is ever kept
 whole) is told completely by the positions of its kept weights: ``n`` numbers below ``m`` a block, ``b =
-ceil(log2 m)`` bits each. Where that is fewer bits than the block has weights (``n * b < m``: a half of the bit
-plane at 1:4, three eighths at 1:8 and 2:8 three quarters, a quarter at 1:16; not 2:4, where both are 4 bits),
+ceil(log2 m)`` bits each. Where that is fewer bits than the block has weights (``n * b < m``: half the bit plane
+at 1:4, three eighths at 1:8, three quarters at 2:8, a quarter at 1:16; not 2:4, where both are 4 bits),
 [`NMMask`][maxq.core.parametrization.NMMask] keeps this code instead of the bit plane of kept weights, and decodes
 one layer's plane when something reads it (the forward, backward, the decay), freed after use.
 
@@ -74,8 +74,8 @@ def decode_kept(code: Tensor, n: int, m: int, length: int, kernel: int) -> Tenso
 
 def encode_kept_(code: Tensor, planes: Tensor, n: int, m: int, length: int, kernel: int) -> Tensor:
     """Write the code of the bit plane ``planes`` (uint8 ``[1, O, ceil(L / 8)]``) into ``code`` (uint8 ``[1, O,
-    code_width(L)]``); returns ``code``. Every block must keep exactly ``n`` (`exact_blocks`; not checked here on
-    devices other than the CPU: no host synchronisation)."""
+    code_width(L)]``); returns ``code``. Every block must keep exactly ``n`` (`exact_blocks`): the fused CPU kernel
+    raises otherwise; the device-agnostic path does not check (that would be a host synchronisation)."""
     if _fused(code) and planes.is_contiguous():
         torch.ops.maxq.encode_kept_(planes, code, n, m, length, kernel)
         return code
