@@ -79,3 +79,23 @@ def test_apply_walks_any_layout(layout):
     expected = oi_view(_float_mask(oi.contiguous(), 2, 4, 0, True), axis)
     assert effective.stride() == w.stride()  # the weight's layout, as W * mask had
     assert torch.equal(effective, w * expected)
+
+
+@pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
+def test_the_apply_op_takes_an_out_laid_out_unlike_the_weight(soft):
+    """A compiler may hand the op an ``out`` in its preferred layout (PyTorch 2.4's inductor: channels_last for a
+    conv weight); the op writes the same values into it."""
+    if cpu_kernels() is None:
+        pytest.skip("fused CPU kernels unavailable")
+    torch.manual_seed(0)
+    w = torch.randn(16, 32, 3, 3)
+    planes_shape, count = state_shapes(tuple(w.shape), soft)
+    planes, thresholds = torch.zeros(planes_shape, dtype=torch.uint8), torch.zeros(count)
+    compute_state_(planes, thresholds, w, 2, 4, soft=soft)
+    thr = thresholds if soft else None
+    same, other = torch.empty_like(w), torch.empty_like(w, memory_format=torch.channels_last)
+    torch.ops.maxq.apply_(w, planes, thr, soft, 0.01, 1, same, 2, 4)
+    torch.ops.maxq.apply_(w, planes, thr, soft, 0.01, 1, other, 2, 4)
+    assert other.stride() != w.stride() and torch.equal(other, same)
+    with pytest.raises(RuntimeError, match="strides"):  # the kernel itself still insists on the weight's walk
+        cpu_kernels().apply_(w, planes, thr, soft, 0.01, 1, other, 2, 4)

@@ -133,7 +133,9 @@ def fused_apply_(
     """``out`` = the mask (``weighted=False``) or ``w * mask`` of ``w`` (N:M pattern ``n``:``m``) from its state; ``w``
     and ``out`` are float32 CPU ``[O, I(, kh, kw)]`` views with the same strides. Returns ``out``."""
     thr = thresholds if soft else None
-    if torch.compiler.is_compiling():  # the custom op, which the compiler traces
+    # The custom op where the compiler traces, or a tensor subclass stands in for the data (PyTorch 2.4's dynamo runs
+    # a parametrized module's forward on fake tensors without saying it compiles): its fake kernel takes those.
+    if torch.compiler.is_compiling() or type(w) is not Tensor or type(out) is not Tensor:
         torch.ops.maxq.apply_(w, planes, thr, soft, tau, 1 if weighted else 0, out, n, m)
     else:  # the kernel itself: the custom op's dispatch costs ten times the kernel on a small layer
         cpu_kernels().apply_(w, planes, thr, soft, tau, 1 if weighted else 0, out, n, m)

@@ -250,6 +250,22 @@ def _bumping(kernel: Callable[..., Any], writes: tuple[int, ...]) -> Callable[..
     return impl
 
 
+def _any_out_layout(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_`` for an ``out`` laid out unlike the weight: the kernel walks both alike, so it writes a tensor with
+    the weight's strides, copied into ``out``. A compiler may hand the op such an ``out`` (PyTorch 2.4's inductor
+    lays out the tensor it functionalizes as it prefers: channels_last for a conv weight); eager calls never do."""
+
+    def impl(w, planes, thr, soft, tau, weighted, out, n, m):
+        if out.shape == w.shape and all(s == 1 or a == b for s, a, b in zip(w.shape, w.stride(), out.stride())):
+            return kernel(w, planes, thr, soft, tau, weighted, out, n, m)
+        walk = torch.empty_strided(w.shape, w.stride(), dtype=out.dtype, device=out.device)
+        kernel(w, planes, thr, soft, tau, weighted, walk, n, m)
+        out.copy_(walk)
+        return None
+
+    return impl
+
+
 def _register_ops(ext: ModuleType) -> None:
     """``torch.ops.maxq.*``: the kernels as custom ops (CPU implementations + shape-only fake kernels).
 
@@ -265,7 +281,8 @@ def _register_ops(ext: ModuleType) -> None:
         lib.define(schema)
         arguments = getattr(torch.ops.maxq, name).default._schema.arguments
         writes = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
-        lib.impl(name, _bumping(getattr(ext, name), writes), "CPU")
+        kernel = _any_out_layout(ext.apply_) if name == "apply_" else getattr(ext, name)
+        lib.impl(name, _bumping(kernel, writes), "CPU")
 
     def mask_fake(w, mask, state, n, m, soft, tau, dense_count, order, priority, planes, thr):
         return w.new_empty(3, dtype=torch.int64)
