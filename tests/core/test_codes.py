@@ -13,7 +13,7 @@ import maxq
 from maxq.core import codes, parametrization
 from maxq.core.bits import pack_rows, unpack_rows
 
-CODED = [(1, 2), (1, 4), (1, 8), (2, 8), (1, 16), (3, 16)]
+CODED = [(1, 2), (1, 3), (1, 4), (1, 5), (2, 7), (1, 8), (2, 8), (1, 16), (3, 16), (1, 64)]
 
 
 def _exact_planes(rows: int, blocks: int, kernel: int, n: int, m: int, seed: int) -> torch.Tensor:
