@@ -43,9 +43,12 @@ def test_the_code_gives_back_its_bit_plane_on_both_paths(pattern, rows, blocks, 
         mp.setattr(codes, "_fused", lambda t: False)
         eager_code = codes.encode_kept_(torch.empty(1, rows, width, dtype=torch.uint8), planes, n, m, length, kernel)
         eager_back = codes.decode_kept(fused_code, n, m, length, kernel)
-    assert torch.equal(fused_code, eager_code)
+        mp.setattr(codes, "rows_per_chunk", lambda length, device: 1)  # a row a chunk: the chunks' seams
+        row_code = codes.encode_kept_(torch.empty(1, rows, width, dtype=torch.uint8), planes, n, m, length, kernel)
+        row_back = codes.decode_kept(fused_code, n, m, length, kernel)
+    assert torch.equal(fused_code, eager_code) and torch.equal(fused_code, row_code)
     assert torch.equal(codes.decode_kept(fused_code, n, m, length, kernel), planes)
-    assert torch.equal(eager_back, planes)
+    assert torch.equal(eager_back, planes) and torch.equal(row_back, planes)
     assert codes.exact_blocks(planes, n, m, length, kernel)
 
 

@@ -13,7 +13,8 @@ order ``g = (i // m) * K + k``. The kept positions ``x_0 < ... < x_{n-1}`` of bl
 bit stream per row, padded to whole bytes as the bit planes are ([`maxq.core.bits`][maxq.core.bits]). The code of a
 row is ``ceil(G * n * b / 8)`` bytes.
 
-Pure tensor ops here (any device, ``torch.compile``), in row chunks so that their temporaries are a chunk's; the
+Pure tensor ops here (any device, ``torch.compile``), in the row chunks of the other row-wise paths
+([`maxq.core.masks.rows_per_chunk`][maxq.core.masks.rows_per_chunk]) so that their temporaries are a chunk's; the
 fused CPU kernels walk the same layout. Decoding gives the very bits that were encoded, so a mask held as a code
 multiplies, prunes and decays the weights bit for bit as its bit plane does.
 """
@@ -25,10 +26,9 @@ from torch import Tensor
 
 from .._engine.kernels import cpu_kernels
 from .bits import pack_rows, packed_width, unpack_rows
+from .masks import rows_per_chunk
 
 __all__ = ["code_width", "decode_kept", "encode_kept_", "exact_blocks", "index_bits", "uses_code"]
-
-_CHUNK = 1 << 18  # weights per row chunk on the eager path (a few hundred KiB of temporaries)
 
 
 def index_bits(m: int) -> int:
@@ -62,7 +62,7 @@ def decode_kept(code: Tensor, n: int, m: int, length: int, kernel: int) -> Tenso
     b, groups = index_bits(m), length // m
     shifts = torch.arange(b, device=code.device, dtype=torch.int32)
     positions = torch.arange(m, device=code.device, dtype=torch.int32)
-    step = max(1, _CHUNK // max(1, length))
+    step = rows_per_chunk(length, code.device)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         bits = unpack_rows(code[0, r0:r1], groups * n * b).view(r1 - r0, groups, n, b)
@@ -81,7 +81,7 @@ def encode_kept_(code: Tensor, planes: Tensor, n: int, m: int, length: int, kern
         return code
     b, rows = index_bits(m), planes.shape[-2]
     shifts = torch.arange(b, device=planes.device, dtype=torch.int64)
-    step = max(1, _CHUNK // max(1, length))
+    step = rows_per_chunk(length, planes.device)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         kept = unpack_rows(planes[0, r0:r1], length).view(r1 - r0, -1, m, kernel).transpose(2, 3)  # [r, I/m, K, m]
@@ -96,7 +96,7 @@ def exact_blocks(planes: Tensor, n: int, m: int, length: int, kernel: int) -> bo
     """Whether every block of the bit plane ``planes`` (uint8 ``[1, O, ceil(L / 8)]``) keeps exactly ``n`` weights
     (a host synchronisation: for checking a loaded state, not the training step)."""
     rows = planes.shape[-2]
-    step = max(1, _CHUNK // max(1, length))
+    step = rows_per_chunk(length, planes.device)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         kept = unpack_rows(planes[0, r0:r1], length).view(r1 - r0, -1, m, kernel)

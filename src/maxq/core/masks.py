@@ -50,6 +50,7 @@ __all__ = [
     "masked_weight",
     "materialize_mask",
     "maxq_mask",
+    "rows_per_chunk",
     "split_pruned_",
     "state_shapes",
 ]
@@ -352,13 +353,18 @@ def compute_state_(
         return False
 
 
-def _chunk_rows(w: Tensor, entries: int | None = None) -> int:
-    """Rows of ``w`` per chunk of the row-wise paths: about ``entries`` weights, by default 2^18 on the CPU (a few
-    MiB of temporaries) and 2^22 elsewhere (fewer kernel launches); at least one row. The values computed do not
-    depend on it."""
+def rows_per_chunk(length: int, device: torch.device, entries: int | None = None) -> int:
+    """Rows of ``length`` weights per chunk of the row-wise paths: about ``entries`` weights, by default 2^18 on the
+    CPU (a few MiB of temporaries) and 2^22 elsewhere (fewer kernel launches); at least one row. The values computed
+    do not depend on it."""
     if entries is None:
-        entries = 1 << 18 if w.device.type == "cpu" else 1 << 22
-    return max(1, entries // max(1, w[0].numel())) if w.shape[0] else 1
+        entries = 1 << 18 if device.type == "cpu" else 1 << 22
+    return max(1, entries // max(1, length))
+
+
+def _chunk_rows(w: Tensor, entries: int | None = None) -> int:
+    """`rows_per_chunk` for the rows of ``w``."""
+    return rows_per_chunk(w[0].numel(), w.device, entries) if w.shape[0] else 1
 
 
 def _row_chunks(w: Tensor, entries: int | None = None) -> list[tuple[int, int]]:
