@@ -185,14 +185,18 @@ def test_states_load_across_the_two_ways_of_holding_a_mask(monkeypatch):
     assert _same_state(from_coded[1]["layers"], from_plain[1]["layers"])
 
 
-def test_a_state_that_is_not_exact_n_m_is_refused_with_the_layer_named():
+def test_a_state_that_is_not_exact_n_m_is_refused_with_the_layer_named_before_anything_is_written():
     torch.manual_seed(0)
     sp = maxq.sparsify_(_Net(), maxq.make_config("srste", n=1, m=8))
-    state = sp.state_dict()
-    planes = state["layers"]["fc"]["planes"]
-    planes[0, 0, 0] ^= 1
+    before = sp.state_dict()["layers"]
+    torch.manual_seed(1)  # another model's masks: every layer's differ from this one's
+    state = maxq.sparsify_(_Net(), maxq.make_config("srste", n=1, m=8)).state_dict()
+    assert list(state["layers"])[-1] == "fc"
+    state["layers"]["fc"]["planes"][0, 0, 0] ^= 1  # the last layer's mask: a block keeps 0 or 2
     with pytest.raises(ValueError, match="mask of fc keeps other than 1 of some block of 8"):
         sp.load_state_dict(state)
+    assert _same_state(sp.state_dict()["layers"], before)  # the layers before it were not loaded either
+    assert not torch.equal(state["layers"]["conv"]["planes"], before["conv"]["planes"])
 
 
 @pytest.mark.parametrize("method", ["srste", "oneshot"])
@@ -220,3 +224,23 @@ def test_compiled_coded_training_equals_eager(method):
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     for a, b in zip(eager_params, params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_maxq_0_2_state_of_whole_float_masks_loads_into_codes():
+    """The format before bit planes (``maxq.sparsifier/2``: a float mask per layer) loads into a coded sparsifier as
+    the same masks; one that is not exactly N:M is refused."""
+    torch.manual_seed(0)
+    sp = maxq.sparsify_(_Net(), maxq.make_config("srste", n=1, m=8))
+    masks = dict(sp.named_masks())
+    state = sp.state_dict()
+    state["format"] = "maxq.sparsifier/2"
+    state["layers"] = {name: {"mask": mask.clone(), "dense_fraction": 0.0} for name, mask in masks.items()}
+    torch.manual_seed(1)
+    other = maxq.sparsify_(_Net(), maxq.make_config("srste", n=1, m=8))
+    assert any(not torch.equal(m, masks[k]) for k, m in other.named_masks())
+    other.load_state_dict(state)
+    assert all(layer.param.coded for layer in other._layers.values())
+    assert all(torch.equal(m, masks[k]) for k, m in other.named_masks())
+    state["layers"]["point"]["mask"][0, :2] = 1.0  # two kept in the first block of 8
+    with pytest.raises(ValueError, match="mask of point keeps other than 1"):
+        other.load_state_dict(state)

@@ -579,16 +579,18 @@ class Sparsifier:
                     what = "mask state (thresholds)"
             if found != expected:
                 raise ValueError(f"sparsifier state: {what} of {name} has shape {found}, the layer has {expected}")
+            if param.coded:  # checked before anything is written: a code holds exactly n a block
+                _check_exact(name, param, _saved_bits(entry, param, legacy))
         strength = self.config.soft_strength(float(state.get("dense_fraction", 0.0)))
         for name, entry in layers.items():
             layer = self._layers[name]
             sharding = self._shard(name, layer)
             if legacy:
-                self._load_legacy_mask(name, layer, entry["mask"], sharding)
+                self._load_legacy_mask(layer, entry["mask"], sharding)
                 continue
             param = layer.param
             if param.coded:
-                self._store_loaded_bits(name, layer, _local_rows(entry["planes"], 1, sharding))
+                param.store_bits_(_local_rows(entry["planes"], 1, sharding))
             else:
                 _assign(param.planes, entry["planes"], 1, sharding)
             param.thresholds_f32.copy_(_whole(entry["thresholds"]))
@@ -623,20 +625,7 @@ class Sparsifier:
             return layer.sharding.from_local(bits, 1, param.planes_shape)
         return bits
 
-    @staticmethod
-    def _store_loaded_bits(name: str, layer: _Layer, bits: Tensor) -> None:
-        """Loaded bit planes (this rank's rows) into a coded state, after checking that they are an exact N:M mask."""
-        param = layer.param
-        oi = param.oi_shape
-        if not exact_blocks(bits, param.n, param.m, math.prod(oi[1:]), math.prod(oi[2:])):
-            raise ValueError(
-                f"sparsifier state: the mask of {name} keeps other than {param.n} of some block of {param.m}, which "
-                f"this method never does (was it saved by another method or pattern?); load it into a sparsifier with "
-                f"the config it was saved with"
-            )
-        param.store_bits_(bits)
-
-    def _load_legacy_mask(self, name: str, layer: _Layer, mask: Tensor, sharding: RowSharding | None) -> None:
+    def _load_legacy_mask(self, layer: _Layer, mask: Tensor, sharding: RowSharding | None) -> None:
         """A whole float mask (maxq 0.2 and earlier): its kept bits exactly, and for a soft mask the mask itself,
         held whole until the next update (which returns to the lean state)."""
         param = layer.param
@@ -646,7 +635,7 @@ class Sparsifier:
             keep = keep.narrow(0, sharding.offset, sharding.local)
         bits = pack_rows(keep.reshape(keep.shape[0], -1))
         if param.coded:
-            self._store_loaded_bits(name, layer, bits.unsqueeze(0))
+            param.store_bits_(bits.unsqueeze(0))
         else:
             planes = param.planes.to_local() if is_dtensor(param.planes) else param.planes
             planes[0].copy_(bits)
@@ -715,6 +704,25 @@ def _priority(config: NMConfig, index: int, blocks: int) -> Tensor | None:
 def _whole(t: Tensor) -> Tensor:
     """A saved tensor whole (a DTensor is gathered: a collective)."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def _saved_bits(entry: dict[str, Any], param: NMMask, legacy: bool) -> Tensor:
+    """A saved layer's kept bit plane, whole (uint8 ``[1, O, ceil(L / 8)]``; a sharded one gathered: a collective)."""
+    if legacy:  # a whole float mask (maxq 0.2 and earlier)
+        keep = oi_view(_whole(entry["mask"]), param.input_axis) != 0
+        return pack_rows(keep.reshape(keep.shape[0], -1)).unsqueeze(0)
+    return _whole(entry["planes"])[:1]
+
+
+def _check_exact(name: str, param: NMMask, bits: Tensor) -> None:
+    """Refuse a saved mask that a kept-index code cannot hold: one that keeps other than ``n`` of some block."""
+    oi = param.oi_shape
+    if not exact_blocks(bits, param.n, param.m, math.prod(oi[1:]), math.prod(oi[2:])):
+        raise ValueError(
+            f"sparsifier state: the mask of {name} keeps other than {param.n} of some block of {param.m}, which this "
+            f"method never does (was it saved by another method or pattern?); load it into a sparsifier with the "
+            f"config it was saved with"
+        )
 
 
 def _local_rows(src: Tensor, dim: int, sharding: RowSharding | None) -> Tensor:
