@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-__all__ = ["cpu_kernels", "decay_", "kernels_enabled"]
+__all__ = ["cpu_kernels", "decay_", "kernels_enabled", "same_walk"]
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +250,18 @@ def _bumping(kernel: Callable[..., Any], writes: tuple[int, ...]) -> Callable[..
     return impl
 
 
+def same_walk(a: Tensor, b: Tensor) -> bool:
+    """Same shape, and the same strides wherever a size is not 1 (the fused kernels walk both alike)."""
+    return a.shape == b.shape and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 def _any_out_layout(kernel: Callable[..., Any]) -> Callable[..., Any]:
     """``apply_`` for an ``out`` laid out unlike the weight: the kernel walks both alike, so it writes a tensor with
     the weight's strides, copied into ``out``. A compiler may hand the op such an ``out`` (PyTorch 2.4's inductor
     lays out the tensor it functionalizes as it prefers: channels_last for a conv weight); eager calls never do."""
 
     def impl(w, planes, thr, soft, tau, weighted, out, n, m):
-        if out.shape == w.shape and all(s == 1 or a == b for s, a, b in zip(w.shape, w.stride(), out.stride())):
+        if same_walk(out, w):
             return kernel(w, planes, thr, soft, tau, weighted, out, n, m)
         walk = torch.empty_strided(w.shape, w.stride(), dtype=out.dtype, device=out.device)
         kernel(w, planes, thr, soft, tau, weighted, walk, n, m)

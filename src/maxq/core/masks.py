@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._engine.fused import FusedState, fused_apply_, fused_available, fused_state_
-from .._engine.kernels import cpu_kernels
+from .._engine.kernels import cpu_kernels, same_walk
 from .bits import pack_rows, packed_width, unpack_rows
 from .nm import _check_layout, block_major, nm_keep, oi_view, topk_mask, validate_nm
 from .queries import axis_soft, axis_threshold
@@ -464,7 +464,7 @@ def materialize_mask(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: 
             # The layout the fused path wrote the mask in (a contiguous tensor of the stored shape), so that the
             # warm-up's reduction runs over the same order.
             out = oi_view(torch.empty(weight.shape, dtype=torch.float32), spec.input_axis)
-            if not _same_walk(out, w):  # e.g. a channels_last weight: the values do not depend on its layout
+            if not same_walk(out, w):  # e.g. a channels_last weight: the values do not depend on its layout
                 w = oi_view(oi_view(w, spec.input_axis).contiguous(), spec.input_axis)
             mask = fused_apply_(
                 out, w, planes, thresholds, n=spec.n, m=spec.m, soft=spec.soft, tau=spec.tau, weighted=False
@@ -483,11 +483,6 @@ def _warm_up(mask: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:
     if spec.soft and spec.normalize:
         mask.div_(scale[1])
     return mask
-
-
-def _same_walk(a: Tensor, b: Tensor) -> bool:
-    """Same shape, and the same strides wherever a size is not 1 (the fused kernels walk both alike)."""
-    return a.shape == b.shape and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
 
 
 def masked_weight(weight: Tensor, planes: Tensor, thresholds: Tensor, scale: Tensor, spec: MaskSpec) -> Tensor:

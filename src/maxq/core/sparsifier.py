@@ -589,10 +589,7 @@ class Sparsifier:
                 self._load_legacy_mask(layer, entry["mask"], sharding)
                 continue
             param = layer.param
-            if param.coded:
-                param.store_bits_(_local_rows(entry["planes"], 1, sharding))
-            else:
-                _assign(param.planes, entry["planes"], 1, sharding)
+            param.store_bits_(_local_rows(entry["planes"], 1, sharding))
             param.thresholds_f32.copy_(_whole(entry["thresholds"]))
             fused = bool(entry["fused"]) and self.fused and fused_available(layer.oi_weight)
             self._finish_state(param, layer.weight, fused, strength)
@@ -732,19 +729,6 @@ def _local_rows(src: Tensor, dim: int, sharding: RowSharding | None) -> Tensor:
     if is_dtensor(src) and tuple(src.placements) == tuple(sharding.state_placements(dim)):
         return src.to_local()
     return _whole(src).narrow(dim, sharding.offset, sharding.local)
-
-
-def _assign(dst: Tensor, src: Tensor, dim: int, sharding: RowSharding | None) -> None:
-    """Copy a saved state tensor into ``dst`` (a DTensor holding this rank's rows along ``dim``, or whole), whatever
-    the sharding it was saved with."""
-    if is_dtensor(dst):
-        if is_dtensor(src) and tuple(src.placements) == tuple(dst.placements):
-            dst.to_local().copy_(src.to_local())
-            return
-        assert sharding is not None
-        dst.to_local().copy_(_whole(src).narrow(dim, sharding.offset, sharding.local))
-        return
-    dst.copy_(_whole(src))
 
 
 def _fusable(t: Tensor) -> bool:
